@@ -1,0 +1,132 @@
+"""All configuration, read from the environment once and validated.
+
+Every other module receives a :class:`Settings` (or a slice of it) instead of reading ``os.environ``,
+so a test can build one explicitly and two configurations can live in one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+DEFAULT_GROUNDING_DINO_MODEL = "IDEA-Research/grounding-dino-tiny"
+DEFAULT_SAM_MODEL = "facebook/sam-vit-huge"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value that cannot be used; the message names it and the fix."""
+
+
+def _text(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip()
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean: use true or false")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, kind: type, low: float, high: float):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={value} is out of range: use a value in [{low}, {high}]")
+    return value
+
+
+def _batch_size(env: Mapping[str, str]) -> int | None:
+    """``None`` means ``auto`` (chosen by the engine from free device memory)."""
+    raw = (env.get("BATCH_SIZE") or "8").strip().lower()
+    if raw == "auto":
+        return None
+    return _number({"BATCH_SIZE": raw}, "BATCH_SIZE", 8, int, 1, 256)
+
+
+@dataclass(frozen=True)
+class Settings:
+    grounding_dino_model: str = DEFAULT_GROUNDING_DINO_MODEL
+    sam_model: str = DEFAULT_SAM_MODEL
+    device: str | None = None  # None = auto: cuda when available, else cpu
+    dtype: str | None = None  # None = auto: bfloat16 on cuda, float32 on cpu
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
+    nms_threshold: float = 0.7
+    max_detections: int = 100
+    batch_size: int | None = 8
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = field(default=None, repr=False)
+    local_files_root: str | None = None
+    allow_private_urls: bool = False
+    max_image_pixels: int = 100_000_000
+    max_download_mb: float = 50.0
+    download_connect_timeout: float = 5.0
+    download_read_timeout: float = 30.0
+    max_prompt_chars: int = 2000
+    max_prompt_phrases: int = 32
+    redis_url: str | None = field(default=None, repr=False)
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    log_level: str = "INFO"
+    port: int = 9090
+    model_version: str | None = None  # None = derived from the two model ids
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        device = _text(env, "DEVICE", "auto")
+        dtype = _text(env, "DTYPE", "auto")
+        if dtype not in {"auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"}:
+            raise SettingsError(f"DTYPE={dtype!r} is not supported: use auto, float32, bfloat16 or float16")
+        user, password = _text(env, "BASIC_AUTH_USER", None), _text(env, "BASIC_AUTH_PASS", None)
+        if (user is None) != (password is None):
+            raise SettingsError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        log_level = (_text(env, "LOG_LEVEL", "INFO") or "INFO").upper()
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise SettingsError(f"LOG_LEVEL={log_level!r} is not a logging level: use DEBUG, INFO, WARNING or ERROR")
+        ls_url = _text(env, "LABEL_STUDIO_URL", None)
+        return cls(
+            grounding_dino_model=_text(env, "GROUNDING_DINO_MODEL", DEFAULT_GROUNDING_DINO_MODEL),
+            sam_model=_text(env, "SAM_MODEL", DEFAULT_SAM_MODEL),
+            device=None if device == "auto" else device,
+            dtype=None if dtype == "auto" else dtype,
+            box_threshold=_number(env, "BOX_THRESHOLD", 0.3, float, 0.0, 1.0),
+            text_threshold=_number(env, "TEXT_THRESHOLD", 0.25, float, 0.0, 1.0),
+            nms_threshold=_number(env, "NMS_THRESHOLD", 0.7, float, 0.0, 1.0),
+            max_detections=_number(env, "MAX_DETECTIONS", 100, int, 1, 1000),
+            batch_size=_batch_size(env),
+            label_studio_url=ls_url.rstrip("/") if ls_url else None,
+            label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY", None),
+            local_files_root=_text(env, "LOCAL_FILES_DOCUMENT_ROOT", None),
+            allow_private_urls=_bool(env, "ALLOW_PRIVATE_URLS", False),
+            max_image_pixels=_number(env, "MAX_IMAGE_PIXELS", 100_000_000, int, 1, 2**40),
+            max_download_mb=_number(env, "MAX_DOWNLOAD_MB", 50.0, float, 0.001, 10_000.0),
+            download_connect_timeout=_number(env, "DOWNLOAD_CONNECT_TIMEOUT", 5.0, float, 0.01, 300.0),
+            download_read_timeout=_number(env, "DOWNLOAD_READ_TIMEOUT", 30.0, float, 0.01, 600.0),
+            max_prompt_chars=_number(env, "MAX_PROMPT_CHARS", 2000, int, 1, 100_000),
+            max_prompt_phrases=_number(env, "MAX_PROMPT_PHRASES", 32, int, 1, 256),
+            redis_url=_text(env, "REDIS_URL", None),
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            log_level=log_level,
+            port=_number(env, "PORT", 9090, int, 1, 65535),
+            model_version=_text(env, "MODEL_VERSION", None),
+        )
