@@ -1,0 +1,749 @@
+"""Resolve, download and decode the image of a Label Studio task.
+
+Frames: every image returned here is the *EXIF-transposed* image, converted to RGB. Its
+``width``/``height`` are what Label Studio displays (browsers apply the EXIF orientation), so box and
+mask coordinates computed on it map straight to LS percentages.
+
+Supported task URLs (``ImageLoader.load``):
+
+* ``/data/upload/...``, ``/data/local-files/?d=...`` and any other path starting with ``/``: relative
+  to ``LABEL_STUDIO_URL`` (an error if it is not configured), fetched with the LS credentials
+  (legacy ``Token`` or a personal access token exchanged for a ``Bearer`` JWT, see
+  :mod:`backend.lsauth`). With ``local_files_root`` (LS's ``LOCAL_FILES_DOCUMENT_ROOT``) a
+  local-files image that exists under that root is read from disk instead.
+* absolute ``http://`` / ``https://`` URLs. Only URLs on the LS origin (same scheme, host and port as
+  ``LABEL_STUDIO_URL``) get the LS credentials. Any other host must resolve to public addresses
+  only (SSRF guard, :func:`check_public_host`) unless ``allow_private_urls``.
+* ``data:image/<type>;base64,<payload>`` URIs.
+
+Every failure is an :class:`ImageError` whose ``reason`` says what went wrong and what to fix; it is
+safe to log and to return to a client (no tokens, no query strings, no response bodies).
+
+Decisions worth knowing:
+
+* Transparent pixels (RGBA, LA, palette or grayscale/RGB with a ``transparency`` entry) are
+  composited onto **white**, the background a browser shows for a transparent image on a plain page.
+* 16/32-bit integer grayscale (``I;16*``, ``I``) is clipped to 0..65535 and scaled to 8 bits by
+  dividing by 257; float (``F``) is clipped to 0..255.
+* Only browser-displayable formats are decoded (:data:`ALLOWED_FORMATS`); EPS, PDF, PSD and the
+  other exotic Pillow plugins are refused so hostile bytes never reach them (EPS would start
+  Ghostscript).
+* ``PIL.Image.MAX_IMAGE_PIXELS`` is never changed. Pillow itself refuses images over
+  ``2 * Image.MAX_IMAGE_PIXELS`` (about 179 M pixels) while opening them, so the effective limit is
+  ``min(max_image_pixels, 2 * Image.MAX_IMAGE_PIXELS)``; raise Pillow's limit once at start-up if
+  larger images are ever needed. Between ``Image.MAX_IMAGE_PIXELS`` and twice that Pillow emits a
+  ``DecompressionBombWarning`` (not an error unless warnings are configured as errors).
+* The SSRF guard resolves the host before the request and requests resolves it again when it
+  connects: a DNS-rebinding host could answer differently the second time. Redirect targets are
+  checked again at each hop.
+* Proxies and CA bundles from the environment are honoured; ``~/.netrc`` credentials and cookies are
+  not (the session has a no-op ``auth`` and refuses all cookies), so nothing but the LS
+  ``Authorization`` header is ever sent, and only to the LS origin.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import http.cookiejar
+import io
+import ipaddress
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from urllib.parse import SplitResult, parse_qs, unquote, urljoin, urlsplit
+
+import numpy as np
+import requests
+import urllib3
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from backend.lsauth import LabelStudioAuth, LabelStudioAuthError
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 3
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "ICO")
+_CHUNK = 64 * 1024
+_USER_AGENT = "grounded-sam-ml-backend/1 (image fetch)"
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_LOCAL_FILES_PATH = "/data/local-files"
+# NAT64 well-known prefix: the low 32 bits are an IPv4 address.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class ImageError(Exception):
+    """An image could not be resolved, downloaded or decoded.
+
+    ``reason`` is one human-readable sentence saying what failed and, where it helps, what to fix.
+    It never contains credentials, query strings or response bodies, so it can be logged and
+    returned in an API response as is.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    """How images are fetched. Built once from the environment (``backend.settings``).
+
+    ``total_timeout`` bounds one whole :meth:`ImageLoader.load` call (all redirects and the body);
+    ``None`` means ``connect_timeout + read_timeout``. It is checked before each request and between
+    socket reads of the body, so a call may overrun it by at most one ``read_timeout``. Known gap: a
+    server that drips the *response headers* is bounded only by ``read_timeout`` per socket read
+    (requests gives no hook before the headers are parsed).
+    """
+
+    label_studio_url: str | None
+    api_key: str | None
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_download_bytes: int = 50 * 2**20
+    max_image_pixels: int = 100_000_000
+    allow_private_urls: bool = False
+    local_files_root: str | None = None
+    total_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.label_studio_url is not None:
+            try:
+                parts = urlsplit(self.label_studio_url)
+                parts.port  # noqa: B018 - raises ValueError for a bad port
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    "LABEL_STUDIO_URL must be an absolute http(s) URL such as "
+                    f"http://localhost:8080, got {_describe(self.label_studio_url)!r}"
+                )
+        for name in ("connect_timeout", "read_timeout"):
+            _require_positive(name, getattr(self, name))
+        if self.total_timeout is not None:
+            _require_positive("total_timeout", self.total_timeout)
+        for name in ("max_download_bytes", "max_image_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.local_files_root is not None and (
+            not isinstance(self.local_files_root, str) or not self.local_files_root.strip()
+        ):
+            raise ValueError(
+                "local_files_root (LOCAL_FILES_DOCUMENT_ROOT) must be a directory path or None, "
+                f"got {self.local_files_root!r}"
+            )
+
+    @property
+    def deadline_s(self) -> float:
+        """Seconds one :meth:`ImageLoader.load` may take (see ``total_timeout``)."""
+        if self.total_timeout is not None:
+            return self.total_timeout
+        return self.connect_timeout + self.read_timeout
+
+
+def _require_positive(name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """A decoded task image.
+
+    ``image`` is RGB and EXIF-transposed: its size is the size LS displays, and the pixel frame all
+    model outputs refer to. ``sha256`` is the hex digest of the downloaded (encoded) bytes, ``url``
+    the task URL as given. Compared by identity (PIL images are not hashable).
+    """
+
+    image: Image.Image
+    sha256: str
+    url: str
+
+    @property
+    def width(self) -> int:
+        """Width of the EXIF-transposed image, in pixels."""
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        """Height of the EXIF-transposed image, in pixels."""
+        return self.image.height
+
+
+# --------------------------------------------------------------------------------------------------
+# SSRF guard
+
+
+def _non_public_reason(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why ``addr`` must not be fetched from, or ``None`` when it is a public address."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded = addr.ipv4_mapped or addr.sixtofour
+        if embedded is None and addr in _NAT64:
+            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if embedded is None and addr.teredo is not None:
+            embedded = addr.teredo[1]
+        if embedded is not None:
+            inner = _non_public_reason(embedded)
+            if inner is not None:
+                return f"an IPv6 address embedding a {inner} IPv4 address"
+    for flag, name in (
+        ("is_unspecified", "unspecified"),
+        ("is_loopback", "loopback"),
+        ("is_link_local", "link-local"),
+        ("is_multicast", "multicast"),
+        ("is_private", "private"),
+        ("is_reserved", "reserved"),
+    ):
+        if getattr(addr, flag):
+            return name
+    if not addr.is_global:
+        return "non-global"
+    return None
+
+
+def check_public_host(host: str, port: int | None) -> None:
+    """Raise :class:`ImageError` unless every address ``host`` resolves to is public.
+
+    IP literals (``10.0.0.1``, ``::1``, ``[fe80::1]``, ``::ffff:127.0.0.1``) are checked without any
+    lookup; names are resolved with ``socket.getaddrinfo`` and *all* returned addresses must be
+    public. Loopback, private, link-local, reserved, multicast, unspecified and other non-global
+    addresses (also when embedded in IPv4-mapped, 6to4, Teredo or NAT64 IPv6 addresses) are refused.
+    Nothing is connected to.
+    """
+    if not isinstance(host, str) or not host.strip():
+        raise ImageError("the image URL has no host name")
+    name = host.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        addresses = [ipaddress.ip_address(name)]
+    except ValueError:
+        addresses = []
+    if not addresses:
+        try:
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise ImageError(
+                f"cannot resolve the image host {name!r} ({type(exc).__name__}): check the URL"
+            ) from None
+        for info in infos:
+            try:
+                addresses.append(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]))
+            except ValueError:
+                continue
+        if not addresses:
+            raise ImageError(f"the image host {name!r} resolved to no usable address")
+    for addr in addresses:
+        why = _non_public_reason(addr)
+        if why is not None:
+            raise ImageError(
+                f"refusing to fetch an image from {name!r}: it resolves to a {why} address "
+                f"({addr}); only public hosts or the Label Studio host itself are allowed. "
+                "Set ALLOW_PRIVATE_URLS=true if images really live on a private network"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# URL helpers
+
+
+def _describe(url: str) -> str:
+    """A log-safe short form of ``url``: no userinfo, no query (except local-files' ``d``)."""
+    if not isinstance(url, str):
+        return f"<{type(url).__name__}>"
+    if url[:5].lower() == "data:":
+        return f"data: URI ({len(url)} characters)"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<malformed URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{port}" if port is not None else "")
+    text = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
+    if parts.path.rstrip("/").endswith(_LOCAL_FILES_PATH):
+        d = parse_qs(parts.query, keep_blank_values=True).get("d")
+        if d:
+            text += "?d=" + d[0]
+    text = text.replace("\x00", "\\0")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _split(url: str) -> SplitResult:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ImageError(f"malformed image URL {_describe(url)!r}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        shown = scheme or "(none)"
+        raise ImageError(
+            f"unsupported image URL scheme {shown!r}: use http(s) URLs, data:image/... URIs, or "
+            "paths relative to Label Studio such as /data/upload/..."
+        )
+    if not parts.hostname:
+        raise ImageError(f"image URL {_describe(url)!r} has no host")
+    return parts
+
+
+def _origin(parts: SplitResult) -> tuple[str, str, int]:
+    scheme = parts.scheme.lower()
+    port = parts.port if parts.port is not None else (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower().rstrip("."), port
+
+
+def _local_files_param(parts: SplitResult) -> str | None:
+    """The validated ``d`` of a ``/data/local-files/?d=...`` URL, or ``None`` for other URLs."""
+    if not parts.path.rstrip("/").endswith(_LOCAL_FILES_PATH):
+        return None
+    values = parse_qs(parts.query, keep_blank_values=True).get("d", [])
+    if len(values) != 1 or not values[0]:
+        raise ImageError(
+            "a /data/local-files/ URL needs exactly one non-empty d= parameter "
+            "(the file path relative to LOCAL_FILES_DOCUMENT_ROOT)"
+        )
+    d = values[0]
+    problem = None
+    if "\x00" in d:
+        problem = "contains a NUL character"
+    elif "\\" in d:
+        problem = "contains a backslash"
+    elif d.startswith("/") or (len(d) >= 2 and d[1] == ":"):
+        problem = "is an absolute path"
+    elif ".." in d.split("/"):
+        problem = "contains a '..' segment"
+    if problem is not None:
+        shown = d.replace("\x00", "\\0")[:200]
+        raise ImageError(
+            f"refusing local-files path {shown!r}: it {problem}; "
+            "d= must be a path relative to LOCAL_FILES_DOCUMENT_ROOT"
+        )
+    return d
+
+
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    # A no-op auth stops requests from adding ~/.netrc credentials; refusing all cookies keeps one
+    # host's cookies from being replayed to it (or LS's session cookie from being stored at all).
+    session.auth = lambda request: request
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    session.headers["User-Agent"] = _USER_AGENT
+    session.headers["Accept"] = "image/*,*/*;q=0.5"
+    return session
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding
+
+
+def _not_an_image_reason(data: bytes) -> str:
+    head = data[:512].lstrip().lower()
+    if (
+        head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body"))
+        or b"<html" in head
+    ):
+        return (
+            "the server returned an HTML/XML page, not an image (a login or error page? "
+            "check the URL and LABEL_STUDIO_API_KEY)"
+        )
+    if head.startswith((b"{", b"[")):
+        return "the server returned JSON, not an image (an API error? check the URL)"
+    return (
+        "the data is not an image in a supported format "
+        f"({', '.join(ALLOWED_FORMATS)}), or it is corrupt"
+    )
+
+
+def _composite_on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any decoded Pillow image to 8-bit RGB (see the module notes for the choices)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image).astype(np.int64)
+        gray = ((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        gray = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    try:
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            if mode == "La":
+                image = image.convert("LA")
+            return _composite_on_white(image.convert("RGBA"))
+        if mode == "RGB":
+            return image
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ImageError(f"cannot convert image mode {mode!r} to RGB ({exc})") from None
+
+
+def decode_image(data: bytes, max_image_pixels: int) -> Image.Image:
+    """Decode ``data`` into an RGB, EXIF-transposed image, refusing more than ``max_image_pixels``.
+
+    The pixel count is checked from the header before any pixel data is decoded. Every failure
+    (empty, corrupt, truncated, not an image, too large, unsupported mode) is an :class:`ImageError`.
+    """
+    if not data:
+        raise ImageError("the image is empty (0 bytes)")
+    try:
+        opened = Image.open(io.BytesIO(data), formats=_allowed_formats())
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(_too_many_pixels_reason(None, max_image_pixels)) from None
+    except UnidentifiedImageError:
+        raise ImageError(_not_an_image_reason(data)) from None
+    except Exception as exc:  # Pillow plugins raise many types (SyntaxError, struct.error, ...)
+        raise ImageError(
+            f"the image is corrupt or truncated: cannot read its header ({_exc_detail(exc)})"
+        ) from None
+    with opened:
+        width, height = opened.size
+        if width <= 0 or height <= 0:
+            raise ImageError(f"the image has an invalid size {width}x{height}")
+        if width * height > max_image_pixels:
+            raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels))
+        try:
+            opened.load()
+            transposed = ImageOps.exif_transpose(opened)
+            rgb = to_rgb(transposed)
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels)) from None
+        except Exception as exc:  # truncated/corrupt data: OSError, SyntaxError, ValueError, ...
+            raise ImageError(f"the image is corrupt or truncated ({_exc_detail(exc)})") from None
+    return rgb
+
+
+def _exc_detail(exc: Exception) -> str:
+    """``Type: first line of the message`` (Pillow messages carry no secrets), at most ~200 chars."""
+    lines = str(exc).splitlines()
+    message = lines[0][:200] if lines else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _too_many_pixels_reason(size: tuple[int, int] | None, limit: int) -> str:
+    what = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else "too many pixels"
+    return (
+        f"the image is {what}, over the limit of {limit} pixels (MAX_IMAGE_PIXELS; Pillow also "
+        f"refuses more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}): downscale it"
+    )
+
+
+def _allowed_formats() -> list[str]:
+    Image.init()
+    return [name for name in ALLOWED_FORMATS if name in Image.OPEN]
+
+
+# --------------------------------------------------------------------------------------------------
+# loader
+
+
+class ImageLoader:
+    """Load task images (see the module docstring). Safe to share between threads.
+
+    ``auth`` defaults to a :class:`~backend.lsauth.LabelStudioAuth` built from the settings; pass one
+    to share it with other LS API users. ``session`` defaults to a fresh ``requests.Session``.
+    """
+
+    def __init__(
+        self,
+        settings: FetchSettings,
+        *,
+        auth: LabelStudioAuth | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        self._settings = settings
+        self._session = session if session is not None else _new_session()
+        self._ls_base: str | None = None
+        self._ls_origin: tuple[str, str, int] | None = None
+        self._auth: LabelStudioAuth | None = None
+        if settings.label_studio_url:
+            self._ls_base = settings.label_studio_url.rstrip("/")
+            self._ls_origin = _origin(urlsplit(self._ls_base))
+            self._auth = auth or LabelStudioAuth(
+                self._ls_base,
+                settings.api_key,
+                timeout=settings.connect_timeout + settings.read_timeout,
+                session=self._session,
+            )
+        self._root: str | None = None
+        if settings.local_files_root:
+            self._root = os.path.realpath(settings.local_files_root)
+            if not os.path.isdir(self._root):
+                log.warning(
+                    "LOCAL_FILES_DOCUMENT_ROOT %s is not a directory here: local-files images will "
+                    "be downloaded from Label Studio instead",
+                    settings.local_files_root,
+                )
+
+    @property
+    def settings(self) -> FetchSettings:
+        return self._settings
+
+    @property
+    def auth(self) -> LabelStudioAuth | None:
+        """The LS credentials used for LS-origin URLs (``None`` without ``LABEL_STUDIO_URL``)."""
+        return self._auth
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __repr__(self) -> str:
+        return f"ImageLoader(label_studio_url={self._ls_base!r}, auth={self._auth!r})"
+
+    def load(self, url: str) -> LoadedImage:
+        """Resolve, fetch and decode the image at ``url`` (a task's image value).
+
+        Returns an RGB, EXIF-transposed :class:`LoadedImage`; raises :class:`ImageError` for every
+        failure, logged at WARNING with the reason only.
+        """
+        try:
+            data = self._fetch(url)
+            image = decode_image(data, self._settings.max_image_pixels)
+        except ImageError as exc:
+            log.warning("image load failed: %s", exc.reason)
+            raise
+        return LoadedImage(image=image, sha256=hashlib.sha256(data).hexdigest(), url=url)
+
+    # -- resolution -------------------------------------------------------------------------------
+
+    def _fetch(self, url: str) -> bytes:
+        if not isinstance(url, str):
+            raise ImageError(f"the task image URL must be a string, got {type(url).__name__}")
+        url = url.strip()
+        if not url:
+            raise ImageError("the task image URL is empty")
+        if url[:5].lower() == "data:":
+            return self._decode_data_uri(url)
+        if url.startswith("//"):
+            raise ImageError(
+                "protocol-relative image URLs (//host/...) are not supported: use http(s)://host/..."
+            )
+        if url.startswith("/"):
+            if self._ls_base is None:
+                raise ImageError(
+                    f"the image URL {_describe(url)!r} is relative to Label Studio: set "
+                    "LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY) so the backend can download it"
+                )
+            url = self._ls_base + url
+        parts = _split(url)
+        local = _local_files_param(parts)
+        if local is not None and self._root is not None and self._is_ls(parts):
+            data = self._read_local_file(local)
+            if data is not None:
+                return data
+        return self._download(url)
+
+    def _is_ls(self, parts: SplitResult) -> bool:
+        return self._ls_origin is not None and _origin(parts) == self._ls_origin
+
+    def _read_local_file(self, d: str) -> bytes | None:
+        """Bytes of ``d`` under ``local_files_root``; ``None`` if no such file (then LS serves it)."""
+        root = self._root or ""
+        segments = [s for s in d.split("/") if s not in ("", ".")]
+        real = os.path.realpath(os.path.join(root, *segments))
+        if os.path.commonpath([real, root]) != root:
+            raise ImageError(
+                f"refusing local-files path {d[:200]!r}: it resolves outside LOCAL_FILES_DOCUMENT_ROOT"
+            )
+        if not os.path.isfile(real):
+            return None
+        limit = self._settings.max_download_bytes
+        try:
+            with open(real, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size > limit:
+                    raise ImageError(_too_big_reason(f"local file {d[:200]!r}", size, limit))
+                data = handle.read(limit + 1)
+        except OSError as exc:
+            raise ImageError(
+                f"cannot read local file {d[:200]!r} ({exc.strerror or type(exc).__name__})"
+            ) from None
+        if len(data) > limit:
+            raise ImageError(_too_big_reason(f"local file {d[:200]!r}", len(data), limit))
+        return data
+
+    def _decode_data_uri(self, uri: str) -> bytes:
+        header, comma, payload = uri.partition(",")
+        params = [p.strip().lower() for p in header[5:].split(";")]
+        if not comma or not params[0].startswith("image/") or "base64" not in params[1:]:
+            raise ImageError(
+                "unsupported data: URI: expected data:image/<type>;base64,<data>, got "
+                f"{header[:60]!r}"
+            )
+        compact = "".join(unquote(payload).split()).replace("-", "+").replace("_", "/")
+        limit = self._settings.max_download_bytes
+        if len(compact) // 4 * 3 > limit + 3:
+            raise ImageError(_too_big_reason("the data: URI", len(compact) // 4 * 3, limit))
+        if len(compact) % 4 == 1:
+            raise ImageError("the data: URI payload is not valid base64 (bad length)")
+        try:
+            data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError("the data: URI payload is not valid base64") from None
+        if len(data) > limit:
+            raise ImageError(_too_big_reason("the data: URI", len(data), limit))
+        return data
+
+    # -- HTTP -------------------------------------------------------------------------------------
+
+    def _download(self, url: str) -> bytes:
+        settings = self._settings
+        deadline = time.monotonic() + settings.deadline_s
+        current = url
+        send_auth = True  # becomes False for good once the chain leaves the LS origin
+        retried_auth = False
+        hops = 0
+        while True:
+            parts = _split(current)
+            desc = _describe(current)
+            is_ls = self._is_ls(parts)
+            if not is_ls:
+                send_auth = False
+                if not settings.allow_private_urls:
+                    check_public_host(parts.hostname or "", parts.port)
+            headers: dict[str, str] = {}
+            if send_auth and self._auth is not None:
+                try:
+                    headers.update(self._auth.headers())
+                except LabelStudioAuthError as exc:
+                    raise ImageError(exc.reason) from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ImageError(self._deadline_reason(desc))
+            try:
+                response = self._session.get(
+                    current,
+                    headers=headers,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(
+                        min(settings.connect_timeout, remaining),
+                        min(settings.read_timeout, remaining),
+                    ),
+                )
+            except requests.exceptions.Timeout:
+                raise ImageError(
+                    f"timed out downloading {desc} (connect {settings.connect_timeout:g} s, "
+                    f"read {settings.read_timeout:g} s): check that the host is reachable and fast"
+                ) from None
+            except requests.RequestException as exc:
+                raise ImageError(
+                    f"could not download {desc} ({type(exc).__name__}): check that the host is "
+                    "reachable from the ML backend"
+                ) from None
+            with response:
+                status = response.status_code
+                if status in _REDIRECT_STATUSES:
+                    location = response.headers.get("Location", "").strip()
+                    if not location:
+                        raise ImageError(f"HTTP {status} redirect without a Location from {desc}")
+                    hops += 1
+                    if hops > MAX_REDIRECTS:
+                        raise ImageError(
+                            f"too many redirects (more than {MAX_REDIRECTS}) starting at {_describe(url)}"
+                        )
+                    target = urljoin(current, location)
+                    if _origin(_split(target)) != _origin(parts):
+                        send_auth = False
+                    current = target
+                    continue
+                if (
+                    status == 401
+                    and send_auth
+                    and self._auth is not None
+                    and self._auth.kind == "pat"
+                    and not retried_auth
+                ):
+                    # the access token may have expired early (clock skew, revocation): once more
+                    self._auth.invalidate()
+                    retried_auth = True
+                    continue
+                if status != 200:
+                    raise ImageError(self._status_reason(status, desc, is_ls and send_auth))
+                return self._read_body(response, desc, deadline)
+
+    def _read_body(self, response: requests.Response, desc: str, deadline: float) -> bytes:
+        limit = self._settings.max_download_bytes
+        length = response.headers.get("Content-Length")
+        if length is not None:
+            try:
+                announced = int(length)
+            except ValueError:
+                announced = -1
+            if announced > limit:
+                raise ImageError(_too_big_reason(desc, announced, limit))
+        raw = response.raw
+        read = getattr(raw, "read1", None) or raw.read
+        body = bytearray()
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise ImageError(self._deadline_reason(desc))
+                chunk = read(_CHUNK, decode_content=True)
+                if not chunk:
+                    break
+                body += chunk
+                if len(body) > limit:
+                    raise ImageError(_too_big_reason(desc, len(body), limit, streaming=True))
+        except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+            raise ImageError(
+                f"timed out reading {desc} (no data for {self._settings.read_timeout:g} s)"
+            ) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ImageError(
+                f"the connection broke while downloading {desc} ({type(exc).__name__}): "
+                "the image arrived incomplete"
+            ) from None
+        return bytes(body)
+
+    def _deadline_reason(self, desc: str) -> str:
+        return (
+            f"downloading {desc} took longer than the overall limit of "
+            f"{self._settings.deadline_s:g} s: the server is too slow or the image too large"
+        )
+
+    def _status_reason(self, status: int, desc: str, authenticated_ls: bool) -> str:
+        if authenticated_ls and status in (401, 403):
+            if self._auth is None or self._auth.kind == "none":
+                hint = "set LABEL_STUDIO_API_KEY to a legacy token or a personal access token"
+            else:
+                hint = (
+                    "check that LABEL_STUDIO_API_KEY is valid for this Label Studio and that the "
+                    "user can see the project"
+                )
+            return f"Label Studio refused the image download {desc} (HTTP {status}): {hint}"
+        if status in (401, 403):
+            return (
+                f"HTTP {status} for {desc}: the image host wants credentials, and the backend only "
+                "sends credentials to LABEL_STUDIO_URL"
+            )
+        if status == 404:
+            return f"image not found (HTTP 404): {desc}"
+        return f"HTTP {status} while downloading {desc}"
+
+
+def _too_big_reason(what: str, size: int, limit: int, streaming: bool = False) -> str:
+    amount = f"more than {limit} bytes" if streaming else f"{size} bytes"
+    return f"{what} is {amount}, over the download limit of {limit} bytes (MAX_DOWNLOAD_MB)"
