@@ -1,0 +1,150 @@
+"""The project's label config: which tags we write to, which labels exist, and phrase → label mapping.
+
+Parsing uses label-studio-sdk's ``LabelInterface``; this module only picks what the backend needs:
+the ``<Image>`` the regions belong to, the ``<TextArea>`` that holds the prompt, and the
+``<RectangleLabels>`` / ``<BrushLabels>`` controls with their labels and ``predicted_values`` aliases.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+
+from label_studio_sdk.label_interface import LabelInterface
+
+_WORD = re.compile(r"\w+")
+
+
+class LabelConfigError(ValueError):
+    """The label config cannot be used by this backend; the message says what the config needs."""
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """One labels control, e.g. ``<RectangleLabels name="label" toName="image">``."""
+
+    name: str
+    to_name: str
+    labels: tuple[str, ...]
+
+
+def normalize_phrase(text: str) -> str:
+    """Lower-case and collapse whitespace: the form prompts and aliases are compared in."""
+    return " ".join(text.lower().split())
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower()))
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    image_name: str
+    image_value_key: str  # the task data key of the image, "image" for value="$image"
+    prompt_name: str | None  # the <TextArea> whose text is the prompt, if the config has one
+    rectangle: ControlSpec | None
+    brush: ControlSpec | None
+    labels: tuple[str, ...]  # union of both controls' labels, in config order
+    aliases: dict[str, str] = field(default_factory=dict)  # normalized predicted_value -> label
+
+    def default_phrases(self) -> list[str]:
+        """The prompt used when the request carries none: every label, then every alias."""
+        phrases = list(self.labels) + [alias for alias in self.aliases if alias not in self.labels]
+        return list(dict.fromkeys(normalize_phrase(p) for p in phrases if p.strip()))
+
+    def map_phrase(self, phrase: str) -> str | None:
+        """Map a detected phrase to a config label, or ``None`` when nothing fits.
+
+        Order: ``predicted_values`` alias, exact label, case-insensitive label, best word overlap
+        (Jaccard of word sets against labels and aliases). A single-label config maps everything.
+        """
+        if len(self.labels) == 1:
+            return self.labels[0]
+        normalized = normalize_phrase(phrase)
+        if normalized in self.aliases:
+            return self.aliases[normalized]
+        if phrase in self.labels:
+            return phrase
+        for label in self.labels:
+            if normalize_phrase(label) == normalized:
+                return label
+        return self._best_overlap(normalized)
+
+    def _best_overlap(self, normalized: str) -> str | None:
+        phrase_words = _words(normalized)
+        if not phrase_words:
+            return None
+        candidates = [(label, label) for label in self.labels] + list(
+            (alias, label) for alias, label in self.aliases.items()
+        )
+        best_label, best_score = None, 0.0
+        for text, label in candidates:
+            words = _words(text)
+            score = len(phrase_words & words) / len(phrase_words | words) if words else 0.0
+            if score > best_score:
+                best_label, best_score = label, score
+        return best_label
+
+
+def _control_spec(control) -> ControlSpec:
+    return ControlSpec(name=control.name, to_name=control.to_name[0], labels=tuple(control.labels))
+
+
+def _aliases(controls) -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    for control in controls:
+        for label, tag in control.labels_attrs.items():
+            raw = (tag.attr or {}).get("predicted_values", "")
+            for alias in raw.split(","):
+                if alias.strip():
+                    aliases.setdefault(normalize_phrase(alias), label)
+    return aliases
+
+
+@functools.lru_cache(maxsize=64)
+def parse_label_config(xml: str) -> LabelConfig:
+    """Parse an LS label config. Raises :class:`LabelConfigError` when the backend cannot use it.
+
+    Cached because LS sends the same config with every request; the result is immutable.
+    """
+    if not isinstance(xml, str) or not xml.strip():
+        raise LabelConfigError("the label config is empty: send the project's XML label config")
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises many parser error types; all mean "not a usable config"
+        raise LabelConfigError(f"the label config is not valid XML for Label Studio: {exc}") from None
+
+    images = {obj.name: obj for obj in interface.objects if obj.tag == "Image"}
+    if not images:
+        raise LabelConfigError("the label config has no <Image> tag: this backend labels images")
+    by_tag: dict[str, list] = {}
+    for control in interface.controls:
+        if control.to_name and control.to_name[0] in images:
+            by_tag.setdefault(control.tag, []).append(control)
+    rectangles, brushes = by_tag.get("RectangleLabels", []), by_tag.get("BrushLabels", [])
+    if not rectangles and not brushes:
+        raise LabelConfigError(
+            "the label config has neither <RectangleLabels> nor <BrushLabels> on an <Image>: "
+            "add at least one of them so the backend has somewhere to put its regions"
+        )
+    rectangle = _control_spec(rectangles[0]) if rectangles else None
+    brush = _control_spec(brushes[0]) if brushes else None
+    image_name = (rectangle or brush).to_name
+    if rectangle and brush and brush.to_name != image_name:
+        brush = None  # regions of one prediction must belong to one image
+    controls = [c for c in (rectangles[:1] + brushes[:1]) if c.to_name[0] == image_name]
+    labels = tuple(dict.fromkeys(label for control in controls for label in control.labels))
+    if not labels:
+        raise LabelConfigError("the <RectangleLabels>/<BrushLabels> tags have no <Label> children: add labels")
+    prompts = [c for c in by_tag.get("TextArea", []) if c.to_name[0] == image_name]
+    value = images[image_name].value or ""
+    return LabelConfig(
+        image_name=image_name,
+        image_value_key=value.lstrip("$"),
+        prompt_name=prompts[0].name if prompts else None,
+        rectangle=rectangle,
+        brush=brush,
+        labels=labels,
+        aliases=_aliases(controls),
+    )

@@ -1,0 +1,23 @@
+"""Prometheus metrics of one app instance (own registry, so tests can build several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter("gsam_http_requests", "HTTP requests by route and status",
+                                     ["route", "status"], registry=r)
+        self.http_seconds = Histogram("gsam_http_request_seconds", "HTTP request latency", ["route"], registry=r)
+        self.tasks = Counter("gsam_tasks", "Tasks answered, by outcome (ok, image_error, no_image)",
+                             ["outcome"], registry=r)
+        self.regions = Counter("gsam_regions", "Regions returned, by type", ["type"], registry=r)
+        self.dropped_detections = Counter("gsam_dropped_detections",
+                                          "Detections dropped because their phrase maps to no label", registry=r)
+        self.stage_seconds = Histogram("gsam_stage_seconds", "Time per pipeline stage and call",
+                                       ["stage"], registry=r)
+        self.models_loaded = Gauge("gsam_models_loaded", "1 once the models are loaded in this process",
+                                   registry=r)

@@ -1,0 +1,98 @@
+"""Tiny random-weight Grounding DINO and SAM, built from configs and saved as normal model folders.
+
+No weights can be downloaded in CI, so tests and a first try load these with the same
+``from_pretrained`` code that loads the real hub models. Their outputs are meaningless but
+deterministic for a given seed; their shapes, frames and processors are the real ones.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from transformers import (
+    BertConfig,
+    BertTokenizer,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    SamConfig,
+    SamMaskDecoderConfig,
+    SamModel,
+    SamPromptEncoderConfig,
+    SamVisionConfig,
+    SwinConfig,
+)
+from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
+from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+TINY_DINO_SIZE = {"shortest_edge": 200, "longest_edge": 333}
+TINY_SAM_SIZE = 256
+
+
+def bert_compatible_vocab() -> list[str]:
+    """A WordPiece vocab whose special ids equal bert-base-uncased's.
+
+    Grounding DINO hard-codes [CLS]=101, [SEP]=102, '.'=1012 and '?'=1029 to split phrases, so those
+    must sit at the same ids. As in bert-base-uncased, ids 999+ hold the printable ASCII characters
+    without upper case; '##'-continuations of letters and digits follow, so any lower-case word
+    tokenizes into pieces and decodes back to itself.
+    """
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += [f"[unused{i}]" for i in range(99, 994)]
+    vocab += [chr(code) for code in range(33, 127) if not chr(code).isupper()]
+    vocab += ["##" + char for char in string.ascii_lowercase + string.digits]
+    return vocab
+
+
+def _check_special_ids(vocab: list[str]) -> None:
+    expected = {"[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029}
+    actual = {token: vocab.index(token) for token in expected}
+    if actual != expected:
+        raise RuntimeError(f"tiny vocab ids {actual} differ from bert-base-uncased's {expected}")
+
+
+def build_tiny_grounding_dino(out_dir: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    vocab = bert_compatible_vocab()
+    _check_special_ids(vocab)
+    backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+                          out_indices=[2, 3, 4])
+    text = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64)
+    # decoder_layers=2: transformers ties bbox heads across decoder layers and refuses a single one.
+    config = GroundingDinoConfig(
+        backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
+        num_queries=30, encoder_n_points=2, decoder_n_points=2, max_text_len=64)
+    model = GroundingDinoForObjectDetection(config).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True).save_pretrained(out_dir)
+    GroundingDinoImageProcessorPil(size=TINY_DINO_SIZE).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_sam(out_dir: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    vision = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                             output_channels=32, image_size=TINY_SAM_SIZE, patch_size=16, window_size=4,
+                             global_attn_indexes=[1], num_pos_feats=16)
+    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=TINY_SAM_SIZE, patch_size=16, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                                   iou_head_hidden_dim=32)
+    model = SamModel(SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(out_dir)
+    low_res = TINY_SAM_SIZE // 4  # SAM's decoder upsamples the embedding grid 4x
+    SamImageProcessorPil(
+        size={"longest_edge": TINY_SAM_SIZE}, pad_size={"height": TINY_SAM_SIZE, "width": TINY_SAM_SIZE},
+        mask_size={"longest_edge": low_res}, mask_pad_size={"height": low_res, "width": low_res},
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+def make_tiny_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``out_dir/grounding-dino`` and ``out_dir/sam``; returns their paths."""
+    root = Path(out_dir)
+    return build_tiny_grounding_dino(root / "grounding-dino", seed), build_tiny_sam(root / "sam", seed)

@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny models built once per session, and real backend servers as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from backend.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log_path: Path, deadline_s: float = 60.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server at {url} did not answer /health within {deadline_s} s:\n"
+                       f"{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """``DIR`` with ``grounding-dino`` and ``sam`` built by the real make-tiny-models command."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    subprocess.run([sys.executable, "-m", "backend", "make-tiny-models", str(root)], cwd=REPO, check=True,
+                   capture_output=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_env(tiny_models) -> dict[str, str]:
+    """Env for a backend on the tiny models that always detects something (thresholds 0)."""
+    return {"GROUNDING_DINO_MODEL": str(tiny_models / "grounding-dino"), "SAM_MODEL": str(tiny_models / "sam"),
+            "BOX_THRESHOLD": "0", "TEXT_THRESHOLD": "0", "MAX_DETECTIONS": "5", "BATCH_SIZE": "4"}
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_env) -> Settings:
+    return Settings.from_env(tiny_env)
+
+
+@dataclass
+class BackendProcess:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def start_backend(tiny_env, tmp_path_factory):
+    """Factory: ``start_backend(**env) -> BackendProcess`` running ``python _wsgi.py`` on the tiny models.
+
+    With ``server="gunicorn"`` it runs ``gunicorn _wsgi:app`` instead. Stopped at module teardown.
+    """
+    started: list[BackendProcess] = []
+
+    def start(server: str = "wsgi", **env: str) -> BackendProcess:
+        port = free_port()
+        log_path = tmp_path_factory.mktemp("backend") / "backend.log"
+        full_env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "LABEL_STUDIO_URL",
+                                                                      "LABEL_STUDIO_API_KEY"}}
+        full_env.update(tiny_env, LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+        full_env.update({k: str(v) for k, v in env.items()})
+        if server == "gunicorn":
+            command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--threads", "4",
+                       "--timeout", "120", "_wsgi:app"]
+        else:
+            command = [sys.executable, "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)]
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        backend = BackendProcess(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+        started.append(backend)
+        wait_until_up(backend.url, process, log_path)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.stop()
