@@ -1,0 +1,45 @@
+"""Entry point: ``gunicorn _wsgi:app`` in production, ``python _wsgi.py --port 9090`` for development.
+
+Arguments follow label-studio-ml 2.x's ``_wsgi.py`` (--port, --host, --log-level, --basic-auth-*)
+so the backend starts like every other LS backend. Creating the app loads no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from backend.api import create_app
+from backend.settings import Settings
+
+logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+
+def build_app():
+    """The app from the environment; models start loading in the background unless PRELOAD_MODELS=false."""
+    return create_app(Settings.from_env(), preload=os.environ.get("PRELOAD_MODELS", "true").lower() == "true")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Grounded-SAM Label Studio ML backend (development server)")
+    parser.add_argument("-p", "--port", type=int, default=int(os.environ.get("PORT", 9090)))
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--basic-auth-user", default=None)
+    parser.add_argument("--basic-auth-pass", default=None)
+    parser.add_argument("--debug", action="store_true", help="Flask debug mode (never in production)")
+    args = parser.parse_args(argv)
+    if args.log_level:
+        logging.getLogger().setLevel(args.log_level.upper())
+    if args.basic_auth_user or args.basic_auth_pass:
+        os.environ.update(BASIC_AUTH_USER=args.basic_auth_user or "", BASIC_AUTH_PASS=args.basic_auth_pass or "")
+    build_app().run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
+
+
+if __name__ == "__main__":
+    main()
+else:
+    app = build_app()

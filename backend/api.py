@@ -1,0 +1,132 @@
+"""HTTP layer: the Label Studio ML-backend protocol (wire-compatible with label-studio-ml 2.x).
+
+Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``,
+``GET /metrics``. Thin by design: parse and validate, call the model class, serialize. Every error
+is JSON with a message; nothing here touches torch.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from backend.labelconfig import LabelConfigError, parse_label_config
+from backend.pipeline import Pipeline
+from backend.settings import Settings
+from backend.tasks import RequestError, parse_predict_request
+from model import GroundedSAM
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 2**20
+UNAUTHENTICATED = {"/health", "/webhook"}  # LS sends its auto-created webhook without credentials
+
+
+def _error(status: int, message: str):
+    return jsonify({"status": "error", "message": message}), status
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if body is None:
+        raise RequestError("the request body must be JSON (Content-Type: application/json)")
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None, preload: bool = False) -> Flask:
+    """Build the app. ``preload`` starts loading the models in the background at once."""
+    settings = settings or Settings.from_env()
+    pipeline = pipeline or Pipeline(settings)
+    metrics = pipeline.metrics
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.json.sort_keys = False
+
+    if preload:
+        import threading
+
+        threading.Thread(target=pipeline.engine, name="preload-models", daemon=True).start()
+
+    @app.before_request
+    def _start_and_authenticate():
+        g.started = time.perf_counter()
+        if settings.basic_auth_user is None or request.path in UNAUTHENTICATED:
+            return None
+        auth = request.authorization
+        ok = (auth is not None and auth.type == "basic"
+              and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+              and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode()))
+        if ok:
+            return None
+        response, status = _error(401, "authentication required: use the backend's basic-auth user and password")
+        response.headers["WWW-Authenticate"] = 'Basic realm="grounded-sam"'
+        return response, status
+
+    @app.after_request
+    def _count(response: Response):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.http_requests.labels(route, str(response.status_code)).inc()
+        metrics.http_seconds.labels(route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        return response
+
+    @app.errorhandler(RequestError)
+    @app.errorhandler(LabelConfigError)
+    def _bad_request(exc):
+        log.info("400 on %s: %s", request.path, exc)
+        return _error(400, str(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error on %s", request.path)
+        return _error(500, f"internal error: {type(exc).__name__}; see the backend log")
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "UP", "model_class": GroundedSAM.__name__,
+                        "model_version": pipeline.model_version})
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        schema = body.get("schema") or body.get("label_config")
+        if not isinstance(schema, str):
+            raise RequestError("'schema' must be the project's label config (XML string)")
+        model = GroundedSAM(schema, pipeline, project=body.get("project"))
+        return jsonify(model.setup())
+
+    @app.post("/predict")
+    def predict():
+        parsed = parse_predict_request(_json_body(), pipeline.limits)
+        model = GroundedSAM(request.get_json()["label_config"], pipeline, project=parsed.project)
+        started = time.perf_counter()
+        predictions = model.predict(parsed.tasks, context=parsed.context)
+        log.info("predict: %d tasks, %d regions, %.2f s", len(parsed.tasks),
+                 sum(len(p["result"]) for p in predictions), time.perf_counter() - started)
+        return jsonify({"results": predictions, "model_version": pipeline.model_version})
+
+    @app.post("/webhook")
+    def webhook():
+        body = request.get_json(silent=True)
+        action = body.get("action") if isinstance(body, dict) else None
+        if not isinstance(action, str):
+            raise RequestError("a webhook body is a JSON object with an 'action'")
+        log.info("webhook %s acknowledged", action)
+        return jsonify({"status": "ok", "action": action})
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,143 @@
+"""``python -m backend COMMAND``: serve, predict (image → LS JSON + overlay PNG), make-tiny-models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("backend")
+
+# Distinct, readable colors for overlays (RGB).
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+
+
+def _config_for_phrases(phrases: list[str]) -> str:
+    """A label config whose labels are the prompt phrases, so the output is importable LS JSON."""
+    from xml.sax.saxutils import quoteattr
+
+    labels = "".join(f"<Label value={quoteattr(p)}/>" for p in phrases)
+    return (f'<View><Image name="image" value="$image"/>'
+            f'<RectangleLabels name="label" toName="image">{labels}</RectangleLabels>'
+            f'<BrushLabels name="mask" toName="image">{labels}</BrushLabels></View>')
+
+
+def draw_overlay(image, prediction: dict):
+    """The image with each region drawn: masks tinted, boxes outlined, labels written."""
+    from PIL import Image, ImageDraw
+
+    from backend.rle import rle_to_mask
+
+    canvas = image.convert("RGBA")
+    tint = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    draw_tint = ImageDraw.Draw(tint)
+    labels = sorted({r["value"].get("rectanglelabels", r["value"].get("brushlabels", [""]))[0]
+                     for r in prediction["result"]})
+    color = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+    for region in prediction["result"]:
+        if region["type"] == "brushlabels":
+            mask = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
+            alpha = Image.fromarray((mask * 110).astype("uint8"), "L")
+            tint.paste(color[region["value"]["brushlabels"][0]] + (110,), (0, 0), alpha)
+    canvas = Image.alpha_composite(canvas, tint)
+    draw = ImageDraw.Draw(canvas)
+    for region in prediction["result"]:
+        if region["type"] != "rectanglelabels":
+            continue
+        value, w, h = region["value"], region["original_width"], region["original_height"]
+        x0, y0 = value["x"] * w / 100, value["y"] * h / 100
+        x1, y1 = x0 + value["width"] * w / 100, y0 + value["height"] * h / 100
+        label = value["rectanglelabels"][0]
+        draw.rectangle([x0, y0, x1, y1], outline=color[label] + (255,), width=max(2, w // 400))
+        draw.text((x0 + 3, y0 + 2), f"{label} {region['score']:.2f}", fill=color[label] + (255,))
+    del draw_tint
+    return canvas.convert("RGB")
+
+
+def cmd_predict(args) -> int:
+    import hashlib
+
+    from backend.images import ImageError, LoadedImage, decode_image
+    from backend.labelconfig import parse_label_config
+    from backend.pipeline import Pipeline
+    from backend.settings import Settings
+    from backend.tasks import PromptLimits, split_prompt
+
+    settings = Settings.from_env()
+    phrases = split_prompt(args.prompt, PromptLimits(settings.max_prompt_chars, settings.max_prompt_phrases))
+    if not phrases:
+        print("error: --prompt has no phrases; separate them with '.' or ','", file=sys.stderr)
+        return 2
+    try:
+        data = Path(args.image).read_bytes()
+        image = LoadedImage(image=decode_image(data, settings.max_image_pixels),
+                            sha256=hashlib.sha256(data).hexdigest(), url=str(args.image))
+    except (OSError, ImageError) as exc:
+        print(f"error: cannot read {args.image}: {exc}", file=sys.stderr)
+        return 2
+    from backend.regions import build_prediction
+
+    pipeline = Pipeline(settings)
+    result = pipeline.engine().run([image.image], [phrases])[0]
+    prediction, stats = build_prediction(result, parse_label_config(_config_for_phrases(phrases)),
+                                         pipeline.model_version)
+    print(f"{args.image}: {image.width}x{image.height}, {len(result.detections)} detections, "
+          f"{stats.regions} regions ({pipeline.model_version})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(prediction))
+        print(f"wrote {args.json}")
+    if args.overlay:
+        draw_overlay(image.image, prediction).save(args.overlay)
+        print(f"wrote {args.overlay}")
+    return 0
+
+
+def cmd_make_tiny_models(args) -> int:
+    from backend.tiny import make_tiny_models
+
+    dino, sam = make_tiny_models(args.dir, seed=args.seed)
+    print(f"wrote {dino} and {sam}")
+    print(f"use them with: GROUNDING_DINO_MODEL={dino} SAM_MODEL={sam}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    os.environ["PORT"] = str(args.port)
+    import _wsgi
+
+    _wsgi.main(["--port", str(args.port), "--host", args.host])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    predict = commands.add_parser("predict", help="run the models on one image file")
+    predict.add_argument("image", help="path of an image file")
+    predict.add_argument("--prompt", required=True, help='phrases separated by "." or ",", e.g. "cat . red car"')
+    predict.add_argument("--json", help="write the LS prediction JSON here")
+    predict.add_argument("--overlay", help="write a PNG with boxes, masks and labels drawn here")
+    predict.set_defaults(func=cmd_predict)
+
+    tiny = commands.add_parser("make-tiny-models", help="build tiny random-weight models for tests")
+    tiny.add_argument("dir", help="writes DIR/grounding-dino and DIR/sam")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny_models)
+
+    serve = commands.add_parser("serve", help="serve the LS ML-backend API (development server)")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", 9090)))
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    sys.exit(args.func(args))
