@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,14 @@ import requests
 from backend.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+# Request bodies recorded from a real LS 1.23.2 server (copied from the team's shared/ls-protocol,
+# so a clone runs its tests without it).
+PROTOCOL = REPO / "tests" / "fixtures" / "ls-protocol"
+
+
+def recorded(name: str) -> dict:
+    """One recorded exchange, e.g. ``recorded("predict_batch_request.json")["body"]``."""
+    return json.loads((PROTOCOL / name).read_text())
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@ auth guards the right routes, and the server keeps answering after all of it."""
 
 import base64
 import io
-import json
 import socket
 import time
 
@@ -11,7 +10,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import free_port
+from tests.conftest import free_port, recorded
 from tests.imageserver import ImageServer, make_jwt
 from tests.test_protocol import png
 
@@ -169,8 +168,7 @@ def test_basic_auth_guards_everything_but_health_and_webhook(guarded):
         assert post(guarded, path, payload, auth=("admin", "wrong")).status_code == 401
     assert post(guarded, "/setup", {"schema": CONFIG}, auth=("admin", "s3cret")).status_code == 200
     assert requests.get(guarded.url + "/health", timeout=5).status_code == 200
-    webhook = json.loads((__import__("tests.conftest").conftest.SHARED / "ls-protocol" /
-                          "webhook_annotation_created.json").read_text())["body"]
+    webhook = recorded("webhook_annotation_created.json")["body"]
     assert post(guarded, "/webhook", webhook).status_code == 200
 
 

@@ -3,7 +3,6 @@ against the backend served by gunicorn, with a local server playing LS's media e
 
 import copy
 import io
-import json
 import time
 
 import pytest
@@ -11,10 +10,9 @@ import requests
 from PIL import Image, ImageDraw
 
 from backend.rle import rle_to_mask
-from tests.conftest import SHARED
+from tests.conftest import recorded
 from tests.imageserver import ImageServer, make_jwt
 
-PROTOCOL = SHARED / "ls-protocol"
 LEGACY_TOKEN = "harness-legacy-token-0123456789"
 IMAGES = {  # the recorded tasks' images, at the sizes LS stored in its predictions
     "/data/upload/1/d984276e-shapes_landscape.png": (320, 240),
@@ -23,10 +21,6 @@ IMAGES = {  # the recorded tasks' images, at the sizes LS stored in its predicti
 }
 LOCAL_FILES = {f"/data/local-files/?d=project2/shapes_{name}.png": size for name, size in
                [("landscape", (320, 240)), ("portrait", (240, 320)), ("odd", (301, 199))]}
-
-
-def recorded(name: str) -> dict:
-    return json.loads((PROTOCOL / name).read_text())
 
 
 def png(width: int, height: int) -> bytes:

@@ -1,15 +1,13 @@
-import json
-
 import pytest
 
 from backend.tasks import PromptLimits, RequestError, parse_predict_request, plan_tasks, split_prompt
-from tests.conftest import SHARED
+from tests.conftest import recorded as recorded_exchange
 
 LIMITS = PromptLimits(max_chars=200, max_phrases=4)
 
 
 def recorded(name: str) -> dict:
-    return json.loads((SHARED / "ls-protocol" / name).read_text())["body"]
+    return recorded_exchange(name)["body"]
 
 
 def test_batch_call_without_context_prompts_with_the_labels():
