@@ -182,8 +182,8 @@ class GroundingDinoDetector:
         spans, start = [], 1
         for position, token in enumerate(input_ids[1:], start=1):
             if token == self.dot_id or token == self.processor.tokenizer.sep_token_id:
-                if position > start:
-                    spans.append((start, position))
+                # An empty span (a phrase that tokenized to nothing) is kept so later phrases stay aligned.
+                spans.append((start, position))
                 start = position + 1
                 if token != self.dot_id:
                     break
@@ -193,7 +193,8 @@ class GroundingDinoDetector:
         spans = self._phrase_spans(input_ids, len(phrases))
         if not spans:
             return Detections.empty()
-        per_phrase = np.stack([probs[:, s:e].max(axis=1) for s, e in spans], axis=1)  # (Q, P)
+        per_phrase = np.stack([probs[:, s:e].max(axis=1) if e > s else np.zeros(len(probs), probs.dtype)
+                               for s, e in spans], axis=1)  # (Q, P)
         phrase_index = per_phrase.argmax(axis=1)
         scores = per_phrase.max(axis=1)
         width, height = image.width, image.height

@@ -68,3 +68,13 @@ def test_device_and_dtype_resolution():
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
     assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_phrase_spans_stay_aligned_with_the_prompt(engine):
+    detector = engine.detector
+    tokenizer = detector.processor.tokenizer
+    ids = np.array(tokenizer("red car . \u0007 . dog .")["input_ids"])  # the bell character tokenizes to nothing
+    spans = detector._phrase_spans(ids, 3)
+    assert len(spans) == 3 and spans[1][0] == spans[1][1]
+    assert tokenizer.decode(ids[spans[0][0]:spans[0][1]]) == "red car"
+    assert tokenizer.decode(ids[spans[2][0]:spans[2][1]]) == "dog"
