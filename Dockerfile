@@ -1,0 +1,24 @@
+# Grounded-SAM ML backend for Label Studio.
+#   CPU:  docker build -t grounded-sam .
+#   GPU:  docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t grounded-sam .
+FROM python:3.11-slim
+
+ARG TORCH_SPEC="torch==2.13.0"
+ARG TORCH_INDEX=""
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HOME=/data/hf PORT=9090 THREADS=8
+
+WORKDIR /app
+RUN if [ -n "$TORCH_INDEX" ]; then pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"; \
+    else pip install "$TORCH_SPEC"; fi
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+COPY _wsgi.py model.py ./
+COPY backend ./backend
+
+RUN useradd --create-home --uid 1000 app && mkdir -p /data/hf && chown -R app /data
+USER app
+EXPOSE 9090
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
+  CMD python -c "import os,urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"PORT\"]}/health', timeout=2)"
+# One worker process holds the models; threads share them behind the engine lock.
+CMD ["sh", "-c", "exec gunicorn --bind 0.0.0.0:${PORT} --workers 1 --threads ${THREADS} --timeout 300 _wsgi:app"]

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Creates or updates the virtualenvs this project needs, idempotently; sourced by start.sh and test.sh.
+#   .venv     the backend (torch CPU wheel first: any other torch spec pulls GBs of CUDA wheels)
+#   .venv-ls  Label Studio for the end-to-end tests, in its own venv (its pins clash with ours)
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+
+make_venv() {  # make_venv DIR
+  local dir="$1"
+  if [ -x "$dir/bin/python" ]; then return 0; fi
+  if ! "$PYTHON" -m venv "$dir" 2>/dev/null; then
+    rm -rf "$dir"
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "python3 -m venv failed: installing python3-venv" >&2
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      "$PYTHON" -m venv "$dir"
+    else
+      echo "error: '$PYTHON -m venv' failed; install your distribution's python3-venv package" >&2
+      exit 1
+    fi
+  fi
+  "$dir/bin/python" -m pip install -q --upgrade pip
+}
+
+bootstrap_app() {
+  local stamp="$REPO/.venv/.installed"
+  make_venv "$REPO/.venv"
+  if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/requirements-test.txt" -nt "$stamp" ]; then
+    echo "installing the backend's dependencies into .venv" >&2
+    "$REPO/.venv/bin/pip" install -q "$TORCH_SPEC"
+    "$REPO/.venv/bin/pip" install -q -r "$REPO/requirements.txt" -r "$REPO/requirements-test.txt"
+    touch "$stamp"
+  fi
+}
+
+bootstrap_label_studio() {
+  local stamp="$REPO/.venv-ls/.installed"
+  make_venv "$REPO/.venv-ls"
+  if [ ! -f "$stamp" ]; then
+    echo "installing Label Studio 1.23 into .venv-ls (end-to-end tests)" >&2
+    "$REPO/.venv-ls/bin/pip" install -q "label-studio==1.23.*"
+    touch "$stamp"
+  fi
+}
