@@ -1,8 +1,9 @@
-"""Resolve, download and decode the image of a Label Studio task.
+"""Resolve and download the image of a Label Studio task, then decode it.
 
-Frames: every image returned here is the *EXIF-transposed* image, converted to RGB. Its
-``width``/``height`` are what Label Studio displays (browsers apply the EXIF orientation), so box and
-mask coordinates computed on it map straight to LS percentages.
+:class:`ImageLoader` turns a task's image value into a :class:`LoadedImage`: it resolves the URL,
+downloads the bytes within the limits of :class:`FetchSettings`, and hands them to
+:func:`backend.imagedecode.decode_image`. Every image returned is the *EXIF-transposed* image,
+converted to RGB (see :mod:`backend.imagedecode` for the frame and the decoding decisions).
 
 Supported task URLs (``ImageLoader.load``):
 
@@ -13,32 +14,20 @@ Supported task URLs (``ImageLoader.load``):
   local-files image that exists under that root is read from disk instead.
 * absolute ``http://`` / ``https://`` URLs. Only URLs on the LS origin (same scheme, host and port as
   ``LABEL_STUDIO_URL``) get the LS credentials. Any other host must resolve to public addresses
-  only (SSRF guard, :func:`check_public_host`) unless ``allow_private_urls``.
+  only (SSRF guard, :func:`backend.urlguard.check_public_host`, checked again at each redirect hop)
+  unless ``allow_private_urls``.
 * ``data:image/<type>;base64,<payload>`` URIs.
 
 Every failure is an :class:`ImageError` whose ``reason`` says what went wrong and what to fix; it is
 safe to log and to return to a client (no tokens, no query strings, no response bodies).
 
-Decisions worth knowing:
+Proxies and CA bundles from the environment are honoured; ``~/.netrc`` credentials and cookies are
+not (the session has a no-op ``auth`` and refuses all cookies), so nothing but the LS
+``Authorization`` header is ever sent, and only to the LS origin.
 
-* Transparent pixels (RGBA, LA, palette or grayscale/RGB with a ``transparency`` entry) are
-  composited onto **white**, the background a browser shows for a transparent image on a plain page.
-* 16/32-bit integer grayscale (``I;16*``, ``I``) is clipped to 0..65535 and scaled to 8 bits by
-  dividing by 257; float (``F``) is clipped to 0..255.
-* Only browser-displayable formats are decoded (:data:`ALLOWED_FORMATS`); EPS, PDF, PSD and the
-  other exotic Pillow plugins are refused so hostile bytes never reach them (EPS would start
-  Ghostscript).
-* ``PIL.Image.MAX_IMAGE_PIXELS`` is never changed. Pillow itself refuses images over
-  ``2 * Image.MAX_IMAGE_PIXELS`` (about 179 M pixels) while opening them, so the effective limit is
-  ``min(max_image_pixels, 2 * Image.MAX_IMAGE_PIXELS)``; raise Pillow's limit once at start-up if
-  larger images are ever needed. Between ``Image.MAX_IMAGE_PIXELS`` and twice that Pillow emits a
-  ``DecompressionBombWarning`` (not an error unless warnings are configured as errors).
-* The SSRF guard resolves the host before the request and requests resolves it again when it
-  connects: a DNS-rebinding host could answer differently the second time. Redirect targets are
-  checked again at each hop.
-* Proxies and CA bundles from the environment are honoured; ``~/.netrc`` credentials and cookies are
-  not (the session has a no-op ``auth`` and refuses all cookies), so nothing but the LS
-  ``Authorization`` header is ever sent, and only to the LS origin.
+:class:`ImageError`, :func:`check_public_host`, :func:`decode_image`, :func:`to_rgb` and
+:data:`ALLOWED_FORMATS` are re-exported from :mod:`backend.imagedecode` and :mod:`backend.urlguard`,
+so ``from backend.images import ...`` keeps working for them.
 """
 
 from __future__ import annotations
@@ -47,49 +36,40 @@ import base64
 import binascii
 import hashlib
 import http.cookiejar
-import io
-import ipaddress
 import logging
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from urllib.parse import SplitResult, parse_qs, unquote, urljoin, urlsplit
 
-import numpy as np
 import requests
 import urllib3
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from backend.imagedecode import ALLOWED_FORMATS, ImageError, decode_image, to_rgb
 from backend.lsauth import LabelStudioAuth, LabelStudioAuthError
+from backend.urlguard import check_public_host
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "MAX_REDIRECTS",
+    "FetchSettings",
+    "ImageError",
+    "ImageLoader",
+    "LoadedImage",
+    "check_public_host",
+    "decode_image",
+    "to_rgb",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
-ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "ICO")
 _CHUNK = 64 * 1024
 _USER_AGENT = "grounded-sam-ml-backend/1 (image fetch)"
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _LOCAL_FILES_PATH = "/data/local-files"
-# NAT64 well-known prefix: the low 32 bits are an IPv4 address.
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-class ImageError(Exception):
-    """An image could not be resolved, downloaded or decoded.
-
-    ``reason`` is one human-readable sentence saying what failed and, where it helps, what to fix.
-    It never contains credentials, query strings or response bodies, so it can be logged and
-    returned in an API response as is.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
 
 
 @dataclass(frozen=True)
@@ -184,79 +164,6 @@ class LoadedImage:
 
 
 # --------------------------------------------------------------------------------------------------
-# SSRF guard
-
-
-def _non_public_reason(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why ``addr`` must not be fetched from, or ``None`` when it is a public address."""
-    if isinstance(addr, ipaddress.IPv6Address):
-        embedded = addr.ipv4_mapped or addr.sixtofour
-        if embedded is None and addr in _NAT64:
-            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
-        if embedded is None and addr.teredo is not None:
-            embedded = addr.teredo[1]
-        if embedded is not None:
-            inner = _non_public_reason(embedded)
-            if inner is not None:
-                return f"an IPv6 address embedding a {inner} IPv4 address"
-    for flag, name in (
-        ("is_unspecified", "unspecified"),
-        ("is_loopback", "loopback"),
-        ("is_link_local", "link-local"),
-        ("is_multicast", "multicast"),
-        ("is_private", "private"),
-        ("is_reserved", "reserved"),
-    ):
-        if getattr(addr, flag):
-            return name
-    if not addr.is_global:
-        return "non-global"
-    return None
-
-
-def check_public_host(host: str, port: int | None) -> None:
-    """Raise :class:`ImageError` unless every address ``host`` resolves to is public.
-
-    IP literals (``10.0.0.1``, ``::1``, ``[fe80::1]``, ``::ffff:127.0.0.1``) are checked without any
-    lookup; names are resolved with ``socket.getaddrinfo`` and *all* returned addresses must be
-    public. Loopback, private, link-local, reserved, multicast, unspecified and other non-global
-    addresses (also when embedded in IPv4-mapped, 6to4, Teredo or NAT64 IPv6 addresses) are refused.
-    Nothing is connected to.
-    """
-    if not isinstance(host, str) or not host.strip():
-        raise ImageError("the image URL has no host name")
-    name = host.strip()
-    if name.startswith("[") and name.endswith("]"):
-        name = name[1:-1]
-    try:
-        addresses = [ipaddress.ip_address(name)]
-    except ValueError:
-        addresses = []
-    if not addresses:
-        try:
-            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError) as exc:
-            raise ImageError(
-                f"cannot resolve the image host {name!r} ({type(exc).__name__}): check the URL"
-            ) from None
-        for info in infos:
-            try:
-                addresses.append(ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]))
-            except ValueError:
-                continue
-        if not addresses:
-            raise ImageError(f"the image host {name!r} resolved to no usable address")
-    for addr in addresses:
-        why = _non_public_reason(addr)
-        if why is not None:
-            raise ImageError(
-                f"refusing to fetch an image from {name!r}: it resolves to a {why} address "
-                f"({addr}); only public hosts or the Label Studio host itself are allowed. "
-                "Set ALLOW_PRIVATE_URLS=true if images really live on a private network"
-            )
-
-
-# --------------------------------------------------------------------------------------------------
 # URL helpers
 
 
@@ -346,113 +253,6 @@ def _new_session() -> requests.Session:
     session.headers["User-Agent"] = _USER_AGENT
     session.headers["Accept"] = "image/*,*/*;q=0.5"
     return session
-
-
-# --------------------------------------------------------------------------------------------------
-# decoding
-
-
-def _not_an_image_reason(data: bytes) -> str:
-    head = data[:512].lstrip().lower()
-    if (
-        head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body"))
-        or b"<html" in head
-    ):
-        return (
-            "the server returned an HTML/XML page, not an image (a login or error page? "
-            "check the URL and LABEL_STUDIO_API_KEY)"
-        )
-    if head.startswith((b"{", b"[")):
-        return "the server returned JSON, not an image (an API error? check the URL)"
-    return (
-        "the data is not an image in a supported format "
-        f"({', '.join(ALLOWED_FORMATS)}), or it is corrupt"
-    )
-
-
-def _composite_on_white(rgba: Image.Image) -> Image.Image:
-    background = Image.new("RGB", rgba.size, (255, 255, 255))
-    background.paste(rgba, mask=rgba.getchannel("A"))
-    return background
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any decoded Pillow image to 8-bit RGB (see the module notes for the choices)."""
-    mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        values = np.asarray(image).astype(np.int64)
-        gray = ((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    if mode == "F":
-        gray = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
-    try:
-        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-            if mode == "La":
-                image = image.convert("LA")
-            return _composite_on_white(image.convert("RGBA"))
-        if mode == "RGB":
-            return image
-        return image.convert("RGB")
-    except ValueError as exc:
-        raise ImageError(f"cannot convert image mode {mode!r} to RGB ({exc})") from None
-
-
-def decode_image(data: bytes, max_image_pixels: int) -> Image.Image:
-    """Decode ``data`` into an RGB, EXIF-transposed image, refusing more than ``max_image_pixels``.
-
-    The pixel count is checked from the header before any pixel data is decoded. Every failure
-    (empty, corrupt, truncated, not an image, too large, unsupported mode) is an :class:`ImageError`.
-    """
-    if not data:
-        raise ImageError("the image is empty (0 bytes)")
-    try:
-        opened = Image.open(io.BytesIO(data), formats=_allowed_formats())
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(_too_many_pixels_reason(None, max_image_pixels)) from None
-    except UnidentifiedImageError:
-        raise ImageError(_not_an_image_reason(data)) from None
-    except Exception as exc:  # Pillow plugins raise many types (SyntaxError, struct.error, ...)
-        raise ImageError(
-            f"the image is corrupt or truncated: cannot read its header ({_exc_detail(exc)})"
-        ) from None
-    with opened:
-        width, height = opened.size
-        if width <= 0 or height <= 0:
-            raise ImageError(f"the image has an invalid size {width}x{height}")
-        if width * height > max_image_pixels:
-            raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels))
-        try:
-            opened.load()
-            transposed = ImageOps.exif_transpose(opened)
-            rgb = to_rgb(transposed)
-        except ImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels)) from None
-        except Exception as exc:  # truncated/corrupt data: OSError, SyntaxError, ValueError, ...
-            raise ImageError(f"the image is corrupt or truncated ({_exc_detail(exc)})") from None
-    return rgb
-
-
-def _exc_detail(exc: Exception) -> str:
-    """``Type: first line of the message`` (Pillow messages carry no secrets), at most ~200 chars."""
-    lines = str(exc).splitlines()
-    message = lines[0][:200] if lines else ""
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-def _too_many_pixels_reason(size: tuple[int, int] | None, limit: int) -> str:
-    what = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else "too many pixels"
-    return (
-        f"the image is {what}, over the limit of {limit} pixels (MAX_IMAGE_PIXELS; Pillow also "
-        f"refuses more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}): downscale it"
-    )
-
-
-def _allowed_formats() -> list[str]:
-    Image.init()
-    return [name for name in ALLOWED_FORMATS if name in Image.OPEN]
 
 
 # --------------------------------------------------------------------------------------------------

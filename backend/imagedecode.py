@@ -1,0 +1,155 @@
+"""Decode image bytes into the RGB, EXIF-transposed PIL image every model output refers to.
+
+Frames: :func:`decode_image` returns the *EXIF-transposed* image, converted to RGB. Its
+``width``/``height`` are what Label Studio displays (browsers apply the EXIF orientation), so box and
+mask coordinates computed on it map straight to LS percentages.
+
+Every failure is an :class:`ImageError` whose ``reason`` says what went wrong and what to fix; it is
+safe to log and to return to a client. :class:`ImageError` is defined here, the lowest of the image
+modules, and shared by :mod:`backend.urlguard` and :mod:`backend.images` (which re-exports it).
+
+Decisions worth knowing:
+
+* Transparent pixels (RGBA, LA, palette or grayscale/RGB with a ``transparency`` entry) are
+  composited onto **white**, the background a browser shows for a transparent image on a plain page.
+* 16/32-bit integer grayscale (``I;16*``, ``I``) is clipped to 0..65535 and scaled to 8 bits by
+  dividing by 257; float (``F``) is clipped to 0..255.
+* Only browser-displayable formats are decoded (:data:`ALLOWED_FORMATS`); EPS, PDF, PSD and the
+  other exotic Pillow plugins are refused so hostile bytes never reach them (EPS would start
+  Ghostscript).
+* ``PIL.Image.MAX_IMAGE_PIXELS`` is never changed. Pillow itself refuses images over
+  ``2 * Image.MAX_IMAGE_PIXELS`` (about 179 M pixels) while opening them, so the effective limit is
+  ``min(max_image_pixels, 2 * Image.MAX_IMAGE_PIXELS)``; raise Pillow's limit once at start-up if
+  larger images are ever needed. Between ``Image.MAX_IMAGE_PIXELS`` and twice that Pillow emits a
+  ``DecompressionBombWarning`` (not an error unless warnings are configured as errors).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ALLOWED_FORMATS", "ImageError", "decode_image", "to_rgb"]
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "ICO")
+
+
+class ImageError(Exception):
+    """An image could not be resolved, downloaded or decoded.
+
+    ``reason`` is one human-readable sentence saying what failed and, where it helps, what to fix.
+    It never contains credentials, query strings or response bodies, so it can be logged and
+    returned in an API response as is.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def _not_an_image_reason(data: bytes) -> str:
+    head = data[:512].lstrip().lower()
+    if (
+        head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body"))
+        or b"<html" in head
+    ):
+        return (
+            "the server returned an HTML/XML page, not an image (a login or error page? "
+            "check the URL and LABEL_STUDIO_API_KEY)"
+        )
+    if head.startswith((b"{", b"[")):
+        return "the server returned JSON, not an image (an API error? check the URL)"
+    return (
+        "the data is not an image in a supported format "
+        f"({', '.join(ALLOWED_FORMATS)}), or it is corrupt"
+    )
+
+
+def _composite_on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any decoded Pillow image to 8-bit RGB (see the module notes for the choices)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image).astype(np.int64)
+        gray = ((np.clip(values, 0, 65535) + 128) // 257).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        gray = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    try:
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            if mode == "La":
+                image = image.convert("LA")
+            return _composite_on_white(image.convert("RGBA"))
+        if mode == "RGB":
+            return image
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ImageError(f"cannot convert image mode {mode!r} to RGB ({exc})") from None
+
+
+def decode_image(data: bytes, max_image_pixels: int) -> Image.Image:
+    """Decode ``data`` into an RGB, EXIF-transposed image, refusing more than ``max_image_pixels``.
+
+    The pixel count is checked from the header before any pixel data is decoded. Every failure
+    (empty, corrupt, truncated, not an image, too large, unsupported mode) is an :class:`ImageError`.
+    """
+    if not data:
+        raise ImageError("the image is empty (0 bytes)")
+    try:
+        opened = Image.open(io.BytesIO(data), formats=_allowed_formats())
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(_too_many_pixels_reason(None, max_image_pixels)) from None
+    except UnidentifiedImageError:
+        raise ImageError(_not_an_image_reason(data)) from None
+    except Exception as exc:  # Pillow plugins raise many types (SyntaxError, struct.error, ...)
+        raise ImageError(
+            f"the image is corrupt or truncated: cannot read its header ({_exc_detail(exc)})"
+        ) from None
+    with opened:
+        width, height = opened.size
+        if width <= 0 or height <= 0:
+            raise ImageError(f"the image has an invalid size {width}x{height}")
+        if width * height > max_image_pixels:
+            raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels))
+        try:
+            opened.load()
+            transposed = ImageOps.exif_transpose(opened)
+            rgb = to_rgb(transposed)
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels)) from None
+        except Exception as exc:  # truncated/corrupt data: OSError, SyntaxError, ValueError, ...
+            raise ImageError(f"the image is corrupt or truncated ({_exc_detail(exc)})") from None
+    return rgb
+
+
+def _exc_detail(exc: Exception) -> str:
+    """``Type: first line of the message`` (Pillow messages carry no secrets), at most ~200 chars."""
+    lines = str(exc).splitlines()
+    message = lines[0][:200] if lines else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _too_many_pixels_reason(size: tuple[int, int] | None, limit: int) -> str:
+    what = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else "too many pixels"
+    return (
+        f"the image is {what}, over the limit of {limit} pixels (MAX_IMAGE_PIXELS; Pillow also "
+        f"refuses more than {2 * (Image.MAX_IMAGE_PIXELS or 0)}): downscale it"
+    )
+
+
+def _allowed_formats() -> list[str]:
+    Image.init()
+    return [name for name in ALLOWED_FORMATS if name in Image.OPEN]
