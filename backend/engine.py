@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -29,42 +28,13 @@ from transformers import (
 from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
+from backend.results import Detections, ImageResult
+
 log = logging.getLogger(__name__)
 
 # Masks are upsampled to full image size in chunks of this many boxes, which bounds the float
 # buffer to MASK_CHUNK x H x W (about 130 MB at 1080p) instead of N x H x W.
 MASK_CHUNK = 16
-
-
-@dataclass(frozen=True)
-class Detections:
-    """Detections of one image.
-
-    boxes:   (N, 4) float32, XYXY pixels of the EXIF-transposed image, clipped to it.
-    scores:  (N,) float32 in [0, 1], sorted descending.
-    phrases: N prompt phrases, the one each box was grounded to.
-    """
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    phrases: tuple[str, ...]
-
-    @classmethod
-    def empty(cls) -> "Detections":
-        return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), ())
-
-    def __len__(self) -> int:
-        return len(self.phrases)
-
-
-@dataclass(frozen=True)
-class ImageResult:
-    """Detections of one image plus their masks: (N, height, width) bool."""
-
-    width: int
-    height: int
-    detections: Detections
-    masks: np.ndarray
 
 
 class Detector(Protocol):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backend.engine import ImageResult
+from backend.results import ImageResult
 from backend.labelconfig import LabelConfig
 from backend.rle import mask_to_rle
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.engine import Detections, Engine, SamSegmenter
+from backend.engine import Engine, SamSegmenter
+from backend.results import Detections
 from backend.labelconfig import parse_label_config
 from backend.pipeline import Pipeline
 from backend.rle import rle_to_mask
