@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -37,6 +38,14 @@ def fetch_settings(settings: Settings) -> FetchSettings:
         connect_timeout=settings.download_connect_timeout, read_timeout=settings.download_read_timeout,
         max_download_bytes=int(settings.max_download_mb * 2**20), max_image_pixels=settings.max_image_pixels,
         allow_private_urls=settings.allow_private_urls, local_files_root=settings.local_files_root)
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """One task's answer: its prediction, and why it is empty when the task failed (else None)."""
+
+    prediction: dict
+    error: str | None = None
 
 
 class Pipeline:
@@ -68,33 +77,39 @@ class Pipeline:
 
     def predict(self, request: PredictRequest) -> list[dict]:
         """Exactly one prediction per task, in task order; a task that fails gets an empty one."""
+        return [outcome.prediction for outcome in self.predict_outcomes(request)]
+
+    def predict_outcomes(self, request: PredictRequest) -> list[TaskOutcome]:
+        """Like :meth:`predict`, with the reason each failed task's prediction is empty."""
         plans = plan_tasks(request, self.limits)
-        predictions: list[dict] = []
+        outcomes: list[TaskOutcome] = []
         chunk = 4 * (self.settings.batch_size or 8)  # bounds the images and masks held at once
         for start in range(0, len(plans), chunk):
-            predictions.extend(self._predict_chunk(plans[start:start + chunk], request))
-        return predictions
+            outcomes.extend(self._predict_chunk(plans[start:start + chunk], request))
+        return outcomes
 
-    def _predict_chunk(self, plans: list[TaskPlan], request: PredictRequest) -> list[dict]:
+    def _predict_chunk(self, plans: list[TaskPlan], request: PredictRequest) -> list[TaskOutcome]:
         with self.metrics.stage_seconds.labels("images").time():
             loaded = self._load_images(plans)
         ready = [i for i, item in enumerate(loaded) if isinstance(item, LoadedImage)]
-        predictions = [empty_prediction(self.model_version) for _ in plans]
+        outcomes = [TaskOutcome(empty_prediction(self.model_version), None if i in ready else loaded[i])
+                    for i in range(len(plans))]
         for i, item in enumerate(loaded):
             if not isinstance(item, LoadedImage):
                 outcome = "no_image" if plans[i].error else "image_error"
                 self.metrics.tasks.labels(outcome).inc()
                 log.warning("task %s: empty prediction: %s", plans[i].task_id, item)
         if not ready:
-            return predictions
+            return outcomes
         engine = self.engine()
         with self.metrics.stage_seconds.labels("engine").time():
             results = engine.run([loaded[i].image for i in ready], [plans[i].phrases for i in ready])
         with self.metrics.stage_seconds.labels("regions").time():
             for i, result in zip(ready, results):
-                predictions[i], stats = build_prediction(result, request.config, self.model_version)
-                self._count(plans[i], predictions[i], stats)
-        return predictions
+                prediction, stats = build_prediction(result, request.config, self.model_version)
+                outcomes[i] = TaskOutcome(prediction)
+                self._count(plans[i], prediction, stats)
+        return outcomes
 
     def _count(self, plan: TaskPlan, prediction: dict, stats) -> None:
         self.metrics.tasks.labels("ok").inc()
