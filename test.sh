@@ -6,5 +6,6 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$REPO/scripts/bootstrap.sh"
 bootstrap_app
 bootstrap_label_studio
+ensure_redis_server
 cd "$REPO"
 exec .venv/bin/python -m pytest "$@"

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import time
 
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from backend.jobs import QueueClient, QueueError
 from backend.labelconfig import LabelConfigError, parse_label_config
-from backend.pipeline import Pipeline
+from backend.metrics import Metrics
+from backend.pipeline import Pipeline, model_version, prompt_limits
 from backend.settings import Settings
-from backend.tasks import RequestError, parse_predict_request
+from backend.tasks import RequestError, parse_predict_request, plan_tasks
 from model import GroundedSAM
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 2**20
-UNAUTHENTICATED = {"/health", "/webhook"}  # LS sends its auto-created webhook without credentials
+UNAUTHENTICATED = {"/health", "/webhook"}
+  # LS sends its auto-created webhook without credentials
 
 
 def _error(status: int, message: str):
@@ -41,18 +45,25 @@ def _json_body() -> dict:
 
 
 def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None, preload: bool = False) -> Flask:
-    """Build the app. ``preload`` starts loading the models in the background at once."""
+    """Build the app.
+
+    Embedded mode (no ``REDIS_URL``): predictions run in this process; ``preload`` starts loading
+    the models in the background at once. Queue mode: /predict enqueues on RQ and waits for the
+    workers; this process never imports torch nor loads a model.
+    """
     settings = settings or Settings.from_env()
-    pipeline = pipeline or Pipeline(settings)
-    metrics = pipeline.metrics
+    queue = None
+    if settings.redis_url:
+        queue = QueueClient(settings.redis_url, settings.predict_timeout, chunk_size=settings.batch_size or 8)
+        version, limits, metrics = model_version(settings), prompt_limits(settings), Metrics()
+    else:
+        pipeline = pipeline or Pipeline(settings)
+        version, limits, metrics = pipeline.model_version, pipeline.limits, pipeline.metrics
+        if preload:
+            threading.Thread(target=pipeline.engine, name="preload-models", daemon=True).start()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False
-
-    if preload:
-        import threading
-
-        threading.Thread(target=pipeline.engine, name="preload-models", daemon=True).start()
 
     @app.before_request
     def _start_and_authenticate():
@@ -91,11 +102,19 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         log.exception("unhandled error on %s", request.path)
         return _error(500, f"internal error: {type(exc).__name__}; see the backend log")
 
+    @app.errorhandler(QueueError)
+    def _queue_error(exc):
+        log.warning("%d on %s: %s", exc.http_status, request.path, exc)
+        return _error(exc.http_status, str(exc))
+
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify({"status": "UP", "model_class": GroundedSAM.__name__,
-                        "model_version": pipeline.model_version})
+        body = {"status": "UP", "model_class": GroundedSAM.__name__, "model_version": version,
+                "mode": "queue" if queue else "embedded"}
+        if queue:
+            body.update(queue.health())
+        return jsonify(body)
 
     @app.post("/setup")
     def setup():
@@ -103,18 +122,23 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         schema = body.get("schema") or body.get("label_config")
         if not isinstance(schema, str):
             raise RequestError("'schema' must be the project's label config (XML string)")
-        model = GroundedSAM(schema, pipeline, project=body.get("project"))
-        return jsonify(model.setup())
+        parse_label_config(schema)  # loads no model: LS gives /setup 3 s
+        return jsonify({"model_version": version})
 
     @app.post("/predict")
     def predict():
-        parsed = parse_predict_request(_json_body(), pipeline.limits)
-        model = GroundedSAM(request.get_json()["label_config"], pipeline, project=parsed.project)
+        body = _json_body()
+        parsed = parse_predict_request(body, limits)
         started = time.perf_counter()
-        predictions = model.predict(parsed.tasks, context=parsed.context)
+        if queue:
+            plan_tasks(parsed, limits)  # a bad prompt is a 400 here, not a failed job
+            predictions = queue.predict(body)
+        else:
+            model = GroundedSAM(body["label_config"], pipeline, project=parsed.project)
+            predictions = model.predict(parsed.tasks, context=parsed.context)
         log.info("predict: %d tasks, %d regions, %.2f s", len(parsed.tasks),
                  sum(len(p["result"]) for p in predictions), time.perf_counter() - started)
-        return jsonify({"results": predictions, "model_version": pipeline.model_version})
+        return jsonify({"results": predictions, "model_version": version})
 
     @app.post("/webhook")
     def webhook():

@@ -1,4 +1,5 @@
-"""``python -m backend COMMAND``: serve, predict (image → LS JSON + overlay PNG), make-tiny-models."""
+"""``python -m backend COMMAND``: serve, worker, prelabel, predict (image → LS JSON + overlay PNG),
+make-tiny-models."""
 
 from __future__ import annotations
 
@@ -113,6 +114,30 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    from backend.settings import Settings
+    from backend.worker import run_worker
+
+    run_worker(Settings.from_env(), [q.strip() for q in args.queues.split(",") if q.strip()],
+               batch_size=args.batch_size, burst=args.burst)
+    return 0
+
+
+def cmd_prelabel(args) -> int:
+    from backend.prelabel import run_prelabel
+    from backend.settings import Settings
+
+    settings = Settings.from_env()
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to pre-label a project", file=sys.stderr)
+        return 2
+    status = run_prelabel(settings, args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo)
+    print(f"run {status.id}: {status.status}, {status.done} done, {status.failed} failed of {status.total}")
+    for task_id, reason in list(status.failures.items())[:20]:
+        print(f"  task {task_id}: {reason}")
+    return 0 if status.status == "done" else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", help="writes DIR/grounding-dino and DIR/sam")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_models)
+
+    worker = commands.add_parser("worker", help="serve the RQ queues with resident models (needs REDIS_URL)")
+    worker.add_argument("--queues", default="interactive,prelabel", help="in priority order")
+    worker.add_argument("--batch-size", type=int, default=None, help="images per GPU batch (default BATCH_SIZE)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.set_defaults(func=cmd_worker)
+
+    prelabel = commands.add_parser("prelabel", help="pre-label a whole LS project (queue mode with REDIS_URL)")
+    prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    prelabel.add_argument("--prompt", default=None, help="phrases; default: the project's labels")
+    prelabel.add_argument("--chunk", type=int, default=16, help="tasks per job")
+    prelabel.add_argument("--redo", action="store_true", help="also tasks that have a prediction of this version")
+    prelabel.set_defaults(func=cmd_prelabel)
 
     serve = commands.add_parser("serve", help="serve the LS ML-backend API (development server)")
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", 9090)))

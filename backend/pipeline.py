@@ -32,6 +32,10 @@ def model_version(settings: Settings) -> str:
     return "+".join(names)
 
 
+def prompt_limits(settings: Settings) -> PromptLimits:
+    return PromptLimits(settings.max_prompt_chars, settings.max_prompt_phrases)
+
+
 def fetch_settings(settings: Settings) -> FetchSettings:
     return FetchSettings(
         label_studio_url=settings.label_studio_url, api_key=settings.label_studio_api_key,
@@ -53,7 +57,7 @@ class Pipeline:
                  loader: ImageLoader | None = None, metrics: Metrics | None = None):
         self.settings = settings
         self.model_version = model_version(settings)
-        self.limits = PromptLimits(settings.max_prompt_chars, settings.max_prompt_phrases)
+        self.limits = prompt_limits(settings)
         self.loader = loader or ImageLoader(fetch_settings(settings))
         self.metrics = metrics or Metrics()
         self._engine_factory = engine_factory or self._default_engine

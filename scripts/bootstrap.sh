@@ -44,3 +44,14 @@ bootstrap_label_studio() {
     touch "$stamp"
   fi
 }
+
+ensure_redis_server() {  # the queue tests start their own redis-server processes
+  if command -v redis-server >/dev/null; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing redis-server (queue-mode tests)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "error: redis-server is missing; install it (Debian/Ubuntu: sudo apt-get install redis-server)" >&2
+    exit 1
+  fi
+}

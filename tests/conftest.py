@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,3 +121,77 @@ def start_backend(tiny_env, tmp_path_factory):
     yield start
     for backend in started:
         backend.stop()
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of the test's own (free port, own data dir, AOF on so a restart keeps data)."""
+
+    port: int
+    data_dir: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: .ci/run installs it (apt-get install redis-server)")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def start_worker(tiny_env, tmp_path_factory):
+    """Factory: ``start_worker(redis_url, **env) -> BackendProcess`` running ``python -m backend worker``."""
+    started: list[BackendProcess] = []
+
+    def start(redis_url: str, *args: str, **env: str) -> BackendProcess:
+        log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+        full_env = {k: v for k, v in os.environ.items() if k not in {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"}}
+        full_env.update(tiny_env, LOG_LEVEL="INFO", PYTHONUNBUFFERED="1", REDIS_URL=redis_url)
+        full_env.update({k: str(v) for k, v in env.items()})
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", "backend", "worker", *args], cwd=REPO, env=full_env,
+                                       stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = BackendProcess(url="", process=process, log_path=log_path)
+        started.append(worker)
+        deadline = time.monotonic() + 60
+        while "serving" not in log_path.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

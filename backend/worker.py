@@ -1,0 +1,93 @@
+"""``python -m backend worker``: an RQ worker that loads the models once and keeps them resident.
+
+RQ's default ``Worker`` forks a child per job, which would reload the models for every job and
+breaks CUDA; this one subclasses ``SimpleWorker`` (jobs run in the worker's own process). A
+daemon thread keeps the worker's liveness entry fresh and re-queues jobs of dead workers
+(see :mod:`backend.jobs`). If Redis goes away the worker reconnects with backoff instead of exiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import redis
+from rq import Queue, SimpleWorker
+
+from backend import jobs
+from backend.pipeline import Pipeline
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_resident: Pipeline | None = None  # set once per worker process, before any job runs
+HOUSEKEEPING_EVERY_S = 5.0
+
+
+def resident_pipeline() -> Pipeline:
+    """The worker process's pipeline (models loaded at worker start)."""
+    if _resident is None:
+        raise RuntimeError("no resident pipeline: job functions run inside `python -m backend worker`")
+    return _resident
+
+
+class GsamWorker(SimpleWorker):
+    """SimpleWorker plus a liveness/reaper thread for the lifetime of ``work()``."""
+
+    def work(self, *args, **kwargs):
+        stop = threading.Event()
+        thread = threading.Thread(target=self._housekeeping, args=(stop,), name="gsam-housekeeping", daemon=True)
+        thread.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            try:
+                jobs.mark_gone(self.connection, self.name)
+            except redis.RedisError:
+                pass
+
+    def _housekeeping(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                jobs.mark_alive(self.connection, self.name)
+                # One reaper at a time across all workers; the lock expires before the next round.
+                if self.connection.set("gsam:reaper-lock", self.name, nx=True, px=int(HOUSEKEEPING_EVERY_S * 900)):
+                    jobs.requeue_abandoned(self.connection)
+            except redis.RedisError as exc:
+                log.warning("housekeeping: Redis unreachable (%s); retrying", type(exc).__name__)
+            stop.wait(HOUSEKEEPING_EVERY_S)
+
+
+def run_worker(settings: Settings, queues: list[str], batch_size: int | None = None, burst: bool = False) -> None:
+    """Load the models, then serve ``queues`` (in priority order) until stopped."""
+    global _resident
+    if not settings.redis_url:
+        raise SystemExit("REDIS_URL is not set: a worker serves the queues of a Redis server")
+    unknown = [q for q in queues if q not in jobs.QUEUES]
+    if unknown:
+        raise SystemExit(f"unknown queue(s) {unknown}: use {', '.join(jobs.QUEUES)}")
+    if batch_size:
+        from dataclasses import replace
+
+        settings = replace(settings, batch_size=batch_size)
+    _resident = Pipeline(settings)
+    _resident.engine()  # load now: the first job should not pay for it
+    name = f"gsam-{uuid.uuid4().hex[:12]}"
+    backoff = 1.0
+    while True:
+        connection = jobs.connect(settings.redis_url)
+        try:
+            worker = GsamWorker([Queue(q, connection=connection) for q in queues], connection=connection,
+                                name=name, worker_ttl=60)
+            log.info("worker %s serving %s", name, ", ".join(queues))
+            worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
+            return
+        except redis.RedisError as exc:
+            log.warning("worker %s lost Redis (%s); reconnecting in %.0f s", name, type(exc).__name__, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            name = f"gsam-{uuid.uuid4().hex[:12]}"  # the old registration may linger until it expires

@@ -1,0 +1,118 @@
+"""Queue mode with a real redis-server, real worker processes and the web app over real HTTP."""
+
+import base64
+import os
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from tests.conftest import RedisServer, free_port
+from tests.imageserver import ImageServer, make_jwt
+from tests.test_http import CONFIG, body
+from tests.test_protocol import png
+
+IMAGES = ["data:image/png;base64," + base64.b64encode(png(w, h)).decode() for w, h in
+          [(64, 48), (48, 64), (101, 33)]]
+
+
+def without_ids(prediction: dict) -> list:
+    return [{k: v for k, v in region.items() if k != "id"} for region in prediction["result"]]
+
+
+def loaded_libraries(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as maps:
+        return maps.read()
+
+
+@pytest.fixture(scope="module")
+def queue_stack(redis_server, start_worker, start_backend):
+    worker = start_worker(redis_server.url)
+    web = start_backend(REDIS_URL=redis_server.url, PREDICT_TIMEOUT="60")
+    return web, worker
+
+
+def test_interactive_through_the_queue_equals_embedded(queue_stack, start_backend):
+    web, _ = queue_stack
+    embedded = start_backend(PRELOAD_MODELS="false")
+    payload = body(*IMAGES, prompt="cat . dog")
+    queued = requests.post(f"{web.url}/predict", json=payload, timeout=90)
+    assert queued.status_code == 200, queued.text
+    local = requests.post(f"{embedded.url}/predict", json=payload, timeout=90).json()["results"]
+    results = queued.json()["results"]
+    assert len(results) == 3 and all(r["result"] for r in results)
+    assert [without_ids(r) for r in results] == [without_ids(r) for r in local]
+
+
+def test_web_process_never_loads_torch(queue_stack):
+    web, worker = queue_stack
+    requests.post(f"{web.url}/predict", json=body(IMAGES[0]), timeout=90).raise_for_status()
+    assert "libtorch" not in loaded_libraries(web.process.pid)
+    assert "libtorch" in loaded_libraries(worker.process.pid)  # the check itself works
+
+
+def test_health_reports_queues_and_workers(queue_stack):
+    health = requests.get(f"{queue_stack[0].url}/health", timeout=1).json()
+    assert health["mode"] == "queue" and health["redis"] == "ok"
+    assert health["workers"] == 1 and health["queues"] == {"interactive": 0, "prelabel": 0}
+
+
+def test_bad_prompt_is_rejected_before_enqueueing(queue_stack):
+    response = requests.post(f"{queue_stack[0].url}/predict", json=body(IMAGES[0], prompt=",".join(f"thing{i}" for i in range(100))), timeout=10)
+    assert response.status_code == 400 and "phrases" in response.json()["message"]
+
+
+def test_no_worker_gives_a_clear_timeout(tmp_path_factory, start_backend):
+    lonely = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("lonely")).start()
+    try:
+        web = start_backend(REDIS_URL=lonely.url, PREDICT_TIMEOUT="2")
+        response = requests.post(f"{web.url}/predict", json=body(IMAGES[0]), timeout=30)
+        assert response.status_code == 504
+        assert "PREDICT_TIMEOUT" in response.json()["message"] and "worker" in response.json()["message"]
+        assert requests.get(f"{web.url}/health", timeout=1).json()["status"] == "DEGRADED"
+    finally:
+        lonely.stop()
+
+
+def test_redis_down_health_still_answers_and_predict_is_503(tmp_path_factory, start_backend):
+    doomed = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("doomed")).start()
+    web = start_backend(REDIS_URL=doomed.url)
+    doomed.stop()
+    health = requests.get(f"{web.url}/health", timeout=1)
+    assert health.status_code == 200
+    assert health.json()["status"] == "DEGRADED" and "unreachable" in health.json()["redis"]
+    response = requests.post(f"{web.url}/predict", json=body(IMAGES[0]), timeout=30)
+    assert response.status_code == 503 and "REDIS_URL" in response.json()["message"]
+
+
+def test_killed_worker_mid_job_is_redone_by_another(tmp_path_factory, start_worker, start_backend):
+    """kill -9 a worker while it downloads a slow image: its job is re-queued and another worker answers."""
+    redis_server = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("kill")).start()
+    slow = ImageServer(legacy_token="t", pat=make_jwt({"exp": time.time() + 60})).start()
+    arrived = threading.Event()
+
+    def slow_image(handler, query):
+        arrived.set()
+        time.sleep(4)
+        handler.send_bytes(200, png(40, 30), "image/png")
+
+    slow.route("GET", "/slow.png", slow_image)
+    try:
+        doomed = start_worker(redis_server.url, ALLOW_PRIVATE_URLS="true")
+        web = start_backend(REDIS_URL=redis_server.url, PREDICT_TIMEOUT="90")
+        answer = {}
+        request = threading.Thread(target=lambda: answer.update(response=requests.post(
+            f"{web.url}/predict", json=body(slow.url("/slow.png")), timeout=120)))
+        request.start()
+        assert arrived.wait(30), "the worker never fetched the image"
+        os.killpg(doomed.process.pid, signal.SIGKILL)
+        start_worker(redis_server.url, ALLOW_PRIVATE_URLS="true")
+        request.join(timeout=120)
+        response = answer["response"]
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["result"], "the second worker should have labelled the image"
+    finally:
+        slow.stop()
+        redis_server.stop()
