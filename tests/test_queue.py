@@ -37,12 +37,12 @@ def queue_stack(redis_server, start_worker, start_backend):
 def test_interactive_through_the_queue_equals_embedded(queue_stack, start_backend):
     web, _ = queue_stack
     embedded = start_backend(PRELOAD_MODELS="false")
-    payload = body(*IMAGES, prompt="cat . dog")
+    payload = body(*IMAGES * 3, prompt="cat . dog")  # 9 tasks: 3 jobs of BATCH_SIZE=4, answered in task order
     queued = requests.post(f"{web.url}/predict", json=payload, timeout=90)
     assert queued.status_code == 200, queued.text
     local = requests.post(f"{embedded.url}/predict", json=payload, timeout=90).json()["results"]
     results = queued.json()["results"]
-    assert len(results) == 3 and all(r["result"] for r in results)
+    assert len(results) == 9 and all(r["result"] for r in results)
     assert [without_ids(r) for r in results] == [without_ids(r) for r in local]
 
 
