@@ -18,8 +18,11 @@ from werkzeug.exceptions import HTTPException
 
 from backend.jobs import QueueClient, QueueError
 from backend.labelconfig import LabelConfigError, parse_label_config
+from backend.lsclient import LabelStudioApiError
 from backend.metrics import Metrics
 from backend.pipeline import Pipeline, model_version, prompt_limits
+from backend.prelabel import (MemoryRunStore, PrelabelError, RedisRunStore, cancel_run,
+                              start_prelabel_in_background)
 from backend.settings import Settings
 from backend.tasks import RequestError, parse_predict_request, plan_tasks
 from model import GroundedSAM
@@ -61,6 +64,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         version, limits, metrics = pipeline.model_version, pipeline.limits, pipeline.metrics
         if preload:
             threading.Thread(target=pipeline.engine, name="preload-models", daemon=True).start()
+    runs = RedisRunStore(queue.connection) if queue else MemoryRunStore()  # bulk runs of /prelabel
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False
@@ -102,6 +106,15 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         log.exception("unhandled error on %s", request.path)
         return _error(500, f"internal error: {type(exc).__name__}; see the backend log")
 
+    @app.errorhandler(PrelabelError)
+    def _bad_prelabel(exc):
+        return _error(400, str(exc))
+
+    @app.errorhandler(LabelStudioApiError)
+    def _label_studio_error(exc):
+        log.warning("502 on %s: %s", request.path, exc)
+        return _error(502, f"Label Studio: {exc}")
+
     @app.errorhandler(QueueError)
     def _queue_error(exc):
         log.warning("%d on %s: %s", exc.http_status, request.path, exc)
@@ -139,6 +152,39 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         log.info("predict: %d tasks, %d regions, %.2f s", len(parsed.tasks),
                  sum(len(p["result"]) for p in predictions), time.perf_counter() - started)
         return jsonify({"results": predictions, "model_version": version})
+
+    @app.post("/prelabel")
+    def prelabel():
+        body = _json_body()
+        project, chunk = body.get("project"), body.get("chunk", 16)
+        if not isinstance(project, int) or isinstance(project, bool) or project < 1:
+            raise RequestError("'project' must be the Label Studio project id (a positive integer)")
+        if not isinstance(chunk, int) or not 1 <= chunk <= 256:
+            raise RequestError("'chunk' must be an integer in [1, 256] (tasks per job)")
+        prompt, redo = body.get("prompt"), body.get("redo", False)
+        if (prompt is not None and not isinstance(prompt, str)) or not isinstance(redo, bool):
+            raise RequestError("'prompt' must be a string and 'redo' a boolean")
+        if not settings.label_studio_url or not settings.label_studio_api_key:
+            raise RequestError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend to pre-label projects")
+        run_id = start_prelabel_in_background(
+            settings, project, prompt=prompt, chunk=chunk, redo=redo, store=runs,
+            connection=queue.connection if queue else None, pipeline=None if queue else pipeline)
+        log.info("prelabel run %s started for project %s", run_id, project)
+        return jsonify(runs.status(run_id).to_json()), 202
+
+    @app.get("/jobs/<run_id>")
+    def run_status(run_id: str):
+        status = runs.status(run_id)
+        if status is None:
+            return _error(404, f"no bulk run {run_id!r}: runs are kept for a week after they end")
+        return jsonify(status.to_json())
+
+    @app.delete("/jobs/<run_id>")
+    def cancel(run_id: str):
+        if runs.status(run_id) is None:
+            return _error(404, f"no bulk run {run_id!r}")
+        cancel_run(runs, run_id, queue.connection if queue else None)
+        return jsonify(runs.status(run_id).to_json())
 
     @app.post("/webhook")
     def webhook():

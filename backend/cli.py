@@ -131,7 +131,14 @@ def cmd_prelabel(args) -> int:
     if not settings.label_studio_url or not settings.label_studio_api_key:
         print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to pre-label a project", file=sys.stderr)
         return 2
-    status = run_prelabel(settings, args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo)
+    from backend.lsclient import LabelStudioApiError
+    from backend.prelabel import PrelabelError
+
+    try:
+        status = run_prelabel(settings, args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo)
+    except (PrelabelError, LabelStudioApiError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"run {status.id}: {status.status}, {status.done} done, {status.failed} failed of {status.total}")
     for task_id, reason in list(status.failures.items())[:20]:
         print(f"  task {task_id}: {reason}")

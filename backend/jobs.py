@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.results import Result
@@ -86,27 +87,38 @@ def is_alive(connection: redis.Redis, worker_name: str) -> bool:
 
 
 def requeue_abandoned(connection: redis.Redis) -> list[str]:
-    """Hand started jobs of dead workers to RQ's abandoned-job handling. Returns their ids.
+    """Re-queue (at the front) the started jobs of dead workers. Returns their ids.
 
-    Marking an entry as expired (score 0) and running the registry's cleanup re-queues the job
-    if it has retries left, else records it as failed, exactly as RQ does after a timeout.
+    No backoff: a worker's death is not the job's fault, and RQ's scheduled retries would wait for
+    a scheduler whose lock the dead worker may still hold. Each re-queue spends one retry, so a job
+    that keeps killing workers ends; one without retries left goes through RQ's own abandoned-job
+    handling (recorded as failed).
     """
     abandoned = []
     for name in QUEUES:
         registry = StartedJobRegistry(name, connection=connection)
-        entries = connection.zrange(registry.key, 0, -1)
-        stale = []
-        for entry in entries:
+        out_of_retries = []
+        for entry in connection.zrange(registry.key, 0, -1):
             job_id = registry.parse_job_id(entry)
-            job = Job.fetch(job_id, connection=connection) if connection.exists(Job.key_for(job_id)) else None
-            if job is not None and job.worker_name and not is_alive(connection, job.worker_name):
-                stale.append(entry)
-                abandoned.append(job_id)
-        if stale:
-            connection.zadd(registry.key, {entry: 0 for entry in stale}, xx=True)
+            try:
+                job = Job.fetch(job_id, connection=connection)
+            except NoSuchJobError:
+                continue
+            if not job.worker_name or is_alive(connection, job.worker_name):
+                continue
+            abandoned.append(job_id)
+            if (job.retries_left or 0) > 0:
+                connection.zrem(registry.key, entry)
+                job.retries_left -= 1
+                job.save()
+                Queue(job.origin, connection=connection).enqueue_job(job, at_front=True)
+            else:
+                out_of_retries.append(entry)
+        if out_of_retries:
+            connection.zadd(registry.key, {entry: 0 for entry in out_of_retries}, xx=True)
             registry.cleanup(timestamp=1)
     if abandoned:
-        log.warning("re-queued %d job(s) of dead workers: %s", len(abandoned), ", ".join(abandoned))
+        log.warning("re-queued or failed %d job(s) of dead workers: %s", len(abandoned), ", ".join(abandoned))
     return abandoned
 
 
@@ -123,7 +135,7 @@ def predict_job(body: dict) -> list[dict]:
 
 def prelabel_chunk_job(run_id: str, spec: dict, tasks: list[dict]) -> None:
     """Label one chunk of a bulk run and write the predictions back to LS."""
-    from rq import get_current_connection
+    from rq import get_current_job
 
     from backend.lsclient import LabelStudioApi
     from backend.prelabel import PrelabelSpec, RedisRunStore, process_chunk
@@ -131,9 +143,9 @@ def prelabel_chunk_job(run_id: str, spec: dict, tasks: list[dict]) -> None:
 
     pipeline = resident_pipeline()
     settings = pipeline.settings
-    api = LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key)
-    process_chunk(pipeline, api, RedisRunStore(get_current_connection()), run_id,
-                  PrelabelSpec.from_dict(spec), tasks)
+    with LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key) as api:
+        process_chunk(pipeline, api, RedisRunStore(get_current_job().connection), run_id,
+                      PrelabelSpec.from_dict(spec), tasks)
 
 
 # ---------------------------------------------------------------- enqueueing (web process, CLI)

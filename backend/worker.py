@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 _resident: Pipeline | None = None  # set once per worker process, before any job runs
 HOUSEKEEPING_EVERY_S = 5.0
+# RQ's default (600 s) is how long a surviving worker waits before taking over the scheduler lock of a
+# dead one; retries with backoff are scheduled jobs, so they would stall that long.
+MAINTENANCE_EVERY_S = 30
 
 
 def resident_pipeline() -> Pipeline:
@@ -82,7 +85,7 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
         connection = jobs.connect(settings.redis_url)
         try:
             worker = GsamWorker([Queue(q, connection=connection) for q in queues], connection=connection,
-                                name=name, worker_ttl=60)
+                                name=name, worker_ttl=60, maintenance_interval=MAINTENANCE_EVERY_S)
             log.info("worker %s serving %s", name, ", ".join(queues))
             worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
             return

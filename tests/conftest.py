@@ -195,3 +195,17 @@ def start_worker(tiny_env, tmp_path_factory):
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture(scope="session")
+def label_studio(request):
+    """One real Label Studio 1.23 server for the whole session (its first start migrates a fresh
+    sqlite database: ~30 s on 2 cores). Skipped when LS is not installed, except with CI=true."""
+    from tests.lsharness import LabelStudioServer, label_studio_bin_or_skip
+
+    binary = label_studio_bin_or_skip()
+    failed_before = request.session.testsfailed
+    with LabelStudioServer(binary) as server:
+        yield server
+        if request.session.testsfailed > failed_before:
+            print(f"\n[label studio] log tail ({server.log_path}):\n{server.log_tail(8000)}")

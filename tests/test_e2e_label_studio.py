@@ -21,9 +21,9 @@ import requests
 from PIL import Image, ImageDraw
 
 try:
-    from lsharness import LabelStudioClient, LabelStudioServer, label_studio_bin_or_skip
+    from lsharness import LabelStudioClient, LabelStudioServer
 except ImportError:  # tests/ imported as a package
-    from tests.lsharness import LabelStudioClient, LabelStudioServer, label_studio_bin_or_skip
+    from tests.lsharness import LabelStudioClient, LabelStudioServer
 
 pytestmark = pytest.mark.e2e
 
@@ -50,12 +50,9 @@ BACKEND_ENV = {"BOX_THRESHOLD": "0", "TEXT_THRESHOLD": "0"}
 
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def ls_server():
-    label_studio_bin = label_studio_bin_or_skip()
-    with LabelStudioServer(label_studio_bin) as server:
-        print(f"\n[e2e] Label Studio ready at {server.url} in {server.start_seconds:.1f}s"
-              f"{' (database from cache)' if server.from_cache else ''}")
-        yield server
+def ls_server(label_studio) -> LabelStudioServer:
+    """The session's Label Studio (tests/conftest.py), shared with the other LS-backed modules."""
+    return label_studio
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,264 @@
+"""The Label Studio REST calls bulk pre-labeling needs, on label-studio-sdk 2.x.
+
+Credentials: the SDK's ``LabelStudio`` client tells the two kinds of ``LABEL_STUDIO_API_KEY``
+apart by itself. A JWT with an ``exp`` (a personal access token, i.e. a refresh token) is exchanged
+at ``POST /api/token/refresh/`` for a short-lived access token sent as ``Authorization: Bearer``,
+refreshed when it expires; anything else is a legacy token sent as ``Authorization: Token`` (LS
+>= 1.20 accepts those only where the organization enables legacy tokens). An expired PAT is refused
+when the client is built. Tokens never appear in this module's ``repr``, logs or error reasons.
+
+Listing tasks cheaply: :meth:`LabelStudioApi.iter_tasks` uses the Data Manager task list
+(``GET /api/tasks``) with
+
+* ``include=id,data,predictions_model_versions`` (the serializer's ``include`` = flex-fields
+  parameter): only those three fields come back, never prediction or annotation results;
+* ``query={"hiddenColumns": ...}`` hiding every Data Manager column except
+  ``predictions_model_versions``: LS computes a DM column only when it is a filter, an ordering or a
+  visible column, and hiding the others keeps it from aggregating e.g. ``predictions_results``
+  (every prediction's full result, RLE included) per task. The column list comes from
+  ``GET /api/dm/columns`` once per project;
+* keyset pagination: a filter ``id > last id seen`` with LS's default ordering by id, ``page=1``
+  every time, so each page is an indexed range scan, tasks added or deleted meanwhile shift nothing,
+  and memory holds one page.
+
+``predictions_model_versions`` is a comma-joined, de-duplicated, 500-character-capped string
+(``GroupConcat`` on sqlite, an ``ArrayAgg`` rendered without quotes on PostgreSQL). Where it may be
+truncated the task's versions are read exactly from ``GET /api/predictions/?task=ID``; a version
+that itself contains a comma is split (see :meth:`TaskRef.has_version` for how the planner copes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 30.0
+#: LS cuts ``predictions_model_versions`` at 500 characters (``DataManagerTaskSerializer.CHAR_LIMITS``).
+_DM_CHAR_LIMIT = 500
+_VERSIONS_COLUMN = "predictions_model_versions"
+
+
+class LabelStudioApiError(RuntimeError):
+    """A Label Studio call failed. ``reason`` is safe to log and to show (no token, no bodies
+    beyond a short excerpt of LS's own error message); ``status`` is the HTTP status, if any."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class LabelStudioUnavailable(LabelStudioApiError):
+    """LS could not be reached, timed out, or answered 5xx: worth retrying later."""
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """One task as the planner sees it: id, data, and the model versions of its predictions."""
+
+    id: int
+    data: dict
+    model_versions: frozenset[str] = field(default_factory=frozenset)
+    #: the raw DM string could not be read exactly (a version holds a comma, or it was capped)
+    versions_ambiguous: bool = False
+
+    def has_version(self, model_version: str) -> bool | None:
+        """True/False when known for sure; None when only asking LS per task can tell."""
+        if model_version in self.model_versions:
+            return True
+        if "," in model_version and self.model_versions:
+            parts = {p.strip() for p in model_version.split(",")}
+            return None if parts <= self.model_versions else False
+        return None if self.versions_ambiguous else False
+
+
+def parse_model_versions(raw: Any) -> tuple[frozenset[str], bool]:
+    """DM ``predictions_model_versions`` → (versions, possibly truncated)."""
+    if raw is None or raw == "":
+        return frozenset(), False
+    if isinstance(raw, list):
+        return frozenset(str(v).strip() for v in raw if v is not None and str(v).strip()), False
+    text = str(raw)
+    versions = frozenset(p.strip() for p in text.split(",") if p.strip())
+    return versions, len(text) >= _DM_CHAR_LIMIT - 20  # quotes/spaces are rewritten after the cut
+
+
+class LabelStudioApi:
+    """The LS calls of a bulk run. Every call has a timeout (``timeout`` seconds)."""
+
+    def __init__(self, url: str | None, api_key: str | None, timeout: float = DEFAULT_TIMEOUT_S,
+                 *, max_retries: int = 2):
+        if not url or not api_key:
+            raise LabelStudioApiError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: pre-labeling reads tasks "
+                                      "from Label Studio and writes predictions back")
+        from label_studio_sdk.client import LabelStudio
+        from label_studio_sdk.core.api_error import ApiError
+
+        self.url = url.rstrip("/")
+        self.timeout = float(timeout)
+        self._columns: dict[int, list[str]] = {}
+        try:
+            self._client = LabelStudio(base_url=self.url, api_key=api_key, timeout=self.timeout,
+                                       max_retries=max_retries,
+                                       httpx_client=httpx.Client(timeout=self.timeout, follow_redirects=True))
+        except ApiError as exc:  # the SDK checks a PAT's expiry up front
+            raise LabelStudioApiError(
+                f"LABEL_STUDIO_API_KEY was refused before any call ({_api_error_detail(exc)}): create a new "
+                "personal access token in Label Studio (Account & Settings)", exc.status_code) from None
+
+    def __repr__(self) -> str:
+        return f"LabelStudioApi(url={self.url!r})"
+
+    def close(self) -> None:
+        """Close the HTTP connections (also done by ``with LabelStudioApi(...) as api:``)."""
+        self._client._client_wrapper.httpx_client.httpx_client.close()
+
+    def __enter__(self) -> "LabelStudioApi":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    __str__ = __repr__
+
+    # ------------------------------------------------------------------------------ reads
+    def label_config(self, project: int) -> str:
+        project_obj = self._call(f"read project {project}", self._client.projects.get, id=project)
+        config = getattr(project_obj, "label_config", None)
+        if not isinstance(config, str) or not config.strip():
+            raise LabelStudioApiError(f"project {project} has no label config: set one up in Label Studio first")
+        return config
+
+    def iter_tasks(self, project: int, page_size: int = 100) -> Iterator[TaskRef]:
+        """Every task of ``project`` once, by ascending id, ``page_size`` per request (see module doc)."""
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        hidden = self._hidden_columns(project)
+        last_id = None
+        while True:
+            query: dict[str, Any] = {"hiddenColumns": {"explore": hidden, "labeling": hidden}}
+            if last_id is not None:
+                query["filters"] = {"conjunction": "and", "items": [
+                    {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": last_id}]}
+            pager = self._call(
+                f"list tasks of project {project}", self._client.tasks.list, project=project, page=1,
+                page_size=page_size, include=f"id,data,{_VERSIONS_COLUMN}", fields="task_only",
+                resolve_uri=True, query=json.dumps(query))
+            items = list(pager.items or [])
+            for item in items:
+                task_id = int(item.id)
+                versions, ambiguous = parse_model_versions(getattr(item, _VERSIONS_COLUMN, None))
+                if ambiguous:  # capped string: read this task's versions exactly
+                    versions, ambiguous = frozenset(self.prediction_versions(task_id)), False
+                yield TaskRef(id=task_id, data=dict(item.data or {}), model_versions=versions,
+                              versions_ambiguous=ambiguous)
+            if len(items) < page_size:
+                return
+            new_last = int(items[-1].id)
+            if last_id is not None and new_last <= last_id:  # defensive: never loop on one page
+                raise LabelStudioApiError(f"Label Studio returned tasks out of id order for project {project}")
+            last_id = new_last
+
+    def predictions(self, task_id: int) -> list[tuple[int, str | None]]:
+        """(prediction id, model_version) of every prediction of the task."""
+        preds = self._call(f"list predictions of task {task_id}", self._client.predictions.list, task=task_id)
+        return [(int(p.id), p.model_version) for p in preds]
+
+    def prediction_versions(self, task_id: int) -> list[str]:
+        return [version for _, version in self.predictions(task_id) if version is not None]
+
+    # ------------------------------------------------------------------------------ writes
+    def create_prediction(self, task_id: int, prediction: dict) -> int:
+        """Create one prediction (``result``, ``score``, ``model_version``); returns its id.
+
+        Not retried here (a retry after a lost response would create a second prediction): the
+        caller decides, after checking what LS holds.
+        """
+        created = self._call(
+            f"create a prediction for task {task_id}", self._client.predictions.create, task=task_id,
+            result=prediction.get("result") or [], score=float(prediction.get("score") or 0.0),
+            model_version=prediction.get("model_version"), request_options={"max_retries": 0})
+        return int(created.id)
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        """Delete a prediction; one that is already gone is fine."""
+        from label_studio_sdk.core.api_error import ApiError
+
+        try:
+            self._client.predictions.delete(id=prediction_id)
+        except ApiError as exc:
+            if exc.status_code == 404:
+                return
+            raise self._error(f"delete prediction {prediction_id}", exc) from None
+        except httpx.HTTPError as exc:
+            raise self._error(f"delete prediction {prediction_id}", exc) from None
+
+    # ------------------------------------------------------------------------------ plumbing
+    def _hidden_columns(self, project: int) -> list[str]:
+        if project not in self._columns:
+            response = self._call(f"read the Data Manager columns of project {project}",
+                                  self._client._client_wrapper.httpx_client.request, "api/dm/columns",
+                                  method="GET", params={"project": project})
+            if response.status_code >= 400:
+                raise self._status_error(f"read the Data Manager columns of project {project}",
+                                         response.status_code, response.text)
+            columns = response.json().get("columns") or []
+            self._columns[project] = [
+                "tasks:" + ("data." if c.get("parent") == "data" else "") + str(c["id"])
+                for c in columns if isinstance(c, dict) and c.get("id") and c.get("id") != _VERSIONS_COLUMN]
+        return self._columns[project]
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        from label_studio_sdk.core.api_error import ApiError
+
+        try:
+            return fn(*args, **kwargs)
+        except ApiError as exc:
+            raise self._error(what, exc) from None
+        except httpx.HTTPError as exc:
+            raise self._error(what, exc) from None
+
+    def _error(self, what: str, exc: Exception) -> LabelStudioApiError:
+        from label_studio_sdk.core.api_error import ApiError
+
+        if isinstance(exc, ApiError):
+            return self._status_error(what, exc.status_code, exc.body)
+        kind = type(exc).__name__
+        log.warning("Label Studio call failed: %s: %s", what, kind)
+        return LabelStudioUnavailable(f"could not {what}: Label Studio at {self.url} did not answer ({kind})")
+
+    def _status_error(self, what: str, status: int | None, body: Any) -> LabelStudioApiError:
+        detail = _short(body)
+        log.warning("Label Studio call failed: %s: HTTP %s", what, status)
+        if status in (401, 403):
+            hint = ("check LABEL_STUDIO_API_KEY (a legacy token needs legacy tokens enabled in the organization; "
+                    "a personal access token must not be revoked) and that the user may access the project")
+            return LabelStudioApiError(f"could not {what}: Label Studio answered HTTP {status}: {hint}", status)
+        if status is None or status >= 500 or status == 429:
+            return LabelStudioUnavailable(f"could not {what}: Label Studio answered HTTP {status}: {detail}", status)
+        return LabelStudioApiError(f"could not {what}: Label Studio answered HTTP {status}: {detail}", status)
+
+
+def _api_error_detail(exc) -> str:
+    return f"HTTP {exc.status_code}: {_short(exc.body)}"
+
+
+def _short(body: Any, limit: int = 300) -> str:
+    if isinstance(body, dict):
+        body = body.get("detail") or body.get("validation_errors") or body
+    text = body if isinstance(body, str) else json.dumps(body, default=str)
+    text = " ".join(text.split())
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+__all__ = ["LabelStudioApi", "LabelStudioApiError", "LabelStudioUnavailable", "TaskRef", "parse_model_versions"]

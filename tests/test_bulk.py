@@ -1,0 +1,140 @@
+"""Bulk pre-labeling in queue mode, end to end: a real Label Studio, a real redis-server, real
+worker processes and the real CLI / HTTP entry points. Every task must end with exactly one
+prediction of the model version, through a worker killed with -9 and a Redis restart."""
+
+import base64
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.conftest import REPO, RedisServer, free_port
+from tests.test_http import CONFIG
+from tests.test_protocol import png
+
+pytestmark = pytest.mark.e2e
+MODEL_VERSION = "grounding-dino+sam"
+
+
+def image_uri(i: int) -> str:
+    return "data:image/png;base64," + base64.b64encode(png(40 + i % 7, 30 + i % 5)).decode()
+
+
+@pytest.fixture(scope="module")
+def ls(label_studio):
+    return label_studio.client()
+
+
+def make_project(ls, title: str, count: int) -> int:
+    project = ls.create_project(title, CONFIG)
+    ls.import_tasks(project, [{"image": image_uri(i)} for i in range(count)])
+    return project
+
+
+def predictions_per_task(ls, project: int) -> collections.Counter:
+    """task id -> number of predictions of MODEL_VERSION (one LS call per page)."""
+    counts: collections.Counter = collections.Counter()
+    page = 1
+    while True:
+        response = ls.request("GET", f"/api/predictions/?project={project}&page={page}&page_size=500",
+                              expect=(200, 404))
+        if response.status_code == 404:
+            break
+        body = response.json()
+        items = body["results"] if isinstance(body, dict) else body
+        counts.update(p["task"] for p in items if p["model_version"] == MODEL_VERSION)
+        if not isinstance(body, dict) or not body.get("next"):
+            break
+        page += 1
+    return counts
+
+
+def task_ids(ls, project: int) -> set[int]:
+    return {task["id"] for task in ls.tasks(project)}
+
+
+def worker_env(label_studio) -> dict:
+    return {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.legacy_token}
+
+
+def prelabel_cli(tiny_env: dict, redis_url: str, label_studio, project: int, *extra: str):
+    """The CLI as an admin runs it; the same model env as the workers, so the model versions agree."""
+    env = {**os.environ, **tiny_env, "REDIS_URL": redis_url, **worker_env(label_studio)}
+    return subprocess.Popen([sys.executable, "-m", "backend", "prelabel", "--project", str(project), *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server, start_worker, start_backend, label_studio):
+    """Two workers and the web API on one Redis, all pointed at the session's Label Studio."""
+    workers = [start_worker(redis_server.url, **worker_env(label_studio)) for _ in range(2)]
+    web = start_backend(REDIS_URL=redis_server.url, **worker_env(label_studio))
+    return web, workers
+
+
+def wait_for_run(web_url: str, run_id: str, until, timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = requests.get(f"{web_url}/jobs/{run_id}", timeout=5).json()
+        if until(status):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} did not get there in {timeout_s} s: {status}")
+
+
+def test_bulk_run_survives_a_killed_worker_and_health_stays_fast(cluster, ls, label_studio, redis_server, tiny_env):
+    web, workers = cluster
+    project = make_project(ls, "bulk 200", 200)
+    started = requests.post(f"{web.url}/prelabel", json={"project": project, "chunk": 8}, timeout=30)
+    assert started.status_code == 202, started.text
+    run_id = started.json()["id"]
+    wait_for_run(web.url, run_id, lambda s: s["done"] >= 24)
+    os.killpg(workers[0].process.pid, signal.SIGKILL)  # mid-run, mid-chunk
+    health = requests.get(f"{web.url}/health", timeout=1)  # answers within 1 s while workers are busy
+    assert health.status_code == 200 and health.json()["redis"] == "ok"
+    final = wait_for_run(web.url, run_id, lambda s: s["status"] in {"done", "cancelled"})
+    assert final["status"] == "done" and final["done"] == 200 and final["failed"] == 0, final
+    counts = predictions_per_task(ls, project)
+    assert set(counts) == task_ids(ls, project) and set(counts.values()) == {1}
+
+    # A second run finds nothing to do and writes nothing.
+    again = prelabel_cli(tiny_env, redis_server.url, label_studio, project)
+    output, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, output
+    assert predictions_per_task(ls, project) == counts
+
+
+def test_redis_restart_mid_run_completes(tmp_path_factory, start_worker, ls, label_studio, tiny_env):
+    redis = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("restart")).start()
+    try:
+        start_worker(redis.url, **worker_env(label_studio))
+        project = make_project(ls, "bulk restart", 80)
+        run = prelabel_cli(tiny_env, redis.url, label_studio, project, "--chunk", "4")
+        counts = collections.Counter()
+        deadline = time.monotonic() + 120
+        while sum(counts.values()) < 12 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            counts = predictions_per_task(ls, project)
+        redis.restart(down_s=2)
+        output, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, output
+        counts = predictions_per_task(ls, project)
+        assert set(counts) == task_ids(ls, project) and set(counts.values()) == {1}, output
+    finally:
+        redis.stop()
+
+
+def test_health_answers_while_redis_is_down(cluster, redis_server):
+    web, _ = cluster
+    redis_server.stop()
+    try:
+        health = requests.get(f"{web.url}/health", timeout=1)
+        assert health.status_code == 200 and health.json()["status"] == "DEGRADED"
+    finally:
+        redis_server.start()
