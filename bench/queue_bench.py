@@ -85,7 +85,7 @@ def main() -> None:
                        "LABEL_STUDIO_API_KEY": ls_server.legacy_token, "BOX_THRESHOLD": "0", "TEXT_THRESHOLD": "0",
                        "MAX_DETECTIONS": "5", "GROUNDING_DINO_MODEL": str(tmp_path / "models/grounding-dino"),
                        "SAM_MODEL": str(tmp_path / "models/sam"), "OMP_NUM_THREADS": threads,
-                       "MKL_NUM_THREADS": threads, "LOG_LEVEL": "WARNING"}
+                       "MKL_NUM_THREADS": threads, "LOG_LEVEL": "INFO"}
                 one = timed_run(projects[0], 1, env, tmp_path, args.chunk)
                 two = timed_run(projects[1], 2, env, tmp_path, args.chunk)
         finally:
