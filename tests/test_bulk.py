@@ -88,6 +88,38 @@ def wait_for_run(web_url: str, run_id: str, until, timeout_s: float = 240) -> di
     raise AssertionError(f"run {run_id} did not get there in {timeout_s} s: {status}")
 
 
+def test_cancel_then_resume(cluster, ls, label_studio, redis_server, tiny_env):
+    web, _ = cluster
+    project = make_project(ls, "bulk cancel", 120)
+    run_id = requests.post(f"{web.url}/prelabel", json={"project": project, "chunk": 4}, timeout=30).json()["id"]
+    wait_for_run(web.url, run_id, lambda s: s["done"] >= 8)
+    cancelled = requests.delete(f"{web.url}/jobs/{run_id}", timeout=10)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    time.sleep(3)  # chunks already running finish their current task at most
+    settled = predictions_per_task(ls, project)
+    assert 8 <= sum(settled.values()) < 120
+    time.sleep(2)
+    assert predictions_per_task(ls, project) == settled, "a cancelled run kept writing"
+    assert requests.get(f"{web.url}/jobs/nope", timeout=5).status_code == 404
+
+    resumed = prelabel_cli(tiny_env, redis_server.url, label_studio, project, "--chunk", "8")
+    output, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, output
+    counts = predictions_per_task(ls, project)
+    assert set(counts) == task_ids(ls, project) and set(counts.values()) == {1}
+
+
+def test_label_studio_retrieve_predictions_in_queue_mode(cluster, ls):
+    """LS's own Data Manager action: one synchronous /predict for all tasks, split across workers."""
+    web, _ = cluster
+    project = make_project(ls, "retrieve via queue", 12)
+    ml_backend = ls.connect_ml_backend(project, web.url, "queue mode", is_interactive=True)
+    assert ml_backend
+    ls.retrieve_predictions(project)
+    counts = predictions_per_task(ls, project)
+    assert set(counts) == task_ids(ls, project) and set(counts.values()) == {1}
+
+
 def test_bulk_run_survives_a_killed_worker_and_health_stays_fast(cluster, ls, label_studio, redis_server, tiny_env):
     web, workers = cluster
     project = make_project(ls, "bulk 200", 200)
