@@ -21,9 +21,10 @@ from backend.labelconfig import LabelConfigError, parse_label_config
 from backend.lsclient import LabelStudioApiError
 from backend.metrics import Metrics
 from backend.pipeline import Pipeline, model_version, prompt_limits
-from backend.prelabel import (MemoryRunStore, PrelabelError, RedisRunStore, cancel_run,
-                              start_prelabel_in_background)
+from backend.prelabel import PrelabelError
+from backend.runstore import MemoryRunStore, RedisRunStore
 from backend.settings import Settings
+from backend.supervisor import cancel_run, start_prelabel_in_background
 from backend.tasks import RequestError, parse_predict_request, plan_tasks
 from model import GroundedSAM
 

@@ -124,8 +124,8 @@ def cmd_worker(args) -> int:
 
 
 def cmd_prelabel(args) -> int:
-    from backend.prelabel import run_prelabel
     from backend.settings import Settings
+    from backend.supervisor import run_prelabel
 
     settings = Settings.from_env()
     if not settings.label_studio_url or not settings.label_studio_api_key:

@@ -138,7 +138,8 @@ def prelabel_chunk_job(run_id: str, spec: dict, tasks: list[dict]) -> None:
     from rq import get_current_job
 
     from backend.lsclient import LabelStudioApi
-    from backend.prelabel import PrelabelSpec, RedisRunStore, process_chunk
+    from backend.prelabel import PrelabelSpec, process_chunk
+    from backend.runstore import RedisRunStore
     from backend.worker import resident_pipeline
 
     pipeline = resident_pipeline()

@@ -209,3 +209,10 @@ def label_studio(request):
         yield server
         if request.session.testsfailed > failed_before:
             print(f"\n[label studio] log tail ({server.log_path}):\n{server.log_tail(8000)}")
+
+
+@pytest.fixture(scope="session")
+def label_studio_pat(label_studio) -> str:
+    """The LS admin's personal access token (a JWT refresh token). LS 1.23 allows one live PAT per
+    user (a second ``POST /api/token/`` answers 409), so the session creates it once for all modules."""
+    return label_studio.client().create_pat()

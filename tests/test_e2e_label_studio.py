@@ -61,9 +61,9 @@ def ls(ls_server) -> LabelStudioClient:
 
 
 @pytest.fixture(scope="module")
-def pat(ls) -> str:
-    """The admin's personal access token (LS allows one live PAT per user, so create it once)."""
-    token = ls.create_pat()
+def pat(label_studio_pat) -> str:
+    """The admin's personal access token (LS allows one live PAT per user: the session's, tests/conftest.py)."""
+    token = label_studio_pat
     assert token.count(".") == 2, f"PAT is not a JWT: {token[:20]}..."
     return token
 

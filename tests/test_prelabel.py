@@ -1,6 +1,8 @@
-"""Bulk pre-labeling (backend/prelabel.py, backend/lsclient.py) against a real Label Studio 1.23.
+"""Bulk pre-labeling (backend/prelabel.py, runstore.py, supervisor.py, lsclient.py) against a real
+Label Studio 1.23.
 
-One LS server for the module (tests/lsharness.py), the tiny models, and a redis-server of the
+The session's LS server (the ``label_studio`` fixture of tests/conftest.py, shared with the other
+LS-backed modules: every test makes projects of its own), the tiny models, and a redis-server of the
 test's own (the ``redis_server`` fixture of tests/conftest.py). Images are small generated PNGs
 imported as ``data:`` URIs; a *poison* task carries bytes that are no image.
 
@@ -27,14 +29,9 @@ from PIL import Image, ImageDraw
 from backend import jobs
 from backend.lsclient import LabelStudioApi, LabelStudioApiError, parse_model_versions
 from backend.pipeline import Pipeline, TaskOutcome
-from backend.prelabel import (CANCELLED, DONE, PLANNING, RUNNING, MemoryRunStore, PrelabelSpec, RedisRunStore,
-                              WriteLockTimeout, _Supervisor, cancel_run, get_store, plan_prelabel,
-                              plan_tasks_to_label, process_chunk, run_prelabel, start_prelabel_in_background)
-
-try:
-    from lsharness import LabelStudioServer, label_studio_bin_or_skip
-except ImportError:  # tests/ imported as a package
-    from tests.lsharness import LabelStudioServer, label_studio_bin_or_skip
+from backend.prelabel import PrelabelSpec, plan_prelabel, plan_tasks_to_label, process_chunk
+from backend.runstore import CANCELLED, DONE, PLANNING, RUNNING, MemoryRunStore, RedisRunStore, WriteLockTimeout
+from backend.supervisor import _Supervisor, cancel_run, run_prelabel, start_prelabel_in_background
 
 pytestmark = pytest.mark.e2e
 
@@ -65,9 +62,9 @@ def png_uri(i: int) -> str:
 
 # ---------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def ls_server():
-    with LabelStudioServer(label_studio_bin_or_skip()) as server:
-        yield server
+def ls_server(label_studio):
+    """The session's Label Studio (tests/conftest.py), shared with the other LS-backed modules."""
+    return label_studio
 
 
 @pytest.fixture(scope="module")
@@ -363,9 +360,9 @@ def test_iter_tasks_pages_by_id_without_prediction_results(ls, api):
     assert len(plan_prelabel(api, pid, "v1", redo=True).tasks) == 250
 
 
-def test_credentials_legacy_token_and_personal_access_token(ls, ls_server, caplog):
+def test_credentials_legacy_token_and_personal_access_token(ls, ls_server, label_studio_pat, caplog):
     pid = ls.create_project("prelabel auth", CONFIG)
-    pat = ls.create_pat()  # a JWT refresh token: the SDK exchanges it for a Bearer access token
+    pat = label_studio_pat  # a JWT refresh token: the SDK exchanges it for a Bearer access token
     with LabelStudioApi(ls_server.url, pat) as with_pat:
         assert with_pat.label_config(pid) == CONFIG
         assert list(with_pat.iter_tasks(pid)) == []
@@ -497,10 +494,10 @@ def test_ctrl_c_cancels_the_run_and_its_queued_jobs(ls, api, settings, pipeline,
 
 def test_background_runs_for_post_prelabel(ls, api, settings, pipeline, redis_server, monkeypatch):
     pid, good, _ = make_project(ls, "prelabel background", n_good=3)
-    # embedded web process: processed in a thread on the app's pipeline, status in the memory store
-    run_id = start_prelabel_in_background(settings, pid, chunk=2, pipeline=pipeline, poll_s=0.1)
-    store = get_store(settings)
-    assert store is get_store(settings) and store.status(run_id) is not None
+    # embedded web process: processed in a thread on the app's pipeline, status in the app's memory store
+    store = MemoryRunStore()
+    run_id = start_prelabel_in_background(settings, pid, chunk=2, store=store, pipeline=pipeline, poll_s=0.1)
+    assert store.status(run_id) is not None
     status = wait_final(store, run_id)
     assert (status.status, status.done, status.total) == (DONE, 3, 3)
 
@@ -508,14 +505,15 @@ def test_background_runs_for_post_prelabel(ls, api, settings, pipeline, redis_se
     fake = FakeQueue(redis_server.url, pipeline, api).install(monkeypatch)
     queue_settings = dataclasses.replace(settings, redis_url=redis_server.url)
     connection = redis.Redis.from_url(redis_server.url)
-    run_id = start_prelabel_in_background(queue_settings, pid, chunk=2, redo=True, connection=connection,
-                                          poll_s=0.1)
+    run_id = start_prelabel_in_background(queue_settings, pid, chunk=2, redo=True, store=RedisRunStore(connection),
+                                          connection=connection, poll_s=0.1)
     status = wait_final(RedisRunStore(connection), run_id)
     fake.stop.set()
     assert (status.status, status.done, status.total) == (DONE, 3, 3)
     assert_one_each(ls, good, [], pipeline.model_version)
 
-    run_id = start_prelabel_in_background(queue_settings, pid, redo=True, connection=connection, poll_s=0.1)
+    run_id = start_prelabel_in_background(queue_settings, pid, redo=True, store=RedisRunStore(connection),
+                                          connection=connection, poll_s=0.1)
     assert cancel_run(RedisRunStore(connection), run_id, connection)
     assert wait_final(RedisRunStore(connection), run_id).status == CANCELLED
 
