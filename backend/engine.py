@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -28,7 +29,8 @@ from transformers import (
 from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
-from backend.results import Detections, ImageResult
+from backend.embedcache import EmbeddingCache
+from backend.results import Detections, ImageResult, MaskPrompt
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ class Detector(Protocol):
 
 
 class Segmenter(Protocol):
-    def segment(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+    def segment(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray],
+                keys: Sequence[str | None] | None = None) -> list[np.ndarray]: ...
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -184,51 +187,120 @@ class GroundingDinoDetector:
                           phrases=tuple(phrases[i] for i in phrase_index[kept]))
 
 
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """SAM's image embedding of one image: (1, C, h, w) on the model's device, plus the sizes
+    (H, W) of the original image and of its resized copy inside SAM's padded square."""
+
+    embeddings: torch.Tensor
+    original_size: tuple[int, int]
+    reshaped_size: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.embeddings.numel() * self.embeddings.element_size()
+
+
 class SamSegmenter:
-    """Boxes → masks with SAM (transformers implementation).
+    """Boxes or clicks → masks with SAM (transformers implementation).
 
     ``segment(images, boxes)`` takes RGB images and per image an ``(N, 4)`` XYXY pixel array; it
     returns per image an ``(N, H, W)`` bool array. The image encoder runs once per image (batched
-    across images); the mask decoder runs once per image batch for all its boxes.
+    across images) and the mask decoder once per image batch for all its boxes. With ``keys``
+    (content hashes) embeddings go through ``cache``, so a later click on the image skips the encoder.
+    ``refine(image, key, prompts)`` runs the decoder on click/box prompts (see :class:`MaskPrompt`).
     """
 
-    def __init__(self, source: str, device: torch.device, dtype: torch.dtype, *, batch_size: int):
+    def __init__(self, source: str, device: torch.device, dtype: torch.dtype, *, batch_size: int,
+                 cache: EmbeddingCache | None = None):
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
         self.processor = SamProcessor(image_processor=SamImageProcessorPil.from_pretrained(source))
         self.model = SamModel.from_pretrained(source, dtype=dtype).to(device).eval()
+        self.cache = cache if cache is not None else EmbeddingCache(0)
 
     @torch.inference_mode()
-    def segment(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def embed(self, images: Sequence[Image.Image], keys: Sequence[str | None] | None = None) -> list[ImageEmbedding]:
+        """One embedding per image; cached ones come from the cache, the rest in one encoder batch."""
+        keys = list(keys) if keys is not None else [None] * len(images)
+        found: dict[int, ImageEmbedding] = {}
+        missing = []
+        for i, key in enumerate(keys):
+            cached = self.cache.get(key) if key is not None else None
+            if cached is not None:
+                found[i] = cached
+            else:
+                missing.append(i)
+        if missing:
+            inputs = self.processor(images=[images[i] for i in missing], return_tensors="pt")
+            encoded = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device, self.dtype))
+            for row, i in enumerate(missing):
+                embedding = ImageEmbedding(encoded[row:row + 1], tuple(inputs["original_sizes"][row].tolist()),
+                                           tuple(inputs["reshaped_input_sizes"][row].tolist()))
+                found[i] = embedding
+                if keys[i] is not None:
+                    self.cache.put(keys[i], embedding)
+        return [found[i] for i in range(len(images))]
+
+    @torch.inference_mode()
+    def segment(self, images: Sequence[Image.Image], boxes: Sequence[np.ndarray],
+                keys: Sequence[str | None] | None = None) -> list[np.ndarray]:
         if len(images) != len(boxes):
             raise ValueError(f"got {len(images)} images but {len(boxes)} box arrays: pass one per image")
         results = [np.zeros((0, image.height, image.width), bool) for image in images]
         todo = [i for i, b in enumerate(boxes) if len(b)]
         for chunk in _chunks(todo, self.batch_size):
-            for index, masks in zip(chunk, self._forward([images[i] for i in chunk], [boxes[i] for i in chunk])):
+            embeddings = self.embed([images[i] for i in chunk], [keys[i] for i in chunk] if keys else None)
+            for index, masks in zip(chunk, self._decode_boxes(embeddings, [boxes[i] for i in chunk])):
                 results[index] = masks
         return results
 
-    def _forward(self, images, boxes) -> list[np.ndarray]:
+    def _to_sam_frame(self, coords: np.ndarray, embedding: ImageEmbedding, is_box: bool) -> np.ndarray:
+        # The processor's own transform (pinned transformers: it needs images to run its public path).
+        return self.processor._normalize_coordinates(self.processor.target_size, coords, embedding.original_size,
+                                                     is_bounding_box=is_box)
+
+    def _masks(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> np.ndarray:
+        """(N, 1, h, w) decoder logits → (N, H, W) bool at the original size, MASK_CHUNK at a time."""
+        sizes = torch.tensor([embedding.original_size]), torch.tensor([embedding.reshaped_size])
+        parts = [self.processor.image_processor.post_process_masks(
+                     low_res[None, start:start + MASK_CHUNK].float().cpu(), *sizes)[0][:, 0].numpy()
+                 for start in range(0, len(low_res), MASK_CHUNK)]
+        return np.concatenate(parts)
+
+    def _decode_boxes(self, embeddings: list[ImageEmbedding], boxes: list[np.ndarray]) -> list[np.ndarray]:
         # The decoder takes the same box count per image: pad with copies of the first box and
         # drop their masks afterwards (each box is decoded independently, so padding is inert).
         most = max(len(b) for b in boxes)
-        padded = [np.concatenate([b, np.repeat(b[:1], most - len(b), axis=0)]).tolist() for b in boxes]
-        inputs = self.processor(images=list(images), input_boxes=padded, return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
-        embeddings = self.model.get_image_embeddings(pixel_values)
-        outputs = self.model(image_embeddings=embeddings, multimask_output=False,
-                             input_boxes=inputs["input_boxes"].to(self.device, self.dtype))
-        low_res = outputs.pred_masks.float()  # (B, most, 1, h, w) logits in SAM's padded frame
-        masks = []
-        for b, image_boxes in enumerate(boxes):
-            parts = [
-                self.processor.image_processor.post_process_masks(
-                    low_res[b:b + 1, start:start + MASK_CHUNK].cpu(), inputs["original_sizes"][b:b + 1],
-                    inputs["reshaped_input_sizes"][b:b + 1])[0][:, 0].numpy()
-                for start in range(0, len(image_boxes), MASK_CHUNK)
-            ]
-            masks.append(np.concatenate(parts)[: len(image_boxes)])
-        return masks
+        padded = np.stack([self._to_sam_frame(np.concatenate([b, np.repeat(b[:1], most - len(b), axis=0)]), e, True)
+                           for b, e in zip(boxes, embeddings)])
+        outputs = self.model(image_embeddings=torch.cat([e.embeddings for e in embeddings]), multimask_output=False,
+                             input_boxes=torch.from_numpy(padded).to(self.device, self.dtype))
+        return [self._masks(outputs.pred_masks[b, : len(image_boxes)], embeddings[b])
+                for b, image_boxes in enumerate(boxes)]
+
+    @torch.inference_mode()
+    def refine(self, image: Image.Image, key: str | None, prompts: Sequence[MaskPrompt]) -> list[tuple[np.ndarray, float]]:
+        """Per prompt the best of SAM's three candidate masks by predicted IoU: ((H, W) bool, IoU)."""
+        if not prompts:
+            return []
+        embedding = self.embed([image], [key])[0]
+        results = []
+        for prompt in prompts:
+            kwargs = {}
+            if len(prompt.points):
+                points = self._to_sam_frame(np.asarray(prompt.points, np.float64), embedding, False)
+                kwargs["input_points"] = torch.tensor(points[None, None], device=self.device, dtype=self.dtype)
+                kwargs["input_labels"] = torch.tensor(np.asarray(prompt.point_labels)[None, None], device=self.device,
+                                                      dtype=torch.long)
+            if prompt.box is not None:
+                box = self._to_sam_frame(np.asarray(prompt.box, np.float64)[None], embedding, True)
+                kwargs["input_boxes"] = torch.tensor(box[None], device=self.device, dtype=self.dtype)
+            outputs = self.model(image_embeddings=embedding.embeddings, multimask_output=True, **kwargs)
+            scores = outputs.iou_scores[0, 0].float()  # (3,)
+            best = int(scores.argmax())
+            mask = self._masks(outputs.pred_masks[0, 0, best:best + 1, None], embedding)  # (1, 1, h, w) in
+            results.append((mask[0], float(scores[best])))
+        return results
 
 
 class Engine:
@@ -242,7 +314,7 @@ class Engine:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings) -> "Engine":
+    def from_settings(cls, settings, metrics=None) -> "Engine":
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         batch_size = settings.batch_size or 8  # "auto" sizing from free memory is a GPU-path feature
@@ -252,12 +324,27 @@ class Engine:
             settings.grounding_dino_model, device, dtype, box_threshold=settings.box_threshold,
             text_threshold=settings.text_threshold, nms_threshold=settings.nms_threshold,
             max_detections=settings.max_detections, batch_size=batch_size)
-        segmenter = SamSegmenter(settings.sam_model, device, dtype, batch_size=batch_size)
+        cache = EmbeddingCache(int(settings.embedding_cache_mb * 2**20))
+        if metrics is not None:
+            cache = EmbeddingCache(cache.max_bytes, on_hit=metrics.embedding_cache_hits.inc,
+                                   on_miss=metrics.embedding_cache_misses.inc, on_size=metrics.embedding_cache_bytes.set)
+        segmenter = SamSegmenter(settings.sam_model, device, dtype, batch_size=batch_size, cache=cache)
         return cls(detector, segmenter)
 
-    def run(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]]) -> list[ImageResult]:
+    def run(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]],
+            keys: Sequence[str] | None = None) -> list[ImageResult]:
+        """Text → boxes → masks. With ``keys`` (content hashes) SAM embeddings are cached for clicks."""
         with self._lock:
             detections = self.detector.detect(images, phrases)
-            masks = self.segmenter.segment(images, [d.boxes for d in detections])
+            masks = self.segmenter.segment(images, [d.boxes for d in detections], keys)
         return [ImageResult(width=image.width, height=image.height, detections=d, masks=m)
                 for image, d, m in zip(images, detections, masks)]
+
+    def detect(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]]) -> list[Detections]:
+        with self._lock:
+            return self.detector.detect(images, phrases)
+
+    def refine(self, image: Image.Image, key: str | None, prompts: Sequence[MaskPrompt]) -> list[tuple[np.ndarray, float]]:
+        """Clicks/boxes → masks on one image, reusing its cached SAM embedding when there is one."""
+        with self._lock:
+            return self.segmenter.refine(image, key, prompts)

@@ -19,5 +19,11 @@ class Metrics:
                                           "Detections dropped because their phrase maps to no label", registry=r)
         self.stage_seconds = Histogram("gsam_stage_seconds", "Time per pipeline stage and call",
                                        ["stage"], registry=r)
+        self.embedding_cache_hits = Counter("gsam_embedding_cache_hits",
+                                            "Clicks/boxes served from a cached SAM image embedding", registry=r)
+        self.embedding_cache_misses = Counter("gsam_embedding_cache_misses",
+                                              "SAM image encoder runs for a keyed (interactive) image", registry=r)
+        self.embedding_cache_bytes = Gauge("gsam_embedding_cache_bytes", "Bytes held by the embedding cache",
+                                           registry=r)
         self.models_loaded = Gauge("gsam_models_loaded", "1 once the models are loaded in this process",
                                    registry=r)

@@ -17,7 +17,9 @@ from backend.images import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
 from backend.regions import build_prediction, empty_prediction
 from backend.settings import Settings
-from backend.tasks import PredictRequest, PromptLimits, TaskPlan, plan_tasks
+from backend.refine import refine_image
+from backend.smartprompt import parse_smart_prompt
+from backend.tasks import PredictRequest, PromptLimits, TaskPlan, plan_tasks, prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ class Pipeline:
     def _default_engine(self):
         from backend.engine import Engine  # torch is imported only by the process that runs models
 
-        return Engine.from_settings(self.settings)
+        return Engine.from_settings(self.settings, self.metrics)
 
     def engine(self):
         """The engine, created on first use; concurrent first calls wait for one load."""
@@ -106,13 +108,29 @@ class Pipeline:
         if not ready:
             return outcomes
         engine = self.engine()
+        smart = parse_smart_prompt(request.context, request.config)
+        if smart:
+            return self._refine(engine, plans, loaded, ready, outcomes, request, smart)
+        # Interactive calls (with a context) cache SAM embeddings: the annotator may click next.
+        keys = [loaded[i].sha256 for i in ready] if request.context is not None else None
         with self.metrics.stage_seconds.labels("engine").time():
-            results = engine.run([loaded[i].image for i in ready], [plans[i].phrases for i in ready])
+            results = engine.run([loaded[i].image for i in ready], [plans[i].phrases for i in ready], keys)
         with self.metrics.stage_seconds.labels("regions").time():
             for i, result in zip(ready, results):
                 prediction, stats = build_prediction(result, request.config, self.model_version)
                 outcomes[i] = TaskOutcome(prediction)
                 self._count(plans[i], prediction, stats)
+        return outcomes
+
+    def _refine(self, engine, plans, loaded, ready, outcomes, request, smart) -> list[TaskOutcome]:
+        """Smart-tool clicks/boxes (with the text prompt's detections when the context has text)."""
+        text = prompt_text(request.context, request.config)
+        for i in ready:
+            with self.metrics.stage_seconds.labels("refine").time():
+                prediction, stats = refine_image(engine, loaded[i], request.config, smart,
+                                                 plans[i].phrases if text else None, self.model_version)
+            outcomes[i] = TaskOutcome(prediction)
+            self._count(plans[i], prediction, stats)
         return outcomes
 
     def _count(self, plan: TaskPlan, prediction: dict, stats) -> None:

@@ -58,6 +58,19 @@ def _brush(config: LabelConfig, label: str, mask: np.ndarray, score: float, widt
     }
 
 
+def percent_to_pixels(x: float, y: float, width: int, height: int) -> tuple[float, float]:
+    """A point in LS percent of an image → pixels of that image (the inverse of the rectangles above)."""
+    return x * width / 100.0, y * height / 100.0
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """(H, W) bool → (4,) float32 XYXY pixel bounds of its foreground, or None when it is empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
+
+
 def build_prediction(result: ImageResult, config: LabelConfig, model_version: str) -> tuple[dict, RegionStats]:
     """One LS prediction for one image: a rectangle and/or a brush region per mapped detection.
 

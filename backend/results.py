@@ -1,5 +1,5 @@
-"""What the engine returns, as plain numpy dataclasses (no torch), so the web process and
-regions.py can use them without importing the models' stack."""
+"""What the engine takes and returns, as plain numpy dataclasses (no torch), so the web process,
+regions.py and refine.py can use them without importing the models' stack."""
 
 from __future__ import annotations
 
@@ -37,3 +37,15 @@ class ImageResult:
     height: int
     detections: Detections
     masks: np.ndarray
+
+
+@dataclass(frozen=True)
+class MaskPrompt:
+    """One mask to predict, in pixels of the EXIF-transposed image.
+
+    box: (4,) XYXY or None; points: (K, 2) XY; point_labels: (K,) 1 = positive, 0 = negative click.
+    """
+
+    box: np.ndarray | None
+    points: np.ndarray
+    point_labels: np.ndarray

@@ -83,6 +83,7 @@ class Settings:
     max_prompt_chars: int = 2000
     max_prompt_phrases: int = 32
     redis_url: str | None = field(default=None, repr=False)
+    embedding_cache_mb: float = 2048.0  # SAM image embeddings kept for follow-up clicks (LRU, per process)
     predict_timeout: float = 60.0  # queue mode: how long /predict waits for workers (LS gives up at 100 s)
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = field(default=None, repr=False)
@@ -126,6 +127,7 @@ class Settings:
             max_prompt_phrases=_number(env, "MAX_PROMPT_PHRASES", 32, int, 1, 256),
             redis_url=_text(env, "REDIS_URL", None),
             predict_timeout=_number(env, "PREDICT_TIMEOUT", 60.0, float, 1.0, 3600.0),
+            embedding_cache_mb=_number(env, "EMBEDDING_CACHE_MB", 2048.0, float, 0.0, 1_000_000.0),
             basic_auth_user=user,
             basic_auth_pass=password,
             log_level=log_level,

@@ -270,3 +270,40 @@ def test_retrieve_predictions_with_personal_access_token(ls_server, pat, images,
         except Exception as exc:  # don't hide the test's own failure
             print(f"[e2e] could not re-enable legacy tokens: {exc}")
     assert http_status(image_url, legacy) == 200
+
+
+SMART_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1" showSubmitButton="true"/>
+  <KeyPointLabels name="click" toName="image" smart="true" smartOnly="true">
+    <Label value="cat"/>
+    <Label value="dog"/>
+  </KeyPointLabels>
+  <RectangleLabels name="label" toName="image" smart="true">
+    <Label value="cat"/>
+    <Label value="dog"/>
+  </RectangleLabels>
+  <BrushLabels name="mask" toName="image">
+    <Label value="cat"/>
+    <Label value="dog"/>
+  </BrushLabels>
+</View>"""
+
+
+def test_interactive_smart_click_returns_a_mask_with_the_click_label(ls_server, ls, images, start_backend):
+    """The README's smart-tool config: a keypoint click (percent coordinates, its own label) comes
+    back as a brush mask at the image's size with that label, plus its bounding rectangle."""
+    project_id = ls.create_project("e2e smart click", SMART_CONFIG)
+    task_id, = ls.import_images(project_id, [images["portrait"]])
+    width, height = IMAGE_SIZES["portrait"]
+    backend = start_backend(LABEL_STUDIO_URL=ls_server.url, LABEL_STUDIO_API_KEY=ls_server.legacy_token,
+                            **BACKEND_ENV)
+    with logs_on_failure(ls_server, backend):
+        ml_id = connect(ls, project_id, backend, "grounded-sam smart")
+        click = {"id": "k1", "from_name": "click", "to_name": "image", "type": "keypointlabels", "origin": "manual",
+                 "original_width": width, "original_height": height, "image_rotation": 0, "is_positive": True,
+                 "value": {"x": 35.0, "y": 40.0, "width": 0.6, "keypointlabels": ["dog"]}}
+        answer = ls.interactive_annotating(ml_id, task_id, {"result": [click]})
+        assert not answer.get("errors") and isinstance(answer.get("data"), dict), str(answer)[:2000]
+        counts = check_result(answer["data"]["result"], width, height, {"dog"}, f"smart click task {task_id}")
+        assert counts[("brushlabels", "dog")] == 1 and counts[("rectanglelabels", "dog")] == 1

@@ -44,7 +44,7 @@ class MarkerStubDetector:
 class BoxFillStubSegmenter:
     """Stub segmenter: each mask is its box filled, so mask placement can be checked exactly."""
 
-    def segment(self, images, boxes):
+    def segment(self, images, boxes, keys=None):
         masks = []
         for image, image_boxes in zip(images, boxes):
             out = np.zeros((len(image_boxes), image.height, image.width), bool)

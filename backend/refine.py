@@ -1,0 +1,81 @@
+"""Smart-tool refinement: clicks and boxes (and optionally a text prompt) → SAM masks → regions.
+
+- Boxes: each smart rectangle becomes one mask, refined by the clicks that fall inside it.
+- Clicks outside every box: one mask from all of them (positive and negative together).
+- Text + clicks: the text prompt's detections, each refined by the clicks inside its box.
+Each region keeps the label of the smart region that made it (a click's or box's own label; with
+text, the detection's phrase). SAM's best of three candidate masks by predicted IoU is returned as
+``brushlabels`` plus, when the config has ``RectangleLabels``, the mask's bounding rectangle.
+Empty masks are dropped; no mask at all is an empty result, not an error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from backend.images import LoadedImage
+from backend.labelconfig import LabelConfig
+from backend.regions import RegionStats, build_prediction, mask_box, percent_to_pixels
+from backend.results import Detections, ImageResult, MaskPrompt
+from backend.smartprompt import BoxPrompt, Click, SmartPrompt
+
+if TYPE_CHECKING:
+    from backend.engine import Engine
+
+
+def _points(clicks: list[Click], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    points = np.array([percent_to_pixels(c.x, c.y, width, height) for c in clicks], np.float64).reshape(-1, 2)
+    return points, np.array([1 if c.positive else 0 for c in clicks], np.int64)
+
+
+def _box_pixels(box: BoxPrompt, width: int, height: int) -> np.ndarray:
+    x0, y0 = percent_to_pixels(box.x0, box.y0, width, height)
+    x1, y1 = percent_to_pixels(box.x1, box.y1, width, height)
+    return np.clip(np.array([x0, y0, x1, y1], np.float64), 0, [width, height, width, height])
+
+
+def plan_prompts(smart: SmartPrompt, detections: Detections | None, width: int, height: int,
+                 fallback_label: str) -> tuple[list[MaskPrompt], list[str]]:
+    """The SAM prompts for one image and the label of each."""
+    prompts, labels = [], []
+    if detections is not None:  # text + clicks
+        for box, phrase in zip(detections.boxes, detections.phrases):
+            x0, y0, x1, y1 = (100.0 * v / s for v, s in zip(box, (width, height, width, height)))
+            inside = [c for c in smart.clicks if BoxPrompt(x0, y0, x1, y1, None).contains(c)]
+            prompts.append(MaskPrompt(np.asarray(box, np.float64), *_points(inside, width, height)))
+            labels.append(phrase)
+        return prompts, labels
+    used: set[int] = set()
+    for box in smart.boxes:
+        inside = [i for i, c in enumerate(smart.clicks) if box.contains(c)]
+        used.update(inside)
+        prompts.append(MaskPrompt(_box_pixels(box, width, height),
+                                  *_points([smart.clicks[i] for i in inside], width, height)))
+        labels.append(box.label or fallback_label)
+    loose = [c for i, c in enumerate(smart.clicks) if i not in used]
+    if any(c.positive for c in loose):
+        prompts.append(MaskPrompt(None, *_points(loose, width, height)))
+        labels.append(next((c.label for c in loose if c.positive and c.label), None) or fallback_label)
+    return prompts, labels
+
+
+def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, smart: SmartPrompt,
+                 phrases: tuple[str, ...] | None, model_version: str) -> tuple[dict, RegionStats]:
+    """One LS prediction for one image from its smart-tool prompt (``phrases``: text + clicks)."""
+    width, height = loaded.width, loaded.height
+    detections = engine.detect([loaded.image], [phrases])[0] if phrases else None
+    fallback = (config.brush or config.rectangle).labels[0]
+    prompts, labels = plan_prompts(smart, detections, width, height, fallback)
+    outputs = engine.refine(loaded.image, loaded.sha256, prompts)
+    # SAM's IoU estimate can stray outside [0, 1]; a region score is a confidence, so clip it.
+    kept = [(mask, min(max(score, 0.0), 1.0), label) for (mask, score), label in zip(outputs, labels) if mask.any()]
+    boxes = np.array([mask_box(mask) for mask, _, _ in kept], np.float32).reshape(-1, 4)
+    order = np.argsort([-score for _, score, _ in kept], kind="stable")
+    result = ImageResult(
+        width=width, height=height,
+        detections=Detections(boxes=boxes[order], scores=np.array([kept[i][1] for i in order], np.float32),
+                              phrases=tuple(kept[i][2] for i in order)),
+        masks=np.array([kept[i][0] for i in order], bool).reshape(-1, height, width))
+    return build_prediction(result, config, model_version)

@@ -1,0 +1,135 @@
+"""Smart-tool click latency: first click on an image (SAM image encoder + decoder) vs a second
+click on the same image (cached embedding: decoder only), in one run.
+
+Builds SAM at real ViT-B size with random weights (speed does not depend on weight values), saves it
+and loads it through the normal code (SamSegmenter + EmbeddingCache), then times `refine` on a
+1920x1080 image: first clicks on new images, then more clicks on a cached one. With --pipeline it also
+times the whole server-side path (`Pipeline.predict` from a JPEG data URI to LS JSON with RLE).
+
+    python bench/click_bench.py [--size vit-b|vit-h] [--device cpu|cuda] [--repeat 3] [--pipeline] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backend.embedcache import EmbeddingCache  # noqa: E402
+from backend.engine import SamSegmenter  # noqa: E402
+from backend.results import MaskPrompt  # noqa: E402
+
+SIZES = {  # SamVisionConfig at the published checkpoints' sizes
+    "vit-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
+    "vit-h": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                  global_attn_indexes=[7, 15, 23, 31]),
+}
+
+
+def build_sam(size: str, out: Path) -> Path:
+    from transformers import SamConfig, SamModel, SamVisionConfig
+    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+    torch.manual_seed(0)
+    SamModel(SamConfig(vision_config=SamVisionConfig(**SIZES[size]))).eval().save_pretrained(out)
+    SamImageProcessorPil().save_pretrained(out)
+    return out
+
+
+def photo(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (27, 48, 3), dtype=np.uint8)  # smooth-ish content, like a photo
+    return Image.fromarray(small).resize((1920, 1080), Image.BILINEAR)
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="vit-b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeat", type=int, default=3, help="first clicks (each on a new image)")
+    parser.add_argument("--second-clicks", type=int, default=20)
+    parser.add_argument("--pipeline", action="store_true", help="also time the full server-side path")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = build_sam(args.size, Path(tmp) / "sam")
+        segmenter = SamSegmenter(str(source), device, dtype, batch_size=1, cache=EmbeddingCache(2**31))
+        click = [MaskPrompt(None, np.array([[960.0, 540.0]]), np.array([1]))]
+        images = [photo(seed) for seed in range(args.repeat + 1)]
+        segmenter.refine(images[-1], "warm-up", click)  # first call pays one-off allocations
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        first = [timed(lambda i=i: (segmenter.refine(images[i], f"img{i}", click), sync()))
+                 for i in range(args.repeat)]
+        second = []
+        for n in range(args.second_clicks):
+            moved = [MaskPrompt(None, np.array([[900.0 + 7 * n, 500.0 + 3 * n]]), np.array([1]))]
+            second.append(timed(lambda: (segmenter.refine(images[0], "img0", moved), sync())))
+        figures = {
+            "model": f"SAM {args.size} (random weights)", "device": str(device), "dtype": str(dtype),
+            "machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "image": "1920x1080", "first_click_ms_median": round(statistics.median(first), 1),
+            "second_click_ms_median": round(statistics.median(second), 1),
+            "second_click_ms_p90": round(float(np.percentile(second, 90)), 1),
+            "ratio_first_vs_second": round(statistics.median(first) / statistics.median(second), 1),
+        }
+        if args.pipeline:
+            figures.update(pipeline_figures(source, device, dtype, args))
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+def pipeline_figures(source: Path, device, dtype, args) -> dict:
+    """The whole server-side path of a click, JPEG data URI in, LS JSON (with RLE) out."""
+    from backend.engine import Engine
+    from backend.labelconfig import parse_label_config
+    from backend.pipeline import Pipeline
+    from backend.settings import Settings
+    from backend.tasks import PredictRequest
+
+    segmenter = SamSegmenter(str(source), device, dtype, batch_size=1, cache=EmbeddingCache(2**31))
+    pipeline = Pipeline(Settings(), engine_factory=lambda: Engine(detector=None, segmenter=segmenter))
+    config = parse_label_config('<View><Image name="image" value="$image"/><KeyPointLabels name="k" toName="image" '
+                                'smart="true"><Label value="obj"/></KeyPointLabels><BrushLabels name="m" '
+                                'toName="image"><Label value="obj"/></BrushLabels></View>')
+
+    def request(seed: int, x: float) -> PredictRequest:
+        buffer = io.BytesIO()
+        photo(seed).save(buffer, "JPEG", quality=90)
+        url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+        item = {"type": "keypointlabels", "to_name": "image", "is_positive": True,
+                "value": {"x": x, "y": 50.0, "keypointlabels": ["obj"]}}
+        return PredictRequest([{"id": 1, "data": {"image": url}}], config, {"result": [item]}, None)
+
+    pipeline.predict(request(99, 50.0))
+    first = [timed(lambda s=s: pipeline.predict(request(100 + s, 50.0))) for s in range(args.repeat)]
+    second = [timed(lambda n=n: pipeline.predict(request(100, 40.0 + n))) for n in range(args.second_clicks)]
+    return {"pipeline_first_click_ms_median": round(statistics.median(first), 1),
+            "pipeline_second_click_ms_median": round(statistics.median(second), 1),
+            "pipeline_ratio": round(statistics.median(first) / statistics.median(second), 1)}
+
+
+if __name__ == "__main__":
+    main()
