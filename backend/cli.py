@@ -119,7 +119,7 @@ def cmd_worker(args) -> int:
     from backend.worker import run_worker
 
     run_worker(Settings.from_env(), [q.strip() for q in args.queues.split(",") if q.strip()],
-               batch_size=args.batch_size, burst=args.burst)
+               batch_size=args.batch_size, burst=args.burst, metrics_port=args.metrics_port)
     return 0
 
 
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", default="interactive,prelabel", help="in priority order")
     worker.add_argument("--batch-size", type=int, default=None, help="images per GPU batch (default BATCH_SIZE)")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.add_argument("--metrics-port", type=int, default=None, help="serve this worker's /metrics here")
     worker.set_defaults(func=cmd_worker)
 
     prelabel = commands.add_parser("prelabel", help="pre-label a whole LS project (queue mode with REDIS_URL)")

@@ -9,6 +9,7 @@ daemon thread keeps the worker's liveness entry fresh and re-queues jobs of dead
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -39,6 +40,14 @@ def resident_pipeline() -> Pipeline:
 class GsamWorker(SimpleWorker):
     """SimpleWorker plus a liveness/reaper thread for the lifetime of ``work()``."""
 
+    stop_signalled = False
+
+    def request_stop(self, signum, frame):
+        # RQ stops an idle worker by raising from this handler without keeping a flag; with Redis
+        # down its teardown then fails too, and run_worker must still know not to reconnect.
+        self.stop_signalled = True
+        super().request_stop(signum, frame)
+
     def work(self, *args, **kwargs):
         stop = threading.Event()
         thread = threading.Thread(target=self._housekeeping, args=(stop,), name="gsam-housekeeping", daemon=True)
@@ -65,8 +74,13 @@ class GsamWorker(SimpleWorker):
             stop.wait(HOUSEKEEPING_EVERY_S)
 
 
-def run_worker(settings: Settings, queues: list[str], batch_size: int | None = None, burst: bool = False) -> None:
-    """Load the models, then serve ``queues`` (in priority order) until stopped."""
+def run_worker(settings: Settings, queues: list[str], batch_size: int | None = None, burst: bool = False,
+               metrics_port: int | None = None) -> None:
+    """Load the models, then serve ``queues`` (in priority order) until stopped.
+
+    With ``metrics_port`` the worker serves its own Prometheus metrics (the embedding cache, stage
+    times, tasks) there: in queue mode those live in the worker, not in the web process.
+    """
     global _resident
     if not settings.redis_url:
         raise SystemExit("REDIS_URL is not set: a worker serves the queues of a Redis server")
@@ -78,11 +92,16 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
 
         settings = replace(settings, batch_size=batch_size)
     _resident = Pipeline(settings)
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=_resident.metrics.registry)
     _resident.engine()  # load now: the first job should not pay for it
     name = f"gsam-{uuid.uuid4().hex[:12]}"
     backoff = 1.0
     while True:
         connection = jobs.connect(settings.redis_url)
+        worker = None
         try:
             worker = GsamWorker([Queue(q, connection=connection) for q in queues], connection=connection,
                                 name=name, worker_ttl=60, maintenance_interval=MAINTENANCE_EVERY_S)
@@ -90,7 +109,12 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
             worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
             return
         except redis.RedisError as exc:
+            if worker is not None and (worker.stop_signalled or worker._stop_requested):
+                return  # asked to stop (SIGTERM/SIGINT) while Redis was away: stop, do not reconnect
             log.warning("worker %s lost Redis (%s); reconnecting in %.0f s", name, type(exc).__name__, backoff)
+            # RQ's signal handlers only set a flag; outside work() a stop signal must end the process.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
             name = f"gsam-{uuid.uuid4().hex[:12]}"  # the old registration may linger until it expires

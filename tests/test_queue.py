@@ -28,8 +28,13 @@ def loaded_libraries(pid: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def queue_stack(redis_server, start_worker, start_backend):
-    worker = start_worker(redis_server.url)
+def metrics_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def queue_stack(redis_server, start_worker, start_backend, metrics_port):
+    worker = start_worker(redis_server.url, "--metrics-port", str(metrics_port))
     web = start_backend(REDIS_URL=redis_server.url, PREDICT_TIMEOUT="60")
     return web, worker
 
@@ -116,3 +121,32 @@ def test_killed_worker_mid_job_is_redone_by_another(tmp_path_factory, start_work
     finally:
         slow.stop()
         redis_server.stop()
+
+
+def test_smart_click_through_the_queue_uses_the_workers_cache(queue_stack, metrics_port):
+    """Refinement runs where SAM lives: the second click on an image is a cache hit in the worker."""
+    web, _ = queue_stack
+    click = {"type": "keypointlabels", "to_name": "image", "is_positive": True,
+             "value": {"x": 40.0, "y": 50.0, "keypointlabels": ["cat"]}}
+    config = CONFIG.replace('<TextArea name="prompt" toName="image"/>',
+                            '<KeyPointLabels name="k" toName="image" smart="true"><Label value="cat"/></KeyPointLabels>')
+    image = "data:image/png;base64," + base64.b64encode(png(72, 40)).decode()
+    for x in (40.0, 60.0):
+        payload = {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": config,
+                   "params": {"context": {"result": [{**click, "value": {**click["value"], "x": x}}]}}}
+        response = requests.post(f"{web.url}/predict", json=payload, timeout=60)
+        assert response.status_code == 200 and response.json()["results"][0]["result"], response.text
+    metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    assert "gsam_embedding_cache_hits_total 1.0" in metrics and "gsam_embedding_cache_misses_total 1.0" in metrics
+
+
+def test_worker_stops_on_sigterm_while_redis_is_down(tmp_path_factory, start_worker):
+    redis_server = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("sigterm")).start()
+    worker = start_worker(redis_server.url)
+    redis_server.stop()
+    deadline = time.monotonic() + 60
+    while "Redis unreachable" not in worker.log_text():
+        assert time.monotonic() < deadline, worker.log_text()[-2000:]
+        time.sleep(0.2)
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=15) is not None
