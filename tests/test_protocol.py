@@ -95,7 +95,8 @@ def check_prediction(prediction: dict, size: tuple[int, int], labels: set[str]) 
 def test_health_and_setup(backend):
     health = replay(backend, "health_request.json")
     assert health.status_code == 200
-    assert health.json() == {"status": "UP", "model_class": "GroundedSAM", "model_version": "grounding-dino+sam"}
+    assert health.json() == {"status": "UP", "model_class": "GroundedSAM", "model_version": "grounding-dino+sam",
+                             "mode": "embedded"}
     setup = replay(backend, "setup_request.json")
     assert setup.status_code == 200 and setup.json() == {"model_version": "grounding-dino+sam"}
 
