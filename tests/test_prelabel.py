@@ -32,21 +32,11 @@ from backend.pipeline import Pipeline, TaskOutcome
 from backend.prelabel import PrelabelSpec, plan_prelabel, plan_tasks_to_label, process_chunk
 from backend.runstore import CANCELLED, DONE, PLANNING, RUNNING, MemoryRunStore, RedisRunStore, WriteLockTimeout
 from backend.supervisor import _Supervisor, cancel_run, run_prelabel, start_prelabel_in_background
+from tests.test_e2e_label_studio import LABEL_CONFIG
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1"/>
-  <RectangleLabels name="label" toName="image">
-    <Label value="cat"/>
-    <Label value="dog" predicted_values="puppy"/>
-  </RectangleLabels>
-  <BrushLabels name="mask" toName="image">
-    <Label value="cat"/>
-    <Label value="dog" predicted_values="puppy"/>
-  </BrushLabels>
-</View>"""
+CONFIG = LABEL_CONFIG  # the README's project config (dog has the aliases "puppy, hound")
 
 POISON = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n but the rest is garbage").decode()
 
