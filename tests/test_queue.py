@@ -2,6 +2,7 @@
 
 import base64
 import os
+import re
 import signal
 import threading
 import time
@@ -131,13 +132,21 @@ def test_smart_click_through_the_queue_uses_the_workers_cache(queue_stack, metri
     config = CONFIG.replace('<TextArea name="prompt" toName="image"/>',
                             '<KeyPointLabels name="k" toName="image" smart="true"><Label value="cat"/></KeyPointLabels>')
     image = "data:image/png;base64," + base64.b64encode(png(72, 40)).decode()
+    before = cache_counters(metrics_port)
     for x in (40.0, 60.0):
         payload = {"tasks": [{"id": 1, "data": {"image": image}}], "label_config": config,
                    "params": {"context": {"result": [{**click, "value": {**click["value"], "x": x}}]}}}
         response = requests.post(f"{web.url}/predict", json=payload, timeout=60)
         assert response.status_code == 200 and response.json()["results"][0]["result"], response.text
-    metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-    assert "gsam_embedding_cache_hits_total 1.0" in metrics and "gsam_embedding_cache_misses_total 1.0" in metrics
+    after = cache_counters(metrics_port)
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 1)
+
+
+def cache_counters(port: int) -> dict:
+    """The worker's embedding-cache counters, read from its own /metrics endpoint."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    values = dict(re.findall(r"^gsam_embedding_cache_(hits|misses)_total ([0-9.]+)$", text, re.MULTILINE))
+    return {name: float(values[name]) for name in ("hits", "misses")}
 
 
 def test_worker_stops_on_sigterm_while_redis_is_down(tmp_path_factory, start_worker):
