@@ -31,25 +31,15 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from backend.errors import ReasonError
+
 __all__ = ["ALLOWED_FORMATS", "ImageError", "decode_image", "to_rgb"]
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "ICO")
 
 
-class ImageError(Exception):
-    """An image could not be resolved, downloaded or decoded.
-
-    ``reason`` is one human-readable sentence saying what failed and, where it helps, what to fix.
-    It never contains credentials, query strings or response bodies, so it can be logged and
-    returned in an API response as is.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
+class ImageError(ReasonError):
+    """An image could not be resolved, downloaded or decoded (``reason``: see ReasonError)."""
 
 
 def _not_an_image_reason(data: bytes) -> str:

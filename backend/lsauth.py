@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 import requests
 
+from backend.errors import ReasonError
+
 log = logging.getLogger(__name__)
 
 REFRESH_PATH = "/api/token/refresh/"
@@ -36,18 +38,8 @@ DEFAULT_REFRESH_MARGIN_S = 30.0
 FALLBACK_ACCESS_LIFETIME_S = 60.0
 
 
-class LabelStudioAuthError(Exception):
-    """Credentials could not be turned into a working header.
-
-    ``reason`` says what to fix and is safe to log or return to a client: it never contains a token.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.reason
+class LabelStudioAuthError(ReasonError):
+    """Credentials could not be turned into a working header (``reason`` never contains a token)."""
 
 
 def _b64url_json(segment: str) -> Any:

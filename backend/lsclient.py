@@ -37,6 +37,8 @@ from typing import Any
 
 import httpx
 
+from backend.errors import ReasonError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -45,17 +47,13 @@ _DM_CHAR_LIMIT = 500
 _VERSIONS_COLUMN = "predictions_model_versions"
 
 
-class LabelStudioApiError(RuntimeError):
+class LabelStudioApiError(ReasonError):
     """A Label Studio call failed. ``reason`` is safe to log and to show (no token, no bodies
     beyond a short excerpt of LS's own error message); ``status`` is the HTTP status, if any."""
 
     def __init__(self, reason: str, status: int | None = None):
         super().__init__(reason)
-        self.reason = reason
         self.status = status
-
-    def __str__(self) -> str:
-        return self.reason
 
 
 class LabelStudioUnavailable(LabelStudioApiError):

@@ -1,0 +1,18 @@
+"""The one error shape shared by the modules that talk to the outside (images, LS auth, LS API)."""
+
+from __future__ import annotations
+
+
+class ReasonError(Exception):
+    """An error whose ``reason`` is one sentence saying what failed and, where it helps, what to fix.
+
+    It never contains credentials, query strings or response bodies, so it can be logged and
+    returned in an API response as is.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
