@@ -40,11 +40,11 @@ def plan_prompts(smart: SmartPrompt, detections: Detections | None, width: int, 
                  fallback_label: str) -> tuple[list[MaskPrompt], list[str]]:
     """The SAM prompts for one image and the label of each."""
     prompts, labels = [], []
-    if detections is not None:  # text + clicks
-        for box, phrase in zip(detections.boxes, detections.phrases):
-            x0, y0, x1, y1 = (100.0 * v / s for v, s in zip(box, (width, height, width, height)))
-            inside = [c for c in smart.clicks if BoxPrompt(x0, y0, x1, y1, None).contains(c)]
-            prompts.append(MaskPrompt(np.asarray(box, np.float64), *_points(inside, width, height)))
+    if detections is not None:  # text + clicks: each detection takes the clicks inside its pixel box
+        points, point_labels = _points(list(smart.clicks), width, height)
+        for (x0, y0, x1, y1), phrase in zip(detections.boxes, detections.phrases):
+            inside = ((points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1))
+            prompts.append(MaskPrompt(np.array([x0, y0, x1, y1], np.float64), points[inside], point_labels[inside]))
             labels.append(phrase)
         return prompts, labels
     used: set[int] = set()

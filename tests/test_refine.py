@@ -208,3 +208,18 @@ def test_best_of_three_masks_by_predicted_iou(pipeline):
                               input_labels=torch.tensor([[[1]]]))
     assert score == pytest.approx(float(out.iou_scores[0, 0].max()))
     assert mask.shape == (48, 64) and mask.dtype == bool
+
+
+def test_text_plus_clicks_gives_each_detection_only_the_clicks_inside_its_box():
+    from backend.refine import plan_prompts
+    from backend.results import Detections
+    from backend.smartprompt import Click, SmartPrompt
+
+    detections = Detections(boxes=np.array([[0, 0, 32, 24], [32, 24, 64, 48]], np.float32),
+                            scores=np.array([0.9, 0.8], np.float32), phrases=("cat", "dog"))
+    smart = SmartPrompt(clicks=(Click(25, 25, True, "cat"), Click(75, 75, False, "dog"), Click(10, 90, True, "x")))
+    prompts, labels = plan_prompts(smart, detections, 64, 48, "cat")
+    assert labels == ["cat", "dog"]
+    assert prompts[0].points.tolist() == [[16.0, 12.0]] and prompts[0].point_labels.tolist() == [1]
+    assert prompts[1].points.tolist() == [[48.0, 36.0]] and prompts[1].point_labels.tolist() == [0]
+    assert prompts[0].box.tolist() == [0, 0, 32, 24]
