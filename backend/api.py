@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     settings = settings or Settings.from_env()
     queue = None
     if settings.redis_url:
-        queue = QueueClient(settings.redis_url, settings.predict_timeout, chunk_size=settings.batch_size or 8)
+        queue = QueueClient(settings.redis_url, settings.predict_timeout, chunk_size=settings.batch_size or 32)
         version, limits, metrics = model_version(settings), prompt_limits(settings), Metrics()
     else:
         pipeline = pipeline or Pipeline(settings)
@@ -157,7 +157,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     @app.post("/prelabel")
     def prelabel():
         body = _json_body()
-        project, chunk = body.get("project"), body.get("chunk", 16)
+        project, chunk = body.get("project"), body.get("chunk", 64)
         if not isinstance(project, int) or isinstance(project, bool) or project < 1:
             raise RequestError("'project' must be the Label Studio project id (a positive integer)")
         if not isinstance(chunk, int) or not 1 <= chunk <= 256:

@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel = commands.add_parser("prelabel", help="pre-label a whole LS project (queue mode with REDIS_URL)")
     prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
     prelabel.add_argument("--prompt", default=None, help="phrases; default: the project's labels")
-    prelabel.add_argument("--chunk", type=int, default=16, help="tasks per job")
+    prelabel.add_argument("--chunk", type=int, default=64,
+                          help="tasks per job (64: several engine batches, so loading overlaps the GPU)")
     prelabel.add_argument("--redo", action="store_true", help="also tasks that have a prediction of this version")
     prelabel.set_defaults(func=cmd_prelabel)
 

@@ -7,10 +7,12 @@ use, under a lock), the image loader and the metrics. Each call only reads them.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 from backend.images import FetchSettings, ImageError, ImageLoader, LoadedImage
@@ -23,7 +25,9 @@ from backend.tasks import PredictRequest, PromptLimits, TaskPlan, plan_tasks, pr
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_THREADS = 8
+DOWNLOAD_THREADS = 8  # downloads wait on the network; decoding and resizing release the GIL
+ENCODE_THREADS = max(2, min(8, os.cpu_count() or 2))  # RLE encoding (numpy releases the GIL)
+LOOKAHEAD_BATCHES = 2  # images loaded ahead of the engine, in batches: bounds host memory
 
 
 def model_version(settings: Settings) -> str:
@@ -88,49 +92,97 @@ class Pipeline:
     def predict_outcomes(self, request: PredictRequest) -> list[TaskOutcome]:
         """Like :meth:`predict`, with the reason each failed task's prediction is empty."""
         plans = plan_tasks(request, self.limits)
-        outcomes: list[TaskOutcome] = []
-        chunk = 4 * (self.settings.batch_size or 8)  # bounds the images and masks held at once
-        for start in range(0, len(plans), chunk):
-            outcomes.extend(self._predict_chunk(plans[start:start + chunk], request))
-        return outcomes
-
-    def _predict_chunk(self, plans: list[TaskPlan], request: PredictRequest) -> list[TaskOutcome]:
-        with self.metrics.stage_seconds.labels("images").time():
-            loaded = self._load_images(plans)
-        ready = [i for i, item in enumerate(loaded) if isinstance(item, LoadedImage)]
-        outcomes = [TaskOutcome(empty_prediction(self.model_version), None if i in ready else loaded[i])
-                    for i in range(len(plans))]
-        for i, item in enumerate(loaded):
-            if not isinstance(item, LoadedImage):
-                outcome = "no_image" if plans[i].error else "image_error"
-                self.metrics.tasks.labels(outcome).inc()
-                log.warning("task %s: empty prediction: %s", plans[i].task_id, item)
-        if not ready:
-            return outcomes
-        engine = self.engine()
         smart = parse_smart_prompt(request.context, request.config)
         if smart:
-            return self._refine(engine, plans, loaded, ready, outcomes, request, smart)
-        # Interactive calls (with a context) cache SAM embeddings: the annotator may click next.
-        keys = [loaded[i].sha256 for i in ready] if request.context is not None else None
-        with self.metrics.stage_seconds.labels("engine").time():
-            results = engine.run([loaded[i].image for i in ready], [plans[i].phrases for i in ready], keys)
-        with self.metrics.stage_seconds.labels("regions").time():
-            for i, result in zip(ready, results):
-                prediction, stats = build_prediction(result, request.config, self.model_version)
-                outcomes[i] = TaskOutcome(prediction)
-                self._count(plans[i], prediction, stats)
-        return outcomes
+            return self._refine_all(plans, request, smart)
+        return self._detect_all(plans, request)
 
-    def _refine(self, engine, plans, loaded, ready, outcomes, request, smart) -> list[TaskOutcome]:
+    def _detect_all(self, plans: list[TaskPlan], request: PredictRequest) -> list[TaskOutcome]:
+        """Text prompt → regions for every task, as a three-stage pipeline.
+
+        Threads download, decode and prepare images (the models' CPU halves) ahead of the engine;
+        the calling thread feeds the engine one batch at a time; another pool encodes RLE and builds
+        the LS JSON of finished batches. So the GPU never waits for JPEG decoding or RLE, and those
+        never wait for the GPU. At most ``LOOKAHEAD_BATCHES`` batches of images are held ahead.
+        """
+        outcomes: list[TaskOutcome | None] = [None] * len(plans)
+        # Interactive calls (with a context) cache SAM embeddings: the annotator may click next.
+        cache_embeddings = request.context is not None
+        with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="gsam-load") as loaders, \
+                ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="gsam-encode") as encoders:
+            batch_size = self._batch_size()
+            pending = deque()  # (plan index, future of LoadedImage/PreparedImage or a reason)
+            encoded = []  # (plan index, future of TaskOutcome)
+            batch: list[tuple[int, LoadedImage, object]] = []
+            next_plan = 0
+            while pending or next_plan < len(plans):
+                while next_plan < len(plans) and len(pending) < LOOKAHEAD_BATCHES * batch_size:
+                    pending.append((next_plan, loaders.submit(self._load_and_prepare, plans[next_plan])))
+                    next_plan += 1
+                index, future = pending.popleft()
+                loaded = future.result()
+                if isinstance(loaded, str):
+                    outcomes[index] = self._failed(plans[index], loaded)
+                else:
+                    batch.append((index, *loaded))
+                if len(batch) == batch_size or (batch and not pending and next_plan == len(plans)):
+                    encoded.extend(self._run_batch(batch, plans, request, cache_embeddings, encoders))
+                    batch = []
+                    batch_size = self._batch_size()
+            for index, future in encoded:
+                outcomes[index] = future.result()
+        return outcomes  # type: ignore[return-value]
+
+    def _batch_size(self) -> int:
+        """The engine's batch size once it is loaded (BATCH_SIZE=auto), else the configured one."""
+        if self._engine is not None:
+            return getattr(self._engine, "batch_size", None) or 8
+        return self.settings.batch_size or 8
+
+    def _load_and_prepare(self, plan: TaskPlan):
+        """(LoadedImage, PreparedImage) for a plan, or the reason it has none (safe to log)."""
+        with self.metrics.stage_seconds.labels("images").time():
+            loaded = self._load(plan)
+        if isinstance(loaded, str):
+            return loaded
+        engine = self.engine()
+        with self.metrics.stage_seconds.labels("prepare").time():
+            return loaded, engine.prepare(loaded.image)
+
+    def _run_batch(self, batch, plans, request, cache_embeddings, encoders):
+        keys = [loaded.sha256 for _, loaded, _ in batch] if cache_embeddings else None
+        with self.metrics.stage_seconds.labels("engine").time():
+            results = self.engine().run([prepared for _, _, prepared in batch],
+                                        [plans[i].phrases for i, _, _ in batch], keys)
+        return [(index, encoders.submit(self._regions, plans[index], result, request))
+                for (index, _, _), result in zip(batch, results)]
+
+    def _regions(self, plan: TaskPlan, result, request: PredictRequest) -> TaskOutcome:
+        with self.metrics.stage_seconds.labels("regions").time():
+            prediction, stats = build_prediction(result, request.config, self.model_version)
+        self._count(plan, prediction, stats)
+        return TaskOutcome(prediction)
+
+    def _failed(self, plan: TaskPlan, reason: str) -> TaskOutcome:
+        self.metrics.tasks.labels("no_image" if plan.error else "image_error").inc()
+        log.warning("task %s: empty prediction: %s", plan.task_id, reason)
+        return TaskOutcome(empty_prediction(self.model_version), reason)
+
+    def _refine_all(self, plans: list[TaskPlan], request: PredictRequest, smart) -> list[TaskOutcome]:
         """Smart-tool clicks/boxes (with the text prompt's detections when the context has text)."""
         text = prompt_text(request.context, request.config)
-        for i in ready:
+        with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(plans)) or 1) as loaders:
+            loaded = list(loaders.map(self._load, plans))
+        outcomes = []
+        for plan, item in zip(plans, loaded):
+            if isinstance(item, str):
+                outcomes.append(self._failed(plan, item))
+                continue
             with self.metrics.stage_seconds.labels("refine").time():
-                prediction, stats = refine_image(engine, loaded[i], request.config, smart,
-                                                 plans[i].phrases if text else None, self.model_version)
-            outcomes[i] = TaskOutcome(prediction)
-            self._count(plans[i], prediction, stats)
+                prediction, stats = refine_image(self.engine(), item, request.config, smart,
+                                                 plan.phrases if text else None, self.model_version)
+            outcomes.append(TaskOutcome(prediction))
+            self._count(plan, prediction, stats)
         return outcomes
 
     def _count(self, plan: TaskPlan, prediction: dict, stats) -> None:
@@ -144,17 +196,11 @@ class Pipeline:
                      dropped, ", ".join(sorted(stats.dropped_phrases)))
         log.info("task %s: %d regions", plan.task_id, stats.regions)
 
-    def _load_images(self, plans: list[TaskPlan]) -> list[LoadedImage | str]:
-        """Per plan a LoadedImage, or the reason it has none (safe to log: no tokens, no bodies)."""
-        def load(plan: TaskPlan) -> LoadedImage | str:
-            if plan.error:
-                return plan.error
-            try:
-                return self.loader.load(plan.image_url)
-            except ImageError as exc:
-                return exc.reason
-
-        if len(plans) == 1:
-            return [load(plans[0])]
-        with ThreadPoolExecutor(max_workers=min(DOWNLOAD_THREADS, len(plans))) as pool:
-            return list(pool.map(load, plans))
+    def _load(self, plan: TaskPlan) -> LoadedImage | str:
+        """The plan's image, or the reason it has none (safe to log: no tokens, no bodies)."""
+        if plan.error:
+            return plan.error
+        try:
+            return self.loader.load(plan.image_url)
+        except ImageError as exc:
+            return exc.reason

@@ -17,7 +17,7 @@ import numpy as np
 
 from backend.images import LoadedImage
 from backend.labelconfig import LabelConfig
-from backend.regions import RegionStats, build_prediction, mask_box, percent_to_pixels
+from backend.regions import RegionStats, build_prediction, percent_to_pixels
 from backend.results import Detections, ImageResult, MaskPrompt
 from backend.smartprompt import BoxPrompt, Click, SmartPrompt
 
@@ -70,12 +70,13 @@ def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, sma
     prompts, labels = plan_prompts(smart, detections, width, height, fallback)
     outputs = engine.refine(loaded.image, loaded.sha256, prompts)
     # SAM's IoU estimate can stray outside [0, 1]; a region score is a confidence, so clip it.
-    kept = [(mask, min(max(score, 0.0), 1.0), label) for (mask, score), label in zip(outputs, labels) if mask.any()]
-    boxes = np.array([mask_box(mask) for mask, _, _ in kept], np.float32).reshape(-1, 4)
+    kept = [(mask, min(max(score, 0.0), 1.0), label) for (mask, score), label in zip(outputs, labels)
+            if not mask.is_empty]
+    boxes = np.array([mask.box() for mask, _, _ in kept], np.float32).reshape(-1, 4)
     order = np.argsort([-score for _, score, _ in kept], kind="stable")
     result = ImageResult(
         width=width, height=height,
         detections=Detections(boxes=boxes[order], scores=np.array([kept[i][1] for i in order], np.float32),
                               phrases=tuple(kept[i][2] for i in order)),
-        masks=np.array([kept[i][0] for i in order], bool).reshape(-1, height, width))
+        masks=tuple(kept[i][0] for i in order))
     return build_prediction(result, config, model_version)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from backend.results import ImageResult
+from backend.results import CompactMask, ImageResult
 from backend.labelconfig import LabelConfig
-from backend.rle import mask_to_rle
+from backend.rle import band_to_rle
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,17 @@ def _rectangle(config: LabelConfig, label: str, box: np.ndarray, score: float, w
     }
 
 
-def _brush(config: LabelConfig, label: str, mask: np.ndarray, score: float, width: int, height: int) -> dict:
+def compact_mask_rle(mask: CompactMask) -> list[int]:
+    """LS brush RLE of a compact mask, encoding only the rows that hold its foreground."""
+    return band_to_rle(mask.band(), mask.top, mask.height)
+
+
+def _brush(config: LabelConfig, label: str, rle: list[int], score: float, width: int, height: int) -> dict:
     return {
         "id": region_id(), "from_name": config.brush.name, "to_name": config.brush.to_name,
         "type": "brushlabels", "original_width": width, "original_height": height,
         "image_rotation": 0, "score": score,
-        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+        "value": {"format": "rle", "rle": rle, "brushlabels": [label]},
     }
 
 
@@ -63,16 +69,11 @@ def percent_to_pixels(x: float, y: float, width: int, height: int) -> tuple[floa
     return x * width / 100.0, y * height / 100.0
 
 
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """(H, W) bool → (4,) float32 XYXY pixel bounds of its foreground, or None when it is empty."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if not len(rows):
-        return None
-    return np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float32)
-
-
-def build_prediction(result: ImageResult, config: LabelConfig, model_version: str) -> tuple[dict, RegionStats]:
+def build_prediction(result: ImageResult, config: LabelConfig, model_version: str,
+                     encode_mask: Callable[[CompactMask], list[int]] = compact_mask_rle) -> tuple[dict, RegionStats]:
     """One LS prediction for one image: a rectangle and/or a brush region per mapped detection.
+
+    ``encode_mask`` turns a mask into LS RLE (the benchmark's anchor path passes the SDK's).
 
     A detection whose phrase maps to no config label is dropped (counted in the stats). A label
     present in only one of the two controls yields only that control's region.
@@ -89,7 +90,8 @@ def build_prediction(result: ImageResult, config: LabelConfig, model_version: st
         if config.rectangle and label in config.rectangle.labels:
             regions.append(_rectangle(config, label, detections.boxes[index], score, result.width, result.height))
         if config.brush and label in config.brush.labels:
-            regions.append(_brush(config, label, result.masks[index], score, result.width, result.height))
+            regions.append(_brush(config, label, encode_mask(result.masks[index]), score, result.width,
+                                      result.height))
         scores.append(score)
     stats.regions = len(regions)
     return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0,

@@ -27,17 +27,24 @@ writes) and returns the alpha channel as a bool mask.
 from __future__ import annotations
 
 import operator
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["mask_to_rle", "rle_to_mask"]
+__all__ = ["band_to_rle", "mask_to_rle", "masks_to_rle", "rle_to_mask"]
 
 _HEADER_BITS = 53
 _WORD_BITS = 8
 _FIELD_WIDTHS = np.array([3, 4, 8, 16], dtype=np.int64)
+# Largest run (in values) each field holds but the last: 2**3, 2**4, 2**8.
+_FIELD_LIMITS = np.array([8, 16, 256], dtype=np.int64)
 # Word size and the four field widths, each stored minus one: 5 + 4 * 4 = 21 bits.
 _HEADER_TAIL = (_WORD_BITS - 1) << 16 | (3 - 1) << 12 | (4 - 1) << 8 | (8 - 1) << 4 | (16 - 1)
 _MAX_CHUNK = 1 << 16
+# masks_to_rle uses one more thread per this many band pixels in the batch.
+_PARALLEL_MIN_PIXELS = 1 << 21
 _ONE = np.uint64(1)
 _BIT_SHIFTS = np.arange(8, dtype=np.uint64)
 # Bit positions scanned per pass of the decoder; bounds its memory (8 bytes per
@@ -52,33 +59,134 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
     is foreground. Returns a list of ints in 0..255, identical to
     ``brush.mask2rle((mask != 0).astype(np.uint8) * 255)``.
     """
-    flat = _flat_foreground(mask)
-    n = flat.size
-    run_starts = _change_points(flat)
-    run_values = np.diff(np.concatenate(([0], run_starts, [n]))) * 4  # 4 channels per pixel
-    # Runs alternate between background and foreground, starting with the first pixel.
-    colour = ((np.arange(run_values.size) + int(flat[0])) & 1) * 255
+    arr = _foreground(mask, "mask")
+    if arr.size == 0:
+        raise ValueError(f"mask has no pixels (shape {arr.shape}); height and width must be >= 1")
+    _check_value_count(arr.size, f"mask of shape {arr.shape}")
+    flat = arr.ravel()
+    return _encode_runs(_change_points(flat), bool(flat[0]), flat.size)
 
-    # Runs over 256 values use the 16-bit field; over 65536 they are split into full
-    # 65536-value chunks followed by the remainder (which keeps the 16-bit field even
-    # when small, as the SDK does).
-    long_run = run_values > 256
-    chunks = np.where(long_run, (run_values - 1) // _MAX_CHUNK + 1, 1)
-    if chunks.size and chunks.max() > 1:
-        run_of = np.repeat(np.arange(run_values.size), chunks)
-        last = np.cumsum(chunks) - 1
-        is_last = np.zeros(run_of.size, dtype=bool)
-        is_last[last] = True
-        full = chunks[run_of] - 1
-        length = np.where(is_last, run_values[run_of] - full * _MAX_CHUNK, _MAX_CHUNK)
-        colour, long_run = colour[run_of], long_run[run_of]
+
+def band_to_rle(band: np.ndarray, top: int, height: int) -> list[int]:
+    """Encode a (height, W) mask that is background outside rows [top, top + h).
+
+    ``band``: 2-D array of shape (h, W), bool or numeric (nonzero is foreground),
+    holding rows ``top .. top + h - 1`` of the full mask; ``h`` may be 0 (an empty
+    mask). ``top``: the band's first row in the full mask's frame, ``0 <= top`` and
+    ``top + h <= height``. ``height``: the full mask's row count (the image height).
+    The full mask's width is the band's width ``W`` (>= 1).
+
+    Returns the same list as ``mask_to_rle(full)``, where ``full`` is the
+    (height, W) mask with ``full[top:top + h] = band`` and False elsewhere, but the
+    cost grows with the band's pixels and the number of runs only: the run
+    boundaries are found inside the band and shifted by ``top * W``; the background
+    above and below the band are just the first and last run.
+    """
+    arr = _foreground(band, "band")
+    h, w = arr.shape
+    if w < 1:
+        raise ValueError(f"band has width {w} (shape {arr.shape}); the mask width must be >= 1")
+    top = _index(top, "top", minimum=0)
+    height = _index(height, "height", minimum=1)
+    if top + h > height:
+        raise ValueError(
+            f"band rows [{top}, {top + h}) (top={top}, {h} rows) do not fit in a mask of "
+            f"height {height}; need top + band.shape[0] <= height"
+        )
+    n = height * w
+    _check_value_count(n, f"mask of shape ({height}, {w})")
+    if h == 0:
+        return _encode_runs(np.zeros(0, dtype=np.int64), False, n)
+    # Boundaries in the band's frame, with background on both sides of the band:
+    # 0 if its first pixel is set, h*w if its last pixel is set.
+    starts = _change_points(arr.ravel(), edges=True) + top * w
+    first_on = False
+    if starts.size and starts[0] == 0:  # band starts at row 0 with foreground
+        starts, first_on = starts[1:], True
+    if starts.size and starts[-1] == n:  # band ends at the last row with foreground
+        starts = starts[:-1]
+    return _encode_runs(starts, first_on, n)
+
+
+def masks_to_rle(
+    bands: Iterable[tuple[np.ndarray, int, int]], workers: int | None = None
+) -> list[list[int]]:
+    """Encode many masks; item i of the result is ``band_to_rle(*bands[i])``.
+
+    ``bands``: (band, top, height) triples as taken by ``band_to_rle``; a whole
+    (H, W) mask is ``(mask, 0, H)``. ``workers``: None (default) or 1 encodes in
+    the calling thread; k >= 2 allows up to k threads of a per-call
+    ``ThreadPoolExecutor``, still falling back to one thread when the batch has
+    fewer than ``_PARALLEL_MIN_PIXELS`` band pixels per extra thread. Raises what
+    ``band_to_rle`` raises, the message prefixed with ``bands[i]``.
+
+    Why serial by default (bench/rle_bench.py, bench/RESULTS.md): PLACEHOLDER
+    """
+    items = list(bands)
+    for i, item in enumerate(items):
+        if not isinstance(item, tuple) or len(item) != 3:
+            raise TypeError(
+                f"bands[{i}] must be a (band, top, height) tuple, got "
+                f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, tuple) else ''}; "
+                "pass (mask, 0, mask.shape[0]) for a whole mask"
+            )
+    threads = _thread_count(workers, items)
+    if threads <= 1:
+        return _encode_items(items, 0)
+    # Contiguous slices keep the order and cost one task per thread.
+    bounds = np.linspace(0, len(items), threads + 1).astype(int)
+    with ThreadPoolExecutor(threads, thread_name_prefix="rle") as pool:
+        parts = pool.map(_encode_items, [items[a:b] for a, b in zip(bounds, bounds[1:])], bounds[:-1])
+        return [rle for part in parts for rle in part]
+
+
+def _thread_count(workers, items) -> int:
+    if workers is None:
+        return 1
+    workers = _index(workers, "workers", minimum=1)
+    pixels = sum(int(np.size(item[0])) for item in items)
+    return max(1, min(workers, len(items), 1 + pixels // _PARALLEL_MIN_PIXELS))
+
+
+def _encode_items(items, first: int) -> list[list[int]]:
+    out = []
+    for i, (band, top, height) in enumerate(items, first):
+        try:
+            out.append(band_to_rle(band, top, height))
+        except (TypeError, ValueError) as exc:
+            if type(exc) not in (TypeError, ValueError):
+                raise
+            raise type(exc)(f"bands[{i}]: {exc}") from exc
+    return out
+
+
+def _encode_runs(run_starts: np.ndarray, first_on: bool, n: int) -> list[int]:
+    """The RLE bytes of an ``n``-pixel flat mask given by its run boundaries.
+
+    ``run_starts``: sorted int64 pixel indices in (0, n) where the value changes
+    (the start of every run but the first); ``first_on``: whether pixel 0 is
+    foreground. Runs alternate between background and foreground.
+    """
+    run_values = np.diff(np.concatenate(([0], run_starts, [n]))) * 4  # 4 channels per pixel
+    # The narrowest field that holds n - 1 for a run of n values: 3 bits up to 8,
+    # 4 up to 16, 8 up to 256, else 16. Runs over 65536 values are split into full
+    # 65536-value chunks followed by the remainder, all in the 16-bit field (even a
+    # small remainder, as the SDK does). Every run covers a multiple of 4 values, so
+    # the SDK's special case for a run of one value (a literal token) never occurs.
+    field = np.searchsorted(_FIELD_LIMITS, run_values)
+    width = _FIELD_WIDTHS[field]
+    # Runs alternate between background and foreground, starting with pixel 0.
+    colour = ((np.arange(run_values.size) + int(first_on)) & 1) * 255
+    # Repeat flag, field index, (n - 1 left as zeros), the repeated value.
+    head = ((4 | field) << width << _WORD_BITS) | colour
+    if run_values.max() > _MAX_CHUNK:
+        chunks = (run_values - 1) // _MAX_CHUNK + 1
+        head, width = np.repeat(head, chunks), np.repeat(width, chunks)
+        length = np.full(head.size, _MAX_CHUNK, dtype=np.int64)
+        length[np.cumsum(chunks) - 1] = run_values - (chunks - 1) * _MAX_CHUNK
     else:
         length = run_values
-    # Every run covers a multiple of 4 values, so the SDK's special case for a run of
-    # exactly one value (a literal token) never occurs here.
-    field = np.where(long_run, 3, np.searchsorted([8, 16, 256], length))
-    width = _FIELD_WIDTHS[field]
-    code = ((((4 | field) << width) | (length - 1)) << _WORD_BITS) | colour
+    code = head | ((length - 1) << _WORD_BITS)
     codes = np.concatenate(([n * 4, _HEADER_TAIL], code))
     bits = np.concatenate(([32, 21], 3 + width + _WORD_BITS))
     return _pack(codes, bits).tolist()
@@ -94,7 +202,7 @@ def rle_to_mask(rle: list[int] | np.ndarray, height: int, width: int) -> np.ndar
     height*width*4 values or the stream ends before producing them.
     """
     data = _as_bytes(rle)
-    h, w = _dimension(height, "height"), _dimension(width, "width")
+    h, w = _index(height, "height", minimum=1), _index(width, "width", minimum=1)
     expected = h * w * 4
     if data.size * 8 < _HEADER_BITS:
         raise ValueError(
@@ -130,45 +238,64 @@ def rle_to_mask(rle: list[int] | np.ndarray, height: int, width: int) -> np.ndar
     return np.repeat(values != 0, seg_pixels).reshape(h, w)
 
 
-def _flat_foreground(mask) -> np.ndarray:
+def _foreground(mask, name: str) -> np.ndarray:
+    """``mask`` as a 2-D bool array (nonzero is foreground); checks dtype and rank."""
     arr = np.asarray(mask)
     if arr.dtype != bool and not (
         np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.complexfloating)
     ):
         raise TypeError(
-            f"mask must be a bool or real numeric array, got dtype {arr.dtype}; "
-            "convert it with mask.astype(bool)"
+            f"{name} must be a bool or real numeric array, got dtype {arr.dtype}; "
+            f"convert it with {name}.astype(bool)"
         )
     if arr.ndim != 2:
         raise ValueError(
-            f"mask must be 2-D (height, width), got shape {arr.shape}; "
-            "for a multi-channel image pick one channel first, e.g. mask[..., 0]"
+            f"{name} must be 2-D (rows, width), got shape {arr.shape}; "
+            f"for a multi-channel image pick one channel first, e.g. {name}[..., 0]"
         )
-    if arr.size == 0:
-        raise ValueError(f"mask has no pixels (shape {arr.shape}); height and width must be >= 1")
-    if arr.size * 4 >= 1 << 32:
+    return arr if arr.dtype == bool else arr != 0
+
+
+def _check_value_count(pixels: int, what: str) -> None:
+    if pixels * 4 >= 1 << 32:
         raise ValueError(
-            f"mask of shape {arr.shape} has too many pixels for the 32-bit value count "
+            f"{what} has too many pixels for the 32-bit value count "
             "(at most 2**30 - 1 pixels)"
         )
-    if arr.dtype == bool:
-        return arr.ravel()
-    return (arr != 0).ravel()
 
 
-def _change_points(flat: np.ndarray) -> np.ndarray:
-    """Sorted indices i > 0 with flat[i] != flat[i - 1], for a 1-D bool array.
+def _index(value, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (numpy ints accepted, bool and float not)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if index < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {index}")
+    return index
 
-    Equivalent to ``np.flatnonzero(flat[1:] != flat[:-1]) + 1`` but about twice as
-    fast on real masks: the comparison runs on bit-packed 64-pixel words, so only
-    the few words that contain a change are looked at bit by bit.
+
+def _change_points(flat: np.ndarray, edges: bool = False) -> np.ndarray:
+    """Sorted indices i with flat[i] != flat[i - 1], for a 1-D bool array of n >= 1.
+
+    ``edges=False``: 0 < i < n, i.e. ``np.flatnonzero(flat[1:] != flat[:-1]) + 1``.
+    ``edges=True``: as if background pixels surrounded ``flat``, so 0 is included
+    when ``flat[0]`` is set and n when ``flat[-1]`` is set.
+
+    About twice as fast as the ``flatnonzero`` form on real masks: the comparison
+    runs on bit-packed 64-pixel words, so only the few words that contain a change
+    are looked at bit by bit.
     """
     n = flat.size
-    packed = np.zeros(-(-n // 64) * 8, dtype=np.uint8)
+    # At least one zero bit of padding after the last pixel, so a set last pixel
+    # always shows up as a change at n.
+    packed = np.zeros((n // 64 + 1) * 8, dtype=np.uint8)
     packed[: -(-n // 8)] = np.packbits(flat, bitorder="little")
     word = packed.view("<u8").astype(np.uint64)  # bit j of word q is pixel 64*q + j
     carry = np.empty_like(word)  # bit 0: the last pixel of the previous word
-    carry[0] = word[0] & _ONE
+    carry[0] = 0 if edges else word[0] & _ONE
     np.right_shift(word[:-1], np.uint64(63), out=carry[1:])
     change = word ^ ((word << _ONE) | carry)
     where = np.flatnonzero(change != 0)
@@ -183,8 +310,9 @@ def _change_points(flat: np.ndarray) -> np.ndarray:
         change &= change - _ONE
         left = change != 0
         where, change, slot = where[left], change[left], slot[left] + 1
-    # The zero padding after the last pixel reads as a change when that pixel is set.
-    return out[: out.size - 1] if out.size and out[-1] == n else out
+    if not edges and out.size and out[-1] == n:
+        return out[:-1]
+    return out
 
 
 def _pack(codes: np.ndarray, bits: np.ndarray) -> np.ndarray:
@@ -225,18 +353,6 @@ def _as_bytes(rle) -> np.ndarray:
             "pass the 'rle' list of a brushlabels result"
         )
     return arr.astype(np.uint8)
-
-
-def _dimension(value, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        size = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if size < 1:
-        raise ValueError(f"{name} must be >= 1, got {size}")
-    return size
 
 
 def _byte_words(data: np.ndarray) -> np.ndarray:

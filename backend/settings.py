@@ -71,7 +71,8 @@ class Settings:
     text_threshold: float = 0.25
     nms_threshold: float = 0.7
     max_detections: int = 100
-    batch_size: int | None = 8
+    batch_size: int | None = 8  # None = auto: from free GPU memory (8 on the CPU)
+    compile: bool = False  # torch.compile the encoders, with shape buckets (slow first batches)
     label_studio_url: str | None = None
     label_studio_api_key: str | None = field(default=None, repr=False)
     local_files_root: str | None = None
@@ -115,6 +116,7 @@ class Settings:
             nms_threshold=_number(env, "NMS_THRESHOLD", 0.7, float, 0.0, 1.0),
             max_detections=_number(env, "MAX_DETECTIONS", 100, int, 1, 1000),
             batch_size=_batch_size(env),
+            compile=_bool(env, "COMPILE", False),
             label_studio_url=ls_url.rstrip("/") if ls_url else None,
             label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY", None),
             local_files_root=_text(env, "LOCAL_FILES_DOCUMENT_ROOT", None),

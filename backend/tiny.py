@@ -1,8 +1,11 @@
-"""Tiny random-weight Grounding DINO and SAM, built from configs and saved as normal model folders.
+"""Random-weight Grounding DINO and SAM, built from configs and saved as normal model folders.
 
 No weights can be downloaded in CI, so tests and a first try load these with the same
 ``from_pretrained`` code that loads the real hub models. Their outputs are meaningless but
 deterministic for a given seed; their shapes, frames and processors are the real ones.
+
+Two sizes: ``tiny`` (tests, a first try: seconds on a CPU) and ``real`` (the shapes of
+grounding-dino-tiny and sam-vit-huge, for benchmarks: speed does not depend on weight values).
 """
 
 from __future__ import annotations
@@ -52,8 +55,18 @@ def _check_special_ids(vocab: list[str]) -> None:
         raise RuntimeError(f"tiny vocab ids {actual} differ from bert-base-uncased's {expected}")
 
 
-def build_tiny_grounding_dino(out_dir: Path, seed: int = 0) -> Path:
+def _save_grounding_dino(config: GroundingDinoConfig, vocab: list[str], image_processor, out_dir: Path,
+                         seed: int) -> Path:
     torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(config).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True).save_pretrained(out_dir)
+    image_processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_grounding_dino(out_dir: Path, seed: int = 0) -> Path:
     vocab = bert_compatible_vocab()
     _check_special_ids(vocab)
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
@@ -65,34 +78,64 @@ def build_tiny_grounding_dino(out_dir: Path, seed: int = 0) -> Path:
         backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
         encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
         num_queries=30, encoder_n_points=2, decoder_n_points=2, max_text_len=64)
-    model = GroundingDinoForObjectDetection(config).eval()
+    return _save_grounding_dino(config, vocab, GroundingDinoImageProcessorPil(size=TINY_DINO_SIZE), out_dir, seed)
+
+
+def build_real_size_grounding_dino(out_dir: Path, seed: int = 0) -> Path:
+    """grounding-dino-tiny's shapes: Swin-T, BERT-base (a small vocab: only the embedding table
+    shrinks), 900 queries, 800x1333 input."""
+    vocab = bert_compatible_vocab()
+    _check_special_ids(vocab)
+    config = GroundingDinoConfig(text_config=BertConfig(vocab_size=len(vocab)))
+    return _save_grounding_dino(config, vocab, GroundingDinoImageProcessorPil(), out_dir, seed)
+
+
+def _save_sam(config: SamConfig, image_processor, out_dir: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = SamModel(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True).save_pretrained(out_dir)
-    GroundingDinoImageProcessorPil(size=TINY_DINO_SIZE).save_pretrained(out_dir)
+    model.eval().save_pretrained(out_dir)
+    image_processor.save_pretrained(out_dir)
     return out_dir
 
 
 def build_tiny_sam(out_dir: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
     vision = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
                              output_channels=32, image_size=TINY_SAM_SIZE, patch_size=16, window_size=4,
                              global_attn_indexes=[1], num_pos_feats=16)
     prompt = SamPromptEncoderConfig(hidden_size=32, image_size=TINY_SAM_SIZE, patch_size=16, mask_input_channels=4)
     decoder = SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
                                    iou_head_hidden_dim=32)
-    model = SamModel(SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.eval().save_pretrained(out_dir)
     low_res = TINY_SAM_SIZE // 4  # SAM's decoder upsamples the embedding grid 4x
-    SamImageProcessorPil(
+    processor = SamImageProcessorPil(
         size={"longest_edge": TINY_SAM_SIZE}, pad_size={"height": TINY_SAM_SIZE, "width": TINY_SAM_SIZE},
         mask_size={"longest_edge": low_res}, mask_pad_size={"height": low_res, "width": low_res},
-    ).save_pretrained(out_dir)
-    return out_dir
+    )
+    config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    return _save_sam(config, processor, out_dir, seed)
+
+
+SAM_VISION_SIZES = {  # SamVisionConfig of the published checkpoints (all 1024 input, patch 16)
+    "vit-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_dim=3072,
+                  global_attn_indexes=[2, 5, 8, 11]),
+    "vit-h": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, mlp_dim=5120,
+                  global_attn_indexes=[7, 15, 23, 31]),
+}
+
+
+def build_real_size_sam(out_dir: Path, seed: int = 0, size: str = "vit-h") -> Path:
+    """sam-vit-huge's shapes (or sam-vit-base's with ``size="vit-b"``), 1024 input."""
+    vision = SamVisionConfig(**SAM_VISION_SIZES[size])
+    return _save_sam(SamConfig(vision_config=vision), SamImageProcessorPil(), out_dir, seed)
 
 
 def make_tiny_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     """Write ``out_dir/grounding-dino`` and ``out_dir/sam``; returns their paths."""
     root = Path(out_dir)
     return build_tiny_grounding_dino(root / "grounding-dino", seed), build_tiny_sam(root / "sam", seed)
+
+
+def make_real_size_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Like :func:`make_tiny_models` at the real models' sizes (~3.3 GB on disk in float32)."""
+    root = Path(out_dir)
+    return build_real_size_grounding_dino(root / "grounding-dino", seed), build_real_size_sam(root / "sam", seed)

@@ -31,23 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backend.embedcache import EmbeddingCache  # noqa: E402
 from backend.engine import SamSegmenter  # noqa: E402
 from backend.results import MaskPrompt  # noqa: E402
-
-SIZES = {  # SamVisionConfig at the published checkpoints' sizes
-    "vit-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, global_attn_indexes=[2, 5, 8, 11]),
-    "vit-h": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
-                  global_attn_indexes=[7, 15, 23, 31]),
-}
-
-
-def build_sam(size: str, out: Path) -> Path:
-    from transformers import SamConfig, SamModel, SamVisionConfig
-    from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
-
-    torch.manual_seed(0)
-    SamModel(SamConfig(vision_config=SamVisionConfig(**SIZES[size]))).eval().save_pretrained(out)
-    SamImageProcessorPil().save_pretrained(out)
-    return out
-
+from backend.tiny import SAM_VISION_SIZES, build_real_size_sam  # noqa: E402
 
 def photo(seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -63,7 +47,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="vit-b")
+    parser.add_argument("--size", choices=sorted(SAM_VISION_SIZES), default="vit-b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeat", type=int, default=3, help="first clicks (each on a new image)")
     parser.add_argument("--second-clicks", type=int, default=20)
@@ -74,7 +58,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     with tempfile.TemporaryDirectory() as tmp:
-        source = build_sam(args.size, Path(tmp) / "sam")
+        source = build_real_size_sam(Path(tmp) / "sam", size=args.size)
         segmenter = SamSegmenter(str(source), device, dtype, batch_size=1, cache=EmbeddingCache(2**31))
         click = [MaskPrompt(None, np.array([[960.0, 540.0]]), np.array([1]))]
         images = [photo(seed) for seed in range(args.repeat + 1)]

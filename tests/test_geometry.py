@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from backend.engine import Engine, SamSegmenter
-from backend.results import Detections
+from backend.results import CompactMask, Detections
 from backend.labelconfig import parse_label_config
 from backend.pipeline import Pipeline
 from backend.rle import rle_to_mask
@@ -32,7 +32,7 @@ class MarkerStubDetector:
 
     def detect(self, images, phrases):
         results = []
-        for image in images:
+        for image in images:  # the engine hands a model without prepare() the PIL image itself
             self.seen_sizes.append(image.size)
             pixels = np.asarray(image).astype(int)
             ys, xs = np.nonzero((pixels[..., 0] > 180) & (pixels[..., 1] < 90) & (pixels[..., 2] < 90))
@@ -50,7 +50,7 @@ class BoxFillStubSegmenter:
             out = np.zeros((len(image_boxes), image.height, image.width), bool)
             for i, (x0, y0, x1, y1) in enumerate(np.round(image_boxes).astype(int)):
                 out[i, y0:y1, x0:x1] = True
-            masks.append(out)
+            masks.append([CompactMask.from_full(mask) for mask in out])
         return masks
 
 

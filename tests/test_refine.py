@@ -10,7 +10,7 @@ import torch
 from backend.embedcache import EmbeddingCache
 from backend.labelconfig import parse_label_config
 from backend.pipeline import Pipeline
-from backend.regions import mask_box
+from backend.results import CompactMask
 from backend.rle import rle_to_mask
 from backend.results import MaskPrompt
 from backend.smartprompt import parse_smart_prompt
@@ -176,7 +176,7 @@ def test_click_gives_one_brush_and_its_bounding_rectangle_with_the_click_label(p
     brush, rect = kinds["brushlabels"], kinds["rectanglelabels"]
     assert brush["value"]["brushlabels"] == ["dog"] and rect["value"]["rectanglelabels"] == ["dog"]
     mask = rle_to_mask(brush["value"]["rle"], 48, 64)
-    x0, y0, x1, y1 = mask_box(mask)
+    x0, y0, x1, y1 = CompactMask.from_full(mask).box()
     assert rect["value"]["x"] == pytest.approx(100 * x0 / 64) and rect["value"]["width"] == pytest.approx(
         100 * (x1 - x0) / 64)
     assert 0 <= brush["score"] <= 1
@@ -207,7 +207,7 @@ def test_best_of_three_masks_by_predicted_iou(pipeline):
                               input_points=torch.tensor(points[None, None], dtype=torch.float32),
                               input_labels=torch.tensor([[[1]]]))
     assert score == pytest.approx(float(out.iou_scores[0, 0].max()))
-    assert mask.shape == (48, 64) and mask.dtype == bool
+    assert (mask.height, mask.width) == (48, 64) and mask.crop.dtype == bool
 
 
 def test_text_plus_clicks_gives_each_detection_only_the_clicks_inside_its_box():

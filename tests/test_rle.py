@@ -5,7 +5,7 @@ import pytest
 from label_studio_sdk.converter import brush
 
 import backend.rle as rle
-from backend.rle import mask_to_rle, rle_to_mask
+from backend.rle import band_to_rle, mask_to_rle, masks_to_rle, rle_to_mask
 
 
 def _ellipses(h, w, shapes):
@@ -130,6 +130,258 @@ def test_rle_input_types():
     for rle_input in (encoded, np.array(encoded, dtype=np.uint8), np.array(encoded), bytes(encoded)):
         np.testing.assert_array_equal(rle_to_mask(rle_input, 301, 199), mask)
     np.testing.assert_array_equal(rle_to_mask(encoded, np.int64(301), np.int32(199)), mask)
+
+
+# --- band_to_rle: a mask that is background outside rows [top, top + h) ---
+
+
+def _full(band, top, height):
+    """The (height, W) mask that ``band`` at row ``top`` stands for."""
+    band = np.asarray(band)
+    full = np.zeros((height, band.shape[1]), dtype=bool)
+    full[top : top + band.shape[0]] = band != 0
+    return full
+
+
+def _row_span(mask):
+    """(first, last + 1) of the rows holding foreground, (0, 0) if none."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    return (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
+
+
+@pytest.mark.parametrize("name", MASKS)
+def test_band_of_foreground_rows_matches_sdk(name, sdk_rle):
+    mask = MASKS[name]
+    height = mask.shape[0]
+    first, stop = _row_span(mask)
+    # The tight band, a band with background rows around it, and the whole mask.
+    for top, bottom in ((first, stop), (max(first - 3, 0), min(stop + 2, height)), (0, height)):
+        assert band_to_rle(mask[top:bottom], top, height) == sdk_rle[name], (top, bottom)
+
+
+def _random_band_case(rng):
+    height, width = int(rng.integers(1, 41)), int(rng.integers(1, 41))
+    h = int(rng.integers(0, height + 1))
+    top = int(rng.integers(0, height - h + 1))
+    density = rng.choice([0.0, 0.02, 0.3, 0.5, 0.9, 1.0])
+    band = rng.random((h, width)) < density
+    if h and rng.random() < 0.5:  # force foreground at the band's corners
+        band[0, 0] = band[-1, -1] = True
+    return band, top, height
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_bands_match_sdk_and_full_mask(seed):
+    rng = np.random.default_rng(1000 + seed)
+    for case in range(60):
+        band, top, height = _random_band_case(rng)
+        full = _full(band, top, height)
+        expected = _sdk_encode(full)
+        ours = band_to_rle(band, top, height)
+        assert ours == expected, (seed, case, band.shape, top, height)
+        assert ours == mask_to_rle(full)
+        np.testing.assert_array_equal(rle_to_mask(ours, *full.shape), full)
+
+
+def _rows(width, *rows):
+    """A band whose rows are given as strings of '.' (background) and '#'."""
+    band = np.array([[c == "#" for c in row] for row in rows], dtype=bool).reshape(-1, width)
+    return band
+
+
+BAND_CASES = {
+    # name: (band, top, height)
+    "empty_h0_top0": (np.zeros((0, 7), dtype=bool), 0, 5),
+    "empty_h0_top_end": (np.zeros((0, 7), dtype=bool), 5, 5),
+    "empty_h0_middle": (np.zeros((0, 1), dtype=bool), 2, 5),
+    "all_background_band": (np.zeros((3, 9), dtype=bool), 2, 8),
+    "top0_fg_first_pixel": (_rows(5, "#....", "....."), 0, 6),
+    "top0_full_band": (np.ones((2, 5), dtype=bool), 0, 6),
+    "last_row_fg_last_pixel": (_rows(5, ".....", "....#"), 4, 6),
+    "last_row_full": (np.ones((2, 5), dtype=bool), 4, 6),
+    "band_is_whole_mask_fg_corners": (_rows(4, "#..#", "....", "#..#"), 0, 3),
+    "whole_mask_full": (np.ones((3, 4), dtype=bool), 0, 3),
+    "fg_at_band_start_mid_mask": (_rows(6, "##....", "......"), 3, 9),
+    "fg_at_band_end_mid_mask": (_rows(6, "......", "....##"), 3, 9),
+    "fg_crosses_both_band_edges": (np.ones((2, 6), dtype=bool), 3, 9),
+    "single_row_band": (_rows(8, ".##..#.#"), 4, 9),
+    "single_pixel_mask_on": (np.ones((1, 1), dtype=bool), 0, 1),
+    "single_pixel_mask_off": (np.zeros((1, 1), dtype=bool), 0, 1),
+    "w1_middle": (np.array([[True], [False], [True]]), 3, 10),
+    "w1_top": (np.array([[True], [True]]), 0, 10),
+    "w1_bottom": (np.array([[False], [True]]), 8, 10),
+    "w1_all": (np.ones((10, 1), dtype=bool), 0, 10),
+    # Band sizes a multiple of the 64-pixel words, with foreground in the last pixel.
+    "band_64_pixels_fg_last": (np.ones((1, 64), dtype=bool), 2, 5),
+    "band_128_pixels_fg_edges": (np.pad(np.zeros((2, 62), dtype=bool), 1, constant_values=True), 1, 6),
+    "band_64_pixels_at_end": (np.ones((2, 32), dtype=bool), 3, 5),
+    # Runs of > 65536 values (16384 pixels) crossing the band's edges: 300 rows of
+    # 300 foreground pixels (360000 values) between 30000-pixel background runs.
+    "long_fg_run_across_band": (np.ones((300, 300), dtype=bool), 100, 500),
+    "long_fg_run_with_hole": (
+        np.pad(np.zeros((1, 1), dtype=bool), ((150, 149), (150, 149)), constant_values=True),
+        100,
+        500,
+    ),
+    "long_background_inside_band": (_full(np.ones((1, 300), dtype=bool), 0, 200)[::-1], 50, 400),
+    "long_runs_from_top": (np.ones((100, 700), dtype=bool), 0, 300),
+    "long_runs_to_bottom": (np.ones((100, 700), dtype=bool), 200, 300),
+    # Value runs on both sides of the field-width limits (8, 16, 256, 65536).
+    "field_limits_band": (_runs(_FIELD_LIMITS), 1, 3),
+    "field_limits_band_fg_first": (_runs(_FIELD_LIMITS, start=True), 0, 2),
+    "field_limits_band_at_end": (_runs(_FIELD_LIMITS, start=True), 1, 2),
+    "ellipses_1080p_band": (MASKS["ellipses_1080p"][100:541], 100, 1080),
+}
+
+
+@pytest.mark.parametrize("name", BAND_CASES)
+def test_band_edge_cases_match_sdk(name):
+    band, top, height = BAND_CASES[name]
+    full = _full(band, top, height)
+    ours = band_to_rle(band, top, height)
+    assert isinstance(ours, list) and all(type(v) is int for v in ours)
+    assert ours == _sdk_encode(full)
+    assert ours == mask_to_rle(full)
+    np.testing.assert_array_equal(rle_to_mask(ours, *full.shape), full)
+
+
+def test_empty_band_is_an_all_background_mask():
+    for height, width in ((1, 1), (5, 7), (300, 300), (1080, 1920)):
+        expected = mask_to_rle(np.zeros((height, width), dtype=bool))
+        for top in (0, height // 2, height):
+            assert band_to_rle(np.zeros((0, width), dtype=bool), top, height) == expected
+
+
+@pytest.mark.parametrize(
+    "band",
+    [
+        np.array([[0, 3, 0], [255, 0, 0]], dtype=np.uint8),
+        np.array([[0.0, -0.5, 0.0], [0.0, 0.0, np.nan]]),
+        np.array([[0, 2**40, 0], [0, 0, -1]], dtype=np.int64),
+        _noise((9, 12), 0.4, 21).T,  # non-contiguous view
+        _noise((30, 40), 0.4, 22)[5:20:2, ::3],
+    ],
+    ids=["uint8", "float_nan", "int64", "transposed", "strided"],
+)
+def test_band_numeric_and_non_contiguous(band):
+    full = _full(band, 4, 20)
+    assert band_to_rle(band, 4, 20) == _sdk_encode(full)
+    assert band_to_rle(band, np.int64(4), np.int32(20)) == _sdk_encode(full)
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ((np.zeros(5, dtype=bool), 0, 5), ValueError, "2-D"),
+        ((np.zeros((2, 3, 4), dtype=bool), 0, 5), ValueError, "2-D"),
+        ((np.zeros((2, 0), dtype=bool), 0, 5), ValueError, "width"),
+        ((np.zeros((0, 0), dtype=bool), 0, 5), ValueError, "width"),
+        ((np.array([["a", "b"]]), 0, 5), TypeError, "bool or real numeric"),
+        ((np.array([[1j, 0]]), 0, 5), TypeError, "bool or real numeric"),
+        ((np.zeros((2, 3), dtype=bool), -1, 5), ValueError, "top must be >= 0"),
+        ((np.zeros((2, 3), dtype=bool), 4, 5), ValueError, r"rows \[4, 6\).*height 5"),
+        ((np.zeros((6, 3), dtype=bool), 0, 5), ValueError, r"rows \[0, 6\).*height 5"),
+        ((np.zeros((0, 3), dtype=bool), 6, 5), ValueError, r"rows \[6, 6\).*height 5"),
+        ((np.zeros((0, 3), dtype=bool), 0, 0), ValueError, "height must be >= 1"),
+        ((np.zeros((2, 3), dtype=bool), 1.0, 5), TypeError, "top must be an int"),
+        ((np.zeros((2, 3), dtype=bool), True, 5), TypeError, "top must be an int, got bool"),
+        ((np.zeros((2, 3), dtype=bool), 0, "5"), TypeError, "height must be an int"),
+        ((np.zeros((2, 3), dtype=bool), 0, 5.0), TypeError, "height must be an int"),
+        ((np.zeros((0, 1 << 15), dtype=bool), 0, 1 << 15), ValueError, "too many pixels"),
+    ],
+)
+def test_band_rejects_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        band_to_rle(*args)
+
+
+# --- masks_to_rle: many masks at once ---
+
+
+def _batch(count, seed):
+    """``count`` distinct (band, top, height) items of mixed sizes, empty ones included."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(count):
+        height, width = int(rng.integers(1, 90)), int(rng.integers(1, 120))
+        h = 0 if i % 7 == 3 else int(rng.integers(1, height + 1))
+        top = int(rng.integers(0, height - h + 1))
+        items.append((rng.random((h, width)) < rng.uniform(0.05, 0.95), top, height))
+    return items
+
+
+@pytest.mark.parametrize("workers", [None, 1, 2, 3, 64])
+def test_masks_to_rle_matches_each_mask_in_order(workers, monkeypatch):
+    items = _batch(23, seed=5)
+    expected = [_sdk_encode(_full(*item)) for item in items]
+    assert masks_to_rle(items, workers=workers) == expected
+    # The same with the threshold at 1 pixel, so that the thread pool really runs.
+    monkeypatch.setattr(rle, "_PARALLEL_MIN_PIXELS", 1)
+    assert masks_to_rle(items, workers=workers) == expected
+    assert masks_to_rle(items[::-1], workers=workers) == expected[::-1]
+
+
+def test_masks_to_rle_uses_threads_only_when_asked_and_worth_it(monkeypatch):
+    import threading
+
+    seen, barrier = [], None
+
+    def spy(band, top, height):
+        seen.append(threading.current_thread().name)
+        if barrier is not None:  # returns only once 4 threads encode at the same time
+            barrier.wait(timeout=30)
+        return [top]
+
+    monkeypatch.setattr(rle, "band_to_rle", spy)
+    items = [(np.zeros((1, 1), dtype=bool), i, 99) for i in range(12)]
+    assert masks_to_rle(items) == [[i] for i in range(12)]
+    assert masks_to_rle(items, workers=4) == [[i] for i in range(12)]  # too few pixels
+    assert set(seen) == {threading.current_thread().name}
+    seen.clear()
+    monkeypatch.setattr(rle, "_PARALLEL_MIN_PIXELS", 1)
+    barrier = threading.Barrier(4)
+    assert masks_to_rle(items, workers=4) == [[i] for i in range(12)]
+    assert len(set(seen)) == 4 and all(name.startswith("rle") for name in seen)
+
+
+def test_masks_to_rle_accepts_whole_masks_tuples_and_empty_input():
+    masks = [MASKS["301x199"], MASKS["noise_10pct"], MASKS["empty"]]
+    items = tuple((m, 0, m.shape[0]) for m in masks)
+    assert masks_to_rle(items) == [mask_to_rle(m) for m in masks]
+    assert masks_to_rle(iter(items), workers=2) == [mask_to_rle(m) for m in masks]
+    assert masks_to_rle([]) == [] and masks_to_rle([], workers=4) == []
+
+
+@pytest.mark.parametrize("threshold", [1 << 40, 1])
+def test_masks_to_rle_names_the_bad_item(threshold, monkeypatch):
+    monkeypatch.setattr(rle, "_PARALLEL_MIN_PIXELS", threshold)
+    good = (np.ones((2, 3), dtype=bool), 0, 5)
+    with pytest.raises(ValueError, match=r"^bands\[2\]: band rows \[4, 6\)"):
+        masks_to_rle([good, good, (np.ones((2, 3), dtype=bool), 4, 5), good], workers=2)
+    with pytest.raises(TypeError, match=r"^bands\[1\]: top must be an int"):
+        masks_to_rle([good, (np.ones((2, 3), dtype=bool), 0.5, 5)], workers=2)
+
+
+@pytest.mark.parametrize(
+    "items, match",
+    [
+        ([np.ones((2, 3), dtype=bool)], r"bands\[0\] must be a \(band, top, height\) tuple, got ndarray"),
+        ([(np.ones((2, 3), dtype=bool), 0, 2), (np.ones((2, 3), dtype=bool), 0)], r"bands\[1\].*length 2"),
+        ([[np.ones((2, 3), dtype=bool), 0, 2]], r"bands\[0\].*got list"),
+    ],
+)
+def test_masks_to_rle_rejects_bad_items(items, match):
+    with pytest.raises(TypeError, match=match):
+        masks_to_rle(items)
+
+
+@pytest.mark.parametrize(
+    "workers, error, match",
+    [(0, ValueError, ">= 1"), (-2, ValueError, ">= 1"), (1.5, TypeError, "int"), ("2", TypeError, "int"), (True, TypeError, "bool")],
+)
+def test_masks_to_rle_rejects_bad_workers(workers, error, match):
+    with pytest.raises(error, match=f"workers.*{match}"):
+        masks_to_rle([(np.ones((2, 3), dtype=bool), 0, 2)], workers=workers)
 
 
 # --- streams the SDK's mask2rle never writes (literal blocks, other field widths) ---

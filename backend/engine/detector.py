@@ -1,0 +1,183 @@
+"""Grounding DINO: text phrases → boxes, in the pixel frame of the EXIF-transposed image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoTokenizer, GroundingDinoForObjectDetection
+from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
+
+from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
+from backend.results import Detections
+
+
+def chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host → device; through pinned memory and a non-blocking copy on CUDA, so the copy overlaps."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, dtype=dtype, non_blocking=True)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy non-maximum suppression. boxes (N, 4) XYXY, scores (N,) → kept indices, best first."""
+    order = np.argsort(-scores, kind="stable")
+    x0, y0, x1, y1 = boxes[order].T
+    areas = np.maximum(x1 - x0, 0) * np.maximum(y1 - y0, 0)
+    inter_w = np.clip(np.minimum(x1[:, None], x1[None]) - np.maximum(x0[:, None], x0[None]), 0, None)
+    inter_h = np.clip(np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None]), 0, None)
+    inter = inter_w * inter_h
+    iou = inter / np.maximum(areas[:, None] + areas[None] - inter, 1e-9)
+    suppressed = np.zeros(len(order), bool)
+    keep = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= iou[i] > iou_threshold
+    return order[np.array(keep, dtype=np.int64)]
+
+
+@dataclass(frozen=True)
+class DinoInput:
+    """One image ready for DINO: pixels (3, h, w) float32 normalized and padded to its canvas,
+    pixel_mask (h, w) int64 (1 = image, 0 = padding), and the (H, W) of the original image."""
+
+    pixels: torch.Tensor
+    pixel_mask: torch.Tensor
+    size: tuple[int, int]
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        return tuple(self.pixels.shape[1:])  # type: ignore[return-value]
+
+
+class GroundingDinoDetector:
+    """Text prompt → boxes with Grounding DINO (transformers implementation).
+
+    ``prepare(image)`` is the CPU half (resize, normalize, pad; thread-safe, run it ahead of the
+    GPU); ``detect(inputs, phrases)`` runs the model on batches of prepared images and returns one
+    :class:`Detections` per image. Each box is grounded to the phrase whose tokens score highest
+    for it, so a detection always names one of the prompt phrases.
+
+    Batching is exact: every image is padded to a canvas that depends only on its orientation, so
+    an image gets the same boxes alone or in a batch.
+    """
+
+    def __init__(self, source: str, device: torch.device, dtype: torch.dtype, *, box_threshold: float,
+                 text_threshold: float, nms_threshold: float, max_detections: int, batch_size: int,
+                 compile: bool = False):
+        self.device, self.dtype = device, dtype
+        self.box_threshold, self.text_threshold = box_threshold, text_threshold
+        self.nms_threshold, self.max_detections, self.batch_size = nms_threshold, max_detections, batch_size
+        self.image_processor = GroundingDinoImageProcessorPil.from_pretrained(source)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        # Its multi-scale deformable attention has no SDPA form; the text/image attentions are eager.
+        self.model = GroundingDinoForObjectDetection.from_pretrained(source, dtype=dtype).to(device).eval()
+        self.compiled = compile
+        if compile:
+            # The Swin backbone is most of DINO's arithmetic and sees only the two canvas shapes.
+            # The rest (deformable attention, text fusion, .item() calls) breaks graphs and takes
+            # minutes to compile for a few percent, so it stays eager.
+            swin = self.model.model.backbone.conv_encoder.model
+            swin.forward = maybe_compile(swin.forward, True, "grounding-dino backbone")
+        self.max_text_len = self.model.config.max_text_len
+        self.dot_id = self.tokenizer.convert_tokens_to_ids(".")
+        size = self.image_processor.size
+        self.short_edge, self.long_edge = size["shortest_edge"], size["longest_edge"]
+
+    def canvas_for(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) every image of this orientation is padded to, alone or batched."""
+        if height <= width:
+            return self.short_edge, self.long_edge
+        return self.long_edge, self.short_edge
+
+    def prepare(self, image: Image.Image) -> DinoInput:
+        canvas = self.canvas_for(image.width, image.height)
+        inputs = self.image_processor(images=[image], return_tensors="pt",
+                                      pad_size={"height": canvas[0], "width": canvas[1]})
+        return DinoInput(inputs["pixel_values"][0], inputs["pixel_mask"][0], (image.height, image.width))
+
+    @torch.inference_mode()
+    def detect(self, inputs: Sequence[DinoInput | Image.Image], phrases: Sequence[Sequence[str]]) -> list[Detections]:
+        """Per image its detections: (N, 4) XYXY float32 pixels of that image, scores, phrases."""
+        if len(inputs) != len(phrases):
+            raise ValueError(f"got {len(inputs)} images but {len(phrases)} phrase lists: pass one per image")
+        prepared = [item if isinstance(item, DinoInput) else self.prepare(item) for item in inputs]
+        results: list[Detections | None] = [None] * len(prepared)
+        by_canvas: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(prepared):
+            if phrases[index]:
+                by_canvas.setdefault(item.canvas, []).append(index)
+            else:
+                results[index] = Detections.empty()
+        for indices in by_canvas.values():
+            for chunk in chunks(indices, self.batch_size):
+                batch = self._run([prepared[i] for i in chunk], [phrases[i] for i in chunk])
+                for index, detections in zip(chunk, batch):
+                    results[index] = detections
+        return results  # type: ignore[return-value]
+
+    def _run(self, items: list[DinoInput], phrases: list[Sequence[str]]) -> list[Detections]:
+        prompts = [" . ".join(p) + " ." for p in phrases]
+        text = self.tokenizer(prompts, return_tensors="pt", padding="longest", truncation=True,
+                              max_length=self.max_text_len)
+        text = {k: v for k, v in text.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        pixels, pixel_mask = torch.stack([i.pixels for i in items]), torch.stack([i.pixel_mask for i in items])
+        if self.compiled:  # round the batch up to a bucket so the compiled backbone is reused
+            rows = batch_bucket(len(items), self.batch_size)
+            text = {k: pad_rows(v, rows) for k, v in text.items()}
+            pixels, pixel_mask = pad_rows(pixels, rows), pad_rows(pixel_mask, rows)
+        model_inputs = {k: to_device(v, self.device) for k, v in text.items()}
+        model_inputs["pixel_values"] = to_device(pixels, self.device, self.dtype)
+        model_inputs["pixel_mask"] = to_device(pixel_mask, self.device)
+        outputs = self.model(**model_inputs)
+        count = len(items)
+        probs = outputs.logits[:count].float().sigmoid().cpu().numpy()  # (B, Q, max_text_len)
+        boxes = outputs.pred_boxes[:count].float().cpu().numpy()  # (B, Q, 4) cxcywh in [0, 1] of the unpadded image
+        input_ids = text["input_ids"][:count].numpy()
+        return [self._postprocess(probs[b], boxes[b], input_ids[b], phrases[b], items[b].size)
+                for b in range(count)]
+
+    def _phrase_spans(self, input_ids: np.ndarray, count: int) -> list[tuple[int, int]]:
+        """Token [start, end) of each phrase: the runs between [CLS], '.' separators and [SEP]."""
+        spans, start = [], 1
+        for position, token in enumerate(input_ids[1:], start=1):
+            if token == self.dot_id or token == self.tokenizer.sep_token_id:
+                # An empty span (a phrase that tokenized to nothing) is kept so later phrases stay aligned.
+                spans.append((start, position))
+                start = position + 1
+                if token != self.dot_id:
+                    break
+        return spans[:count]  # a truncated prompt loses its last phrases, never shifts them
+
+    def _postprocess(self, probs, cxcywh, input_ids, phrases, size: tuple[int, int]) -> Detections:
+        spans = self._phrase_spans(input_ids, len(phrases))
+        if not spans:
+            return Detections.empty()
+        per_phrase = np.stack([probs[:, s:e].max(axis=1) if e > s else np.zeros(len(probs), probs.dtype)
+                               for s, e in spans], axis=1)  # (Q, P)
+        phrase_index = per_phrase.argmax(axis=1)
+        scores = per_phrase.max(axis=1)
+        height, width = size
+        cx, cy, w, h = cxcywh.T
+        xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * [width, height, width, height]
+        xyxy = np.clip(xyxy, 0, [width, height, width, height]).astype(np.float32)
+        keep = (scores > self.box_threshold) & (scores >= self.text_threshold)
+        keep &= (xyxy[:, 2] - xyxy[:, 0] >= 1) & (xyxy[:, 3] - xyxy[:, 1] >= 1)
+        candidates = np.flatnonzero(keep)
+        if len(candidates) == 0:
+            return Detections.empty()
+        # Per-phrase NMS in one call: shift each phrase's boxes far apart so they never overlap.
+        offsets = phrase_index[candidates, None] * (max(width, height) + 1)
+        kept = candidates[nms(xyxy[candidates] + offsets, scores[candidates], self.nms_threshold)]
+        kept = kept[: self.max_detections]
+        return Detections(boxes=xyxy[kept], scores=scores[kept].astype(np.float32),
+                          phrases=tuple(phrases[i] for i in phrase_index[kept]))

@@ -1,0 +1,162 @@
+"""SAM: boxes or clicks → masks, in the pixel frame of the EXIF-transposed image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import SamModel, SamProcessor
+from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
+
+from backend.embedcache import EmbeddingCache
+from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
+from backend.engine.detector import chunks, to_device
+from backend.engine.masks import DEFAULT_BUDGET_BYTES, upsample_masks
+from backend.results import CompactMask, MaskPrompt
+
+
+@dataclass(frozen=True)
+class SamInput:
+    """One image ready for SAM's encoder: pixels (3, S, S) float32, normalized and padded to SAM's
+    square; original_size (H, W) of the image; reshaped_size (h, w) of its resized copy in the square."""
+
+    pixels: torch.Tensor
+    original_size: tuple[int, int]
+    reshaped_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """SAM's image embedding of one image: (1, C, h, w) on the model's device, plus the sizes
+    (H, W) of the original image and of its resized copy inside SAM's padded square."""
+
+    embeddings: torch.Tensor
+    original_size: tuple[int, int]
+    reshaped_size: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.embeddings.numel() * self.embeddings.element_size()
+
+
+class SamSegmenter:
+    """Boxes or clicks → masks with SAM (transformers implementation).
+
+    ``prepare(image)`` is the CPU half (resize, normalize, pad; thread-safe). ``segment(inputs,
+    boxes)`` takes prepared images (or PIL images) and per image an ``(N, 4)`` XYXY pixel array; it
+    returns per image N :class:`CompactMask`. The encoder runs once per image batch, the decoder once
+    per batch for all its boxes, and the masks are upsampled on the device. With ``keys`` (content
+    hashes) embeddings go through ``cache``, so a later click on the image skips the encoder.
+    ``refine(image, key, prompts)`` runs the decoder on click/box prompts (see :class:`MaskPrompt`).
+    """
+
+    def __init__(self, source: str, device: torch.device, dtype: torch.dtype, *, batch_size: int,
+                 cache: EmbeddingCache | None = None, compile: bool = False,
+                 mask_budget_bytes: int = DEFAULT_BUDGET_BYTES):
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.image_processor = SamImageProcessorPil.from_pretrained(source)
+        self.processor = SamProcessor(image_processor=self.image_processor)
+        self.model = SamModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        self.square = self.image_processor.pad_size["height"]
+        self.cache = cache if cache is not None else EmbeddingCache(0)
+        self.compiled = compile
+        self._encode = maybe_compile(self.model.get_image_embeddings, compile, "sam-encoder")
+        self.mask_budget_bytes = mask_budget_bytes
+
+    def prepare(self, image: Image.Image) -> SamInput:
+        inputs = self.image_processor(images=[image], return_tensors="pt")
+        return SamInput(inputs["pixel_values"][0], tuple(inputs["original_sizes"][0].tolist()),
+                        tuple(inputs["reshaped_input_sizes"][0].tolist()))
+
+    def _prepared(self, items: Sequence[SamInput | Image.Image]) -> list[SamInput]:
+        return [item if isinstance(item, SamInput) else self.prepare(item) for item in items]
+
+    @torch.inference_mode()
+    def embed(self, inputs: Sequence[SamInput | Image.Image], keys: Sequence[str | None] | None = None) -> list[ImageEmbedding]:
+        """One embedding per image; cached ones come from the cache, the rest in one encoder batch."""
+        keys = list(keys) if keys is not None else [None] * len(inputs)
+        found: dict[int, ImageEmbedding] = {}
+        missing = []
+        for i, key in enumerate(keys):
+            cached = self.cache.get(key) if key is not None else None
+            if cached is not None:
+                found[i] = cached
+            else:
+                missing.append(i)
+        if missing:
+            prepared = self._prepared([inputs[i] for i in missing])
+            pixels = torch.stack([p.pixels for p in prepared])
+            if self.compiled:
+                pixels = pad_rows(pixels, batch_bucket(len(prepared), self.batch_size))
+            encoded = self._encode(to_device(pixels, self.device, self.dtype))
+            for row, (i, item) in enumerate(zip(missing, prepared)):
+                embedding = ImageEmbedding(encoded[row:row + 1], item.original_size, item.reshaped_size)
+                if keys[i] is not None:
+                    # A cached row view would keep the whole batch's embeddings alive: copy it out.
+                    embedding = ImageEmbedding(embedding.embeddings.clone(), item.original_size, item.reshaped_size)
+                    self.cache.put(keys[i], embedding)
+                found[i] = embedding
+        return [found[i] for i in range(len(inputs))]
+
+    @torch.inference_mode()
+    def segment(self, inputs: Sequence[SamInput | Image.Image], boxes: Sequence[np.ndarray],
+                keys: Sequence[str | None] | None = None) -> list[list[CompactMask]]:
+        if len(inputs) != len(boxes):
+            raise ValueError(f"got {len(inputs)} images but {len(boxes)} box arrays: pass one per image")
+        results: list[list[CompactMask]] = [[] for _ in inputs]
+        todo = [i for i, b in enumerate(boxes) if len(b)]
+        for chunk in chunks(todo, self.batch_size):
+            embeddings = self.embed([inputs[i] for i in chunk], [keys[i] for i in chunk] if keys else None)
+            for index, masks in zip(chunk, self._decode_boxes(embeddings, [boxes[i] for i in chunk])):
+                results[index] = masks
+        return results
+
+    def _to_sam_frame(self, coords: np.ndarray, embedding: ImageEmbedding, is_box: bool) -> np.ndarray:
+        # The processor's own transform (pinned transformers: it needs images to run its public path).
+        return self.processor._normalize_coordinates(self.processor.target_size, coords, embedding.original_size,
+                                                     is_bounding_box=is_box)
+
+    def _masks(self, logits: torch.Tensor, embedding: ImageEmbedding) -> list[CompactMask]:
+        """(N, h, w) decoder logits → N compact masks of the original image, upsampled on the device."""
+        return upsample_masks(logits, self.square, embedding.reshaped_size, embedding.original_size,
+                              budget_bytes=self.mask_budget_bytes)
+
+    def _decode_boxes(self, embeddings: list[ImageEmbedding], boxes: list[np.ndarray]) -> list[list[CompactMask]]:
+        # The decoder takes the same box count per image: pad with copies of the first box and
+        # drop their masks afterwards (each box is decoded independently, so padding is inert).
+        most = max(len(b) for b in boxes)
+        padded = np.stack([self._to_sam_frame(np.concatenate([b, np.repeat(b[:1], most - len(b), axis=0)]), e, True)
+                           for b, e in zip(boxes, embeddings)])
+        outputs = self.model(image_embeddings=torch.cat([e.embeddings for e in embeddings]), multimask_output=False,
+                             input_boxes=to_device(torch.from_numpy(padded), self.device, self.dtype))
+        # pred_masks: (B, most, 1, h, w) logits
+        return [self._masks(outputs.pred_masks[b, : len(image_boxes), 0], embeddings[b])
+                for b, image_boxes in enumerate(boxes)]
+
+    @torch.inference_mode()
+    def refine(self, image: SamInput | Image.Image, key: str | None,
+               prompts: Sequence[MaskPrompt]) -> list[tuple[CompactMask, float]]:
+        """Per prompt the best of SAM's three candidate masks by predicted IoU: (mask, IoU)."""
+        if not prompts:
+            return []
+        embedding = self.embed([image], [key])[0]
+        results = []
+        for prompt in prompts:
+            kwargs = {}
+            if len(prompt.points):
+                points = self._to_sam_frame(np.asarray(prompt.points, np.float64), embedding, False)
+                kwargs["input_points"] = torch.tensor(points[None, None], device=self.device, dtype=self.dtype)
+                kwargs["input_labels"] = torch.tensor(np.asarray(prompt.point_labels)[None, None], device=self.device,
+                                                      dtype=torch.long)
+            if prompt.box is not None:
+                box = self._to_sam_frame(np.asarray(prompt.box, np.float64)[None], embedding, True)
+                kwargs["input_boxes"] = torch.tensor(box[None], device=self.device, dtype=self.dtype)
+            outputs = self.model(image_embeddings=embedding.embeddings, multimask_output=True, **kwargs)
+            scores = outputs.iou_scores[0, 0].float()  # (3,)
+            best = int(scores.argmax())
+            mask = self._masks(outputs.pred_masks[0, 0, best:best + 1], embedding)[0]
+            results.append((mask, float(scores[best])))
+        return results
