@@ -180,3 +180,22 @@ def test_auto_batch_size_on_the_cpu_and_the_compile_setting(tiny_settings):
     assert settings.batch_size is None and settings.compile is True
     engine = Engine.from_settings(replace(tiny_settings, batch_size=None))
     assert engine.batch_size == CPU_BATCH_SIZE == engine.segmenter.batch_size
+
+
+# ------------------------------------------------------------------ preprocessing split host/device
+
+@pytest.mark.parametrize("width, height", [(1920, 1080), (1080, 1920), (301, 199)])
+def test_host_resize_plus_device_normalize_equals_the_processors(tiny_settings, width, height):
+    engine = Engine.from_settings(tiny_settings)
+    image = jpeg_image(width, height, 7)
+    prepared = engine.prepare(image)
+    detector, segmenter = engine.detector, engine.segmenter
+    canvas = prepared.dino.canvas.shape
+    want = detector.image_processor(images=[image], return_tensors="pt", pad_size={"height": canvas[0], "width": canvas[1]})
+    pixels, valid = detector.normalize([prepared.dino.canvas], torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(pixels, want["pixel_values"], atol=1e-5, rtol=0)
+    assert torch.equal(valid.long(), want["pixel_mask"])
+    want = segmenter.image_processor(images=[image], return_tensors="pt")
+    pixels, _ = segmenter.normalize([prepared.sam.canvas], torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(pixels, want["pixel_values"], atol=1e-5, rtol=0)
+    assert prepared.sam.reshaped_size == tuple(want["reshaped_input_sizes"][0].tolist())

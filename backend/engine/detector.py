@@ -9,22 +9,17 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, GroundingDinoForObjectDetection
+from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
 from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
+from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
 from backend.results import Detections
 
 
 def chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Host → device; through pinned memory and a non-blocking copy on CUDA, so the copy overlaps."""
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, dtype=dtype, non_blocking=True)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -47,16 +42,11 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 
 @dataclass(frozen=True)
 class DinoInput:
-    """One image ready for DINO: pixels (3, h, w) float32 normalized and padded to its canvas,
-    pixel_mask (h, w) int64 (1 = image, 0 = padding), and the (H, W) of the original image."""
+    """One image ready for DINO: resized as the processor does, uint8 in its orientation's canvas
+    (normalized on the device), and the (H, W) of the original image."""
 
-    pixels: torch.Tensor
-    pixel_mask: torch.Tensor
+    canvas: Canvas
     size: tuple[int, int]
-
-    @property
-    def canvas(self) -> tuple[int, int]:
-        return tuple(self.pixels.shape[1:])  # type: ignore[return-value]
 
 
 class GroundingDinoDetector:
@@ -92,6 +82,7 @@ class GroundingDinoDetector:
         self.dot_id = self.tokenizer.convert_tokens_to_ids(".")
         size = self.image_processor.size
         self.short_edge, self.long_edge = size["shortest_edge"], size["longest_edge"]
+        self.normalize = Normalizer(self.image_processor)
 
     def canvas_for(self, width: int, height: int) -> tuple[int, int]:
         """(height, width) every image of this orientation is padded to, alone or batched."""
@@ -100,10 +91,9 @@ class GroundingDinoDetector:
         return self.long_edge, self.short_edge
 
     def prepare(self, image: Image.Image) -> DinoInput:
-        canvas = self.canvas_for(image.width, image.height)
-        inputs = self.image_processor(images=[image], return_tensors="pt",
-                                      pad_size={"height": canvas[0], "width": canvas[1]})
-        return DinoInput(inputs["pixel_values"][0], inputs["pixel_mask"][0], (image.height, image.width))
+        resized = get_size_with_aspect_ratio((image.height, image.width), self.short_edge, self.long_edge)
+        canvas = to_canvas(image, resized, self.canvas_for(image.width, image.height), self.image_processor.resample)
+        return DinoInput(canvas, (image.height, image.width))
 
     @torch.inference_mode()
     def detect(self, inputs: Sequence[DinoInput | Image.Image], phrases: Sequence[Sequence[str]]) -> list[Detections]:
@@ -115,7 +105,7 @@ class GroundingDinoDetector:
         by_canvas: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(prepared):
             if phrases[index]:
-                by_canvas.setdefault(item.canvas, []).append(index)
+                by_canvas.setdefault(item.canvas.shape, []).append(index)
             else:
                 results[index] = Detections.empty()
         for indices in by_canvas.values():
@@ -130,15 +120,14 @@ class GroundingDinoDetector:
         text = self.tokenizer(prompts, return_tensors="pt", padding="longest", truncation=True,
                               max_length=self.max_text_len)
         text = {k: v for k, v in text.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        pixels, pixel_mask = torch.stack([i.pixels for i in items]), torch.stack([i.pixel_mask for i in items])
+        canvases = [i.canvas for i in items]
         if self.compiled:  # round the batch up to a bucket so the compiled backbone is reused
             rows = batch_bucket(len(items), self.batch_size)
             text = {k: pad_rows(v, rows) for k, v in text.items()}
-            pixels, pixel_mask = pad_rows(pixels, rows), pad_rows(pixel_mask, rows)
+            canvases += [canvases[-1]] * (rows - len(canvases))
         model_inputs = {k: to_device(v, self.device) for k, v in text.items()}
-        model_inputs["pixel_values"] = to_device(pixels, self.device, self.dtype)
-        model_inputs["pixel_mask"] = to_device(pixel_mask, self.device)
-        outputs = self.model(**model_inputs)
+        pixels, valid = self.normalize(canvases, self.device, self.dtype)
+        outputs = self.model(**model_inputs, pixel_values=pixels, pixel_mask=valid.long())
         count = len(items)
         probs = outputs.logits[:count].float().sigmoid().cpu().numpy()  # (B, Q, max_text_len)
         boxes = outputs.pred_boxes[:count].float().cpu().numpy()  # (B, Q, 4) cxcywh in [0, 1] of the unpadded image

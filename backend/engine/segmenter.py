@@ -12,20 +12,25 @@ from transformers import SamModel, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
 from backend.embedcache import EmbeddingCache
-from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
-from backend.engine.detector import chunks, to_device
+from backend.engine.compiling import batch_bucket, maybe_compile
+from backend.engine.detector import chunks
+from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
 from backend.engine.masks import DEFAULT_BUDGET_BYTES, upsample_masks
 from backend.results import CompactMask, MaskPrompt
 
 
 @dataclass(frozen=True)
 class SamInput:
-    """One image ready for SAM's encoder: pixels (3, S, S) float32, normalized and padded to SAM's
-    square; original_size (H, W) of the image; reshaped_size (h, w) of its resized copy in the square."""
+    """One image ready for SAM's encoder: resized as the processor does, uint8 in SAM's (S, S)
+    square (normalized on the device); original_size (H, W) of the image."""
 
-    pixels: torch.Tensor
+    canvas: Canvas
     original_size: tuple[int, int]
-    reshaped_size: tuple[int, int]
+
+    @property
+    def reshaped_size(self) -> tuple[int, int]:
+        """(h, w) of the resized image inside the square."""
+        return self.canvas.resized
 
 
 @dataclass(frozen=True)
@@ -61,15 +66,18 @@ class SamSegmenter:
         self.processor = SamProcessor(image_processor=self.image_processor)
         self.model = SamModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         self.square = self.image_processor.pad_size["height"]
+        self.normalize = Normalizer(self.image_processor)
         self.cache = cache if cache is not None else EmbeddingCache(0)
         self.compiled = compile
         self._encode = maybe_compile(self.model.get_image_embeddings, compile, "sam-encoder")
         self.mask_budget_bytes = mask_budget_bytes
 
     def prepare(self, image: Image.Image) -> SamInput:
-        inputs = self.image_processor(images=[image], return_tensors="pt")
-        return SamInput(inputs["pixel_values"][0], tuple(inputs["original_sizes"][0].tolist()),
-                        tuple(inputs["reshaped_input_sizes"][0].tolist()))
+        # The processor's own resize rule (pinned transformers: a private helper).
+        resized = self.image_processor._get_preprocess_shape((image.height, image.width),
+                                                             self.image_processor.size["longest_edge"])
+        canvas = to_canvas(image, resized, (self.square, self.square), self.image_processor.resample)
+        return SamInput(canvas, (image.height, image.width))
 
     def _prepared(self, items: Sequence[SamInput | Image.Image]) -> list[SamInput]:
         return [item if isinstance(item, SamInput) else self.prepare(item) for item in items]
@@ -88,10 +96,10 @@ class SamSegmenter:
                 missing.append(i)
         if missing:
             prepared = self._prepared([inputs[i] for i in missing])
-            pixels = torch.stack([p.pixels for p in prepared])
-            if self.compiled:
-                pixels = pad_rows(pixels, batch_bucket(len(prepared), self.batch_size))
-            encoded = self._encode(to_device(pixels, self.device, self.dtype))
+            canvases = [p.canvas for p in prepared]
+            if self.compiled:  # round the batch up to a bucket so the compiled encoder is reused
+                canvases += [canvases[-1]] * (batch_bucket(len(canvases), self.batch_size) - len(canvases))
+            encoded = self._encode(self.normalize(canvases, self.device, self.dtype)[0])
             for row, (i, item) in enumerate(zip(missing, prepared)):
                 embedding = ImageEmbedding(encoded[row:row + 1], item.original_size, item.reshaped_size)
                 if keys[i] is not None:

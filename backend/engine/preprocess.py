@@ -1,0 +1,76 @@
+"""Image preprocessing split between the host and the device.
+
+The host half (``to_canvas``, run in the pipeline's threads) resizes with PIL exactly as the
+transformers ``*ImageProcessorPil`` processors do and pastes the result, still uint8, into the
+top-left of the model's fixed canvas. The device half (``Normalizer``) rescales, normalizes and
+zeroes the padding on the GPU. So the host handles 3 bytes per pixel instead of building float32
+arrays (the processors' float math was ~2/3 of their time), and 4x fewer bytes cross to the GPU.
+Results match the processors' up to float rounding (they normalize in float64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """pixels: (H, W, 3) uint8, the resized image in rows [0, h) and columns [0, w), zeros elsewhere;
+    resized: (h, w)."""
+
+    pixels: torch.Tensor
+    resized: tuple[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.pixels.shape[:2])  # type: ignore[return-value]
+
+
+def to_canvas(image: Image.Image, resized: tuple[int, int], canvas: tuple[int, int], resample) -> Canvas:
+    """Resize an RGB image to ``resized`` (h, w) with PIL's ``resample`` and paste it into a zero
+    (H, W) canvas. ``resized`` must fit the canvas."""
+    (height, width), (canvas_h, canvas_w) = resized, canvas
+    if height > canvas_h or width > canvas_w:
+        raise ValueError(f"resized size {resized} does not fit the canvas {canvas}")
+    pixels = np.zeros((canvas_h, canvas_w, 3), np.uint8)
+    pixels[:height, :width] = np.asarray(image.resize((width, height), resample))
+    return Canvas(torch.from_numpy(pixels), resized)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host → device; through pinned memory and a non-blocking copy on CUDA, so the copy overlaps."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, dtype=dtype, non_blocking=True)
+
+
+class Normalizer:
+    """The processor's rescale + normalize, on a batch of canvases on the device.
+
+    ``__call__(canvases, device, dtype)`` → pixels (B, 3, H, W) in ``dtype`` with zeros outside
+    each image (as the processors pad after normalizing), and valid (B, H, W) bool (True = image).
+    """
+
+    def __init__(self, image_processor):
+        self.rescale = float(image_processor.rescale_factor) if image_processor.do_rescale else 1.0
+        mean = image_processor.image_mean if image_processor.do_normalize else [0.0, 0.0, 0.0]
+        std = image_processor.image_std if image_processor.do_normalize else [1.0, 1.0, 1.0]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, canvases: list[Canvas], device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = to_device(torch.stack([c.pixels for c in canvases]), device)  # (B, H, W, 3) uint8
+        sizes = torch.tensor([c.resized for c in canvases], device="cpu")
+        sizes = to_device(sizes, device)
+        height, width = batch.shape[1:3]
+        rows = torch.arange(height, device=device)[None, :, None] < sizes[:, 0, None, None]
+        cols = torch.arange(width, device=device)[None, None, :] < sizes[:, 1, None, None]
+        valid = rows & cols  # (B, H, W)
+        pixels = batch.permute(0, 3, 1, 2).float() * self.rescale
+        pixels = (pixels - self.mean.to(device)) / self.std.to(device)
+        pixels = torch.where(valid[:, None], pixels, torch.zeros((), device=device))
+        return pixels.to(dtype), valid
