@@ -7,7 +7,6 @@ use, under a lock), the image loader and the metrics. Each call only reads them.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -26,7 +25,10 @@ from backend.tasks import PredictRequest, PromptLimits, TaskPlan, plan_tasks, pr
 log = logging.getLogger(__name__)
 
 DOWNLOAD_THREADS = 8  # downloads wait on the network; decoding and resizing release the GIL
-ENCODE_THREADS = max(2, min(8, os.cpu_count() or 2))  # RLE encoding (numpy releases the GIL)
+# RLE + JSON behind the engine. Two threads, not one per core: encoding is GIL-bound Python and
+# numpy calls, so more threads do not encode faster (bench/RESULTS.md, RLE); the point is to
+# overlap encoding with the engine, whose forward passes release the GIL.
+ENCODE_THREADS = 2
 LOOKAHEAD_BATCHES = 2  # images loaded ahead of the engine, in batches: bounds host memory
 
 

@@ -18,7 +18,7 @@ Then, in the same run, ours against ours (each output checked against the SDK fi
   a random place, encoded one by one with ``band_to_rle`` vs ``masks_to_rle`` (default
   and with W threads, W = CPU count by default) vs a warm 2-process pool, both as
   whole masks and as row bands. The variants are timed interleaved (one call of each
-  per round, in rotating order) so that load from other jobs hits them alike.
+  per round, in random order) so that load from other jobs hits them alike.
 """
 
 from __future__ import annotations
@@ -137,19 +137,21 @@ def row_band(mask: np.ndarray) -> tuple[np.ndarray, int, int]:
 def sample_interleaved(fns: dict, repeat: int) -> dict[str, list[float]]:
     """Times each function ``repeat`` times, one call of each per round.
 
-    The order rotates every round: whichever variant runs first after another one
-    (or after the process pool) pays for re-warming caches and the allocator, which
-    otherwise showed up as a 5-20% gap between two calls of the very same code.
+    Each round runs the variants in a fresh random order (fixed seed): the call
+    after a heavy variant (the process pool pickles ~80 MB) pays for re-warming
+    caches and the allocator, which with a fixed or rotating order showed up as a
+    10-15% gap between two calls of the very same code.
     """
     for fn in fns.values():
         fn()  # warm-up
     names = list(fns)
     times = {name: [] for name in names}
-    for round_ in range(repeat):
-        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+    order = np.random.default_rng(12345)
+    for _ in range(repeat):
+        for i in order.permutation(len(names)):
             start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
+            fns[names[i]]()
+            times[names[i]].append(time.perf_counter() - start)
     return times
 
 
@@ -222,7 +224,9 @@ def run_batch_case(count: int, repeat: int, workers: int) -> dict:
             fns = {
                 "serial loop": serial,
                 "masks_to_rle()": lambda items=items: masks_to_rle(items),
-                f"masks_to_rle(workers={workers})": lambda items=items: masks_to_rle(items, workers=workers),
+                f"masks_to_rle(workers={workers})": (
+                    lambda items=items: masks_to_rle(items, workers=workers)
+                ),
                 "2-process pool (warm)": by_process,
             }
             out[kind + "_identical"] = all(fn() == sdk for fn in fns.values())
@@ -286,15 +290,17 @@ def main() -> int:
     band = run_band_case(args.repeat)
     print(
         f"\n# band: {band['size']}, object on {band['band_rows']} rows, foreground "
-        f"{band['foreground']:.2%}, {band['repeat']} rounds, bit-identical to SDK: {band['identical']}"
+        f"{band['foreground']:.2%}, {band['repeat']} rounds, "
+        f"bit-identical to SDK: {band['identical']}"
     )
     print_ratio_table("band vs whole mask", band["rows"])
 
     batch = run_batch_case(args.batch, args.batch_repeat, args.workers)
     for kind in ("whole", "band"):
+        share = batch["band_rows_share"]
+        what = "whole masks" if kind == "whole" else f"row bands ({share:.1%} of rows)"
         print(
-            f"\n# batch of {batch['count']} {batch['size']} masks as {kind} "
-            f"{'masks' if kind == 'whole' else 'row bands (' + format(batch['band_rows_share'], '.1%') + ' of rows)'}"
+            f"\n# batch of {batch['count']} {batch['size']} masks as {what}"
             f", foreground {batch['foreground']:.1%}, {batch['repeat']} rounds, "
             f"bit-identical to SDK: {batch[kind + '_identical']}"
         )

@@ -213,7 +213,11 @@ BAND_CASES = {
     "w1_all": (np.ones((10, 1), dtype=bool), 0, 10),
     # Band sizes a multiple of the 64-pixel words, with foreground in the last pixel.
     "band_64_pixels_fg_last": (np.ones((1, 64), dtype=bool), 2, 5),
-    "band_128_pixels_fg_edges": (np.pad(np.zeros((2, 62), dtype=bool), 1, constant_values=True), 1, 6),
+    "band_128_pixels_fg_edges": (
+        np.pad(np.zeros((2, 62), dtype=bool), 1, constant_values=True),
+        1,
+        6,
+    ),
     "band_64_pixels_at_end": (np.ones((2, 32), dtype=bool), 3, 5),
     # Runs of > 65536 values (16384 pixels) crossing the band's edges: 300 rows of
     # 300 foreground pixels (360000 values) between 30000-pixel background runs.
@@ -365,8 +369,14 @@ def test_masks_to_rle_names_the_bad_item(threshold, monkeypatch):
 @pytest.mark.parametrize(
     "items, match",
     [
-        ([np.ones((2, 3), dtype=bool)], r"bands\[0\] must be a \(band, top, height\) tuple, got ndarray"),
-        ([(np.ones((2, 3), dtype=bool), 0, 2), (np.ones((2, 3), dtype=bool), 0)], r"bands\[1\].*length 2"),
+        (
+            [np.ones((2, 3), dtype=bool)],
+            r"bands\[0\] must be a \(band, top, height\) tuple, got ndarray",
+        ),
+        (
+            [(np.ones((2, 3), dtype=bool), 0, 2), (np.ones((2, 3), dtype=bool), 0)],
+            r"bands\[1\].*tuple of length 2",
+        ),
         ([[np.ones((2, 3), dtype=bool), 0, 2]], r"bands\[0\].*got list"),
     ],
 )
@@ -377,7 +387,13 @@ def test_masks_to_rle_rejects_bad_items(items, match):
 
 @pytest.mark.parametrize(
     "workers, error, match",
-    [(0, ValueError, ">= 1"), (-2, ValueError, ">= 1"), (1.5, TypeError, "int"), ("2", TypeError, "int"), (True, TypeError, "bool")],
+    [
+        (0, ValueError, ">= 1"),
+        (-2, ValueError, ">= 1"),
+        (1.5, TypeError, "int"),
+        ("2", TypeError, "int"),
+        (True, TypeError, "bool"),
+    ],
 )
 def test_masks_to_rle_rejects_bad_workers(workers, error, match):
     with pytest.raises(error, match=f"workers.*{match}"):
