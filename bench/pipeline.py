@@ -125,6 +125,9 @@ def run_fast(settings: Settings, blobs: dict[str, bytes], device: torch.device) 
         "cpu_plumbing_ms_per_image": per_stage["images"] + per_stage["prepare"] + per_stage["regions"],
         "engine_busy_fraction": (after["engine"] - before["engine"]) / wall,
         "regions_per_image": sum(len(o.prediction["result"]) for o in outcomes) / len(urls),
+        # Random-weight SAM draws ragged masks with many runs; real masks encode far smaller.
+        "rle_bytes_per_mask": float(np.mean([len(r["value"]["rle"]) for o in outcomes for r in o.prediction["result"]
+                                             if r["type"] == "brushlabels"] or [0])),
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
     return report, [o.prediction for o in outcomes], pipeline
