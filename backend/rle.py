@@ -30,7 +30,6 @@ writes) and returns the alpha channel as a bool mask.
 from __future__ import annotations
 
 import operator
-import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 
 from backend.embedcache import EmbeddingCache
@@ -142,7 +141,3 @@ class Engine:
         with self._lock:
             return self.segmenter.refine(image, key, prompts)
 
-
-def peak_memory_bytes(device: torch.device) -> int | None:
-    """Peak device memory since the last reset, or None where torch does not track it (CPU)."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
