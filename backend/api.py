@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
 
     @app.errorhandler(RequestError)
     @app.errorhandler(LabelConfigError)
+    @app.errorhandler(PrelabelError)
     def _bad_request(exc):
         log.info("400 on %s: %s", request.path, exc)
         return _error(400, str(exc))
@@ -106,10 +107,6 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     def _unexpected(exc: Exception):
         log.exception("unhandled error on %s", request.path)
         return _error(500, f"internal error: {type(exc).__name__}; see the backend log")
-
-    @app.errorhandler(PrelabelError)
-    def _bad_prelabel(exc):
-        return _error(400, str(exc))
 
     @app.errorhandler(LabelStudioApiError)
     def _label_studio_error(exc):

@@ -20,7 +20,7 @@ T = TypeVar("T", bound=Sized)
 
 
 class EmbeddingCache(Generic[T]):
-    """``get(key)`` / ``put(key, value)``, and ``get_or_compute(key, compute)`` on top of them.
+    """``get(key)`` / ``put(key, value)``.
 
     Evicts least-recently-used entries until the total ``nbytes`` fits ``max_bytes``; a value larger
     than the whole cache is returned but not stored. ``on_hit``/``on_miss``/``on_size`` feed metrics.
@@ -39,9 +39,6 @@ class EmbeddingCache(Generic[T]):
     @property
     def nbytes(self) -> int:
         return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -66,10 +63,3 @@ class EmbeddingCache(Generic[T]):
                     self._bytes -= evicted.nbytes
             size = self._bytes
         self._on_size(size)
-
-    def get_or_compute(self, key: str, compute: Callable[[], T]) -> T:
-        value = self.get(key)
-        if value is None:
-            value = compute()  # outside the lock: a slow encode must not block hits on other images
-            self.put(key, value)
-        return value

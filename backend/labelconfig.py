@@ -47,7 +47,6 @@ class LabelConfig:
     brush: ControlSpec | None
     labels: tuple[str, ...]  # union of both controls' labels, in config order
     aliases: dict[str, str] = field(default_factory=dict)  # normalized predicted_value -> label
-    keypoint: ControlSpec | None = None  # smart-tool clicks (<KeyPointLabels>) on the same image
 
     def default_phrases(self) -> list[str]:
         """The prompt used when the request carries none: every label, then every alias."""
@@ -139,7 +138,6 @@ def parse_label_config(xml: str) -> LabelConfig:
     if not labels:
         raise LabelConfigError("the <RectangleLabels>/<BrushLabels> tags have no <Label> children: add labels")
     prompts = [c for c in by_tag.get("TextArea", []) if c.to_name[0] == image_name]
-    keypoints = [c for c in by_tag.get("KeyPointLabels", []) if c.to_name[0] == image_name]
     value = images[image_name].value or ""
     return LabelConfig(
         image_name=image_name,
@@ -149,5 +147,4 @@ def parse_label_config(xml: str) -> LabelConfig:
         brush=brush,
         labels=labels,
         aliases=_aliases(controls),
-        keypoint=_control_spec(keypoints[0]) if keypoints else None,
     )

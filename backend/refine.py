@@ -72,11 +72,11 @@ def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, sma
     # SAM's IoU estimate can stray outside [0, 1]; a region score is a confidence, so clip it.
     kept = [(mask, min(max(score, 0.0), 1.0), label) for (mask, score), label in zip(outputs, labels)
             if not mask.is_empty]
-    boxes = np.array([mask.box() for mask, _, _ in kept], np.float32).reshape(-1, 4)
-    order = np.argsort([-score for _, score, _ in kept], kind="stable")
+    kept.sort(key=lambda item: item[1], reverse=True)  # best first; stable, so ties keep prompt order
     result = ImageResult(
         width=width, height=height,
-        detections=Detections(boxes=boxes[order], scores=np.array([kept[i][1] for i in order], np.float32),
-                              phrases=tuple(kept[i][2] for i in order)),
-        masks=tuple(kept[i][0] for i in order))
+        detections=Detections(boxes=np.array([mask.box() for mask, _, _ in kept], np.float32).reshape(-1, 4),
+                              scores=np.array([score for _, score, _ in kept], np.float32),
+                              phrases=tuple(label for _, _, label in kept)),
+        masks=tuple(mask for mask, _, _ in kept))
     return build_prediction(result, config, model_version)

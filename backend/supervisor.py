@@ -120,9 +120,8 @@ def _embedded(settings: Settings, api: LabelStudioApi, spec: PrelabelSpec, plan:
                 log.exception("run %s: a chunk of %d tasks failed", run_id, len(tasks))
                 reason = f"chunk failed: {exc}" if isinstance(exc, LabelStudioApiError) else \
                     f"chunk failed: {type(exc).__name__}: {exc}"
-                for task in tasks:
-                    if not store.is_done(run_id, int(task["id"])):
-                        store.mark_failed(run_id, int(task["id"]), reason)
+                for task in tasks:  # mark_failed leaves a task that is already done alone
+                    store.mark_failed(run_id, int(task["id"]), reason)
             bar.show(store.status(run_id))
         store.finish(run_id)
     except KeyboardInterrupt:

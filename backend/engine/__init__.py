@@ -82,10 +82,10 @@ class Engine:
             settings.grounding_dino_model, device, dtype, box_threshold=settings.box_threshold,
             text_threshold=settings.text_threshold, nms_threshold=settings.nms_threshold,
             max_detections=settings.max_detections, batch_size=batch_size, compile=settings.compile)
-        cache = EmbeddingCache(int(settings.embedding_cache_mb * 2**20))
-        if metrics is not None:
-            cache = EmbeddingCache(cache.max_bytes, on_hit=metrics.embedding_cache_hits.inc,
-                                   on_miss=metrics.embedding_cache_misses.inc, on_size=metrics.embedding_cache_bytes.set)
+        hooks = {} if metrics is None else dict(on_hit=metrics.embedding_cache_hits.inc,
+                                                on_miss=metrics.embedding_cache_misses.inc,
+                                                on_size=metrics.embedding_cache_bytes.set)
+        cache = EmbeddingCache(int(settings.embedding_cache_mb * 2**20), **hooks)
         segmenter = SamSegmenter(settings.sam_model, device, dtype, batch_size=batch_size, cache=cache,
                                  compile=settings.compile)
         engine = cls(detector, segmenter)
