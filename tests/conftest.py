@@ -71,6 +71,14 @@ def tiny_settings(tiny_env) -> Settings:
     return Settings.from_env(tiny_env)
 
 
+@pytest.fixture(scope="module")
+def engine(tiny_settings):
+    """The real engine on the tiny models, one per test module."""
+    from backend.engine import Engine  # torch: only for the modules that use it
+
+    return Engine.from_settings(tiny_settings)
+
+
 @dataclass
 class BackendProcess:
     url: str
@@ -209,6 +217,12 @@ def label_studio(request):
         yield server
         if request.session.testsfailed > failed_before:
             print(f"\n[label studio] log tail ({server.log_path}):\n{server.log_tail(8000)}")
+
+
+@pytest.fixture(scope="session")
+def ls(label_studio):
+    """An API client of the session's Label Studio, logged in as its admin."""
+    return label_studio.client()
 
 
 @pytest.fixture(scope="session")

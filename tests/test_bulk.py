@@ -25,9 +25,6 @@ def image_uri(i: int) -> str:
     return "data:image/png;base64," + base64.b64encode(png(40 + i % 7, 30 + i % 5)).decode()
 
 
-@pytest.fixture(scope="module")
-def ls(label_studio):
-    return label_studio.client()
 
 
 def make_project(ls, title: str, count: int) -> int:

@@ -20,10 +20,7 @@ import pytest
 import requests
 from PIL import Image, ImageDraw
 
-try:
-    from lsharness import LabelStudioClient, LabelStudioServer
-except ImportError:  # tests/ imported as a package
-    from tests.lsharness import LabelStudioClient, LabelStudioServer
+from tests.lsharness import LabelStudioClient, LabelStudioServer
 
 pytestmark = pytest.mark.e2e
 
@@ -45,19 +42,8 @@ TYPE_BY_FROM_NAME = {"label": "rectanglelabels", "mask": "brushlabels"}
 IMAGE_SIZES = {"landscape": (320, 240), "portrait": (240, 320), "odd": (301, 199)}  # name -> (W, H)
 EPS = 1e-6
 
-BACKEND_ENV = {"BOX_THRESHOLD": "0", "TEXT_THRESHOLD": "0"}
-
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def ls_server(label_studio) -> LabelStudioServer:
-    """The session's Label Studio (tests/conftest.py), shared with the other LS-backed modules."""
-    return label_studio
-
-
-@pytest.fixture(scope="module")
-def ls(ls_server) -> LabelStudioClient:
-    return ls_server.client()
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +80,7 @@ def _decode_mask(rle, width: int, height: int) -> np.ndarray:
     assert flat.size == width * height * 4, (
         f"RLE decodes to {flat.size} values, expected {height}x{width}x4 = {width * height * 4}")
     mask = flat.reshape(height, width, 4).max(axis=2) > 0
-    try:  # cross-check our own decoder when it exists
-        from backend.rle import rle_to_mask
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("backend", "backend.rle"):
-            raise
-        return mask
+    from backend.rle import rle_to_mask  # cross-check our own decoder against the SDK's
     ours = np.asarray(rle_to_mask(rle, height, width))
     assert ours.shape == (height, width), f"backend.rle.rle_to_mask shape {ours.shape} != {(height, width)}"
     assert np.array_equal(ours.astype(bool), mask), "backend.rle.rle_to_mask disagrees with the SDK decoder"
@@ -164,14 +145,14 @@ def check_stored_predictions(ls: LabelStudioClient, task_sizes: dict, where: str
 
 
 @contextmanager
-def logs_on_failure(ls_server: LabelStudioServer, backend=None):
+def logs_on_failure(label_studio: LabelStudioServer, backend=None):
     """Print the tails of the LS and backend logs (captured stdout, shown by pytest) if the block fails."""
     try:
         yield
     except BaseException:
-        print(f"\n[e2e] ---- Label Studio log tail ({ls_server.log_path}) ----\n{ls_server.log_tail(12000)}")
-        if backend is not None and hasattr(backend, "log_text"):
-            print(f"\n[e2e] ---- backend log tail ({getattr(backend, 'log_path', '?')}) ----\n"
+        print(f"\n[e2e] ---- Label Studio log tail ({label_studio.log_path}) ----\n{label_studio.log_tail(12000)}")
+        if backend is not None:
+            print(f"\n[e2e] ---- backend log tail ({backend.log_path}) ----\n"
                   f"{backend.log_text()[-12000:]}")
         raise
 
@@ -190,7 +171,7 @@ def connect(ls: LabelStudioClient, project_id: int, backend, title: str) -> int:
 
 
 # ---------------------------------------------------------------------------- tests
-def test_retrieve_predictions_and_interactive_legacy_token(ls_server, ls, images, start_backend):
+def test_retrieve_predictions_and_interactive_legacy_token(label_studio, ls, images, start_backend):
     project_id = ls.create_project("e2e grounded-sam (legacy token)", LABEL_CONFIG)
     names = list(IMAGE_SIZES)
     task_ids = ls.import_images(project_id, [images[n] for n in names])
@@ -199,9 +180,8 @@ def test_retrieve_predictions_and_interactive_legacy_token(ls_server, ls, images
         url = ls.task(tid)["data"]["image"]
         assert url.startswith(f"/data/upload/{project_id}/") and url.endswith(f"shapes_{n}.png"), url
 
-    backend = start_backend(LABEL_STUDIO_URL=ls_server.url, LABEL_STUDIO_API_KEY=ls_server.legacy_token,
-                            **BACKEND_ENV)
-    with logs_on_failure(ls_server, backend):
+    backend = start_backend(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.legacy_token)
+    with logs_on_failure(label_studio, backend):
         ml_id = connect(ls, project_id, backend, "grounded-sam e2e")
 
         # 1. Data Manager "Retrieve predictions" on all tasks: LS sends one batched /predict, stores
@@ -226,16 +206,16 @@ def test_retrieve_predictions_and_interactive_legacy_token(ls_server, ls, images
         assert len(ls.predictions(task_id)) == 1
 
 
-def test_retrieve_predictions_with_personal_access_token(ls_server, pat, images, start_backend):
+def test_retrieve_predictions_with_personal_access_token(label_studio, pat, images, start_backend):
     """PAT instead of the legacy token, with legacy tokens disabled for the organization (the LS 1.23
     default for a fresh org), so the backend can only read images with the JWT flow:
     POST /api/token/refresh/ {"refresh": PAT} -> access, then "Authorization: Bearer <access>".
     Tasks are local-files URLs (/data/local-files/?d=...), the other way LS serves images."""
-    pat_ls = LabelStudioClient(ls_server.url, pat=pat)
-    assert pat_ls.whoami()["email"] == ls_server.username
+    pat_ls = LabelStudioClient(label_studio.url, pat=pat)
+    assert pat_ls.whoami()["email"] == label_studio.username
 
     project_id = pat_ls.create_project("e2e grounded-sam (PAT, local files)", LABEL_CONFIG)
-    subdir = Path(ls_server.local_files_root) / f"project{project_id}"
+    subdir = Path(label_studio.local_files_root) / f"project{project_id}"
     subdir.mkdir(parents=True, exist_ok=True)
     names = list(IMAGE_SIZES)
     for n in names:
@@ -246,9 +226,9 @@ def test_retrieve_predictions_with_personal_access_token(ls_server, pat, images,
     task_sizes = {tid: IMAGE_SIZES[n] for tid, n in zip(task_ids, names)}
 
     # the auth matrix LS applies to image URLs (as recorded in shared/ls-protocol/image_auth_matrix.json)
-    image_url = ls_server.url + pat_ls.task(task_ids[0])["data"]["image"]
+    image_url = label_studio.url + pat_ls.task(task_ids[0])["data"]["image"]
     bearer = {"Authorization": f"Bearer {pat_ls.refresh_access_token(pat)}"}
-    legacy = {"Authorization": f"Token {ls_server.legacy_token}"}
+    legacy = {"Authorization": f"Token {label_studio.legacy_token}"}
     assert http_status(image_url, bearer) == 200
     assert http_status(image_url, legacy) == 200
     assert http_status(image_url, {"Authorization": f"Token {pat}"}) == 401
@@ -257,8 +237,8 @@ def test_retrieve_predictions_with_personal_access_token(ls_server, pat, images,
     pat_ls.set_jwt_settings(api_tokens_enabled=True, legacy_api_tokens_enabled=False)
     try:
         assert http_status(image_url, legacy) == 401, "legacy token still accepted after disabling legacy tokens"
-        backend = start_backend(LABEL_STUDIO_URL=ls_server.url, LABEL_STUDIO_API_KEY=pat, **BACKEND_ENV)
-        with logs_on_failure(ls_server, backend):
+        backend = start_backend(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=pat)
+        with logs_on_failure(label_studio, backend):
             connect(pat_ls, project_id, backend, "grounded-sam e2e (PAT)")
             t0 = time.monotonic()
             res = pat_ls.retrieve_predictions(project_id)
@@ -290,15 +270,14 @@ SMART_CONFIG = """<View>
 </View>"""
 
 
-def test_interactive_smart_click_returns_a_mask_with_the_click_label(ls_server, ls, images, start_backend):
+def test_interactive_smart_click_returns_a_mask_with_the_click_label(label_studio, ls, images, start_backend):
     """The README's smart-tool config: a keypoint click (percent coordinates, its own label) comes
     back as a brush mask at the image's size with that label, plus its bounding rectangle."""
     project_id = ls.create_project("e2e smart click", SMART_CONFIG)
     task_id, = ls.import_images(project_id, [images["portrait"]])
     width, height = IMAGE_SIZES["portrait"]
-    backend = start_backend(LABEL_STUDIO_URL=ls_server.url, LABEL_STUDIO_API_KEY=ls_server.legacy_token,
-                            **BACKEND_ENV)
-    with logs_on_failure(ls_server, backend):
+    backend = start_backend(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.legacy_token)
+    with logs_on_failure(label_studio, backend):
         ml_id = connect(ls, project_id, backend, "grounded-sam smart")
         click = {"id": "k1", "from_name": "click", "to_name": "image", "type": "keypointlabels", "origin": "manual",
                  "original_width": width, "original_height": height, "image_rotation": 0, "is_positive": True,

@@ -1,16 +1,10 @@
 """The real engine on tiny random-weight models: loading, frames, batching."""
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from backend.engine import Engine, nms, resolve_device, resolve_dtype
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_settings):
-    return Engine.from_settings(tiny_settings)
+from backend.engine import nms, resolve_device, resolve_dtype
 
 
 def shapes(width, height, seed):

@@ -51,21 +51,12 @@ def png_uri(i: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def ls_server(label_studio):
-    """The session's Label Studio (tests/conftest.py), shared with the other LS-backed modules."""
-    return label_studio
 
 
 @pytest.fixture(scope="module")
-def ls(ls_server):
-    return ls_server.client()
-
-
-@pytest.fixture(scope="module")
-def settings(tiny_settings, ls_server):
-    return dataclasses.replace(tiny_settings, label_studio_url=ls_server.url,
-                               label_studio_api_key=ls_server.legacy_token, redis_url=None)
+def settings(tiny_settings, label_studio):
+    return dataclasses.replace(tiny_settings, label_studio_url=label_studio.url,
+                               label_studio_api_key=label_studio.legacy_token, redis_url=None)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +65,8 @@ def pipeline(settings):
 
 
 @pytest.fixture(scope="module")
-def api(ls_server):
-    with LabelStudioApi(ls_server.url, ls_server.legacy_token) as client:
+def api(label_studio):
+    with LabelStudioApi(label_studio.url, label_studio.legacy_token) as client:
         yield client
 
 
@@ -350,16 +341,16 @@ def test_iter_tasks_pages_by_id_without_prediction_results(ls, api):
     assert len(plan_prelabel(api, pid, "v1", redo=True).tasks) == 250
 
 
-def test_credentials_legacy_token_and_personal_access_token(ls, ls_server, label_studio_pat, caplog):
+def test_credentials_legacy_token_and_personal_access_token(ls, label_studio, label_studio_pat, caplog):
     pid = ls.create_project("prelabel auth", CONFIG)
     pat = label_studio_pat  # a JWT refresh token: the SDK exchanges it for a Bearer access token
-    with LabelStudioApi(ls_server.url, pat) as with_pat:
+    with LabelStudioApi(label_studio.url, pat) as with_pat:
         assert with_pat.label_config(pid) == CONFIG
         assert list(with_pat.iter_tasks(pid)) == []
-    with LabelStudioApi(ls_server.url, ls_server.legacy_token) as legacy:
+    with LabelStudioApi(label_studio.url, label_studio.legacy_token) as legacy:
         assert legacy.label_config(pid) == CONFIG
     wrong = "0" * 40
-    with LabelStudioApi(ls_server.url, wrong) as refused:
+    with LabelStudioApi(label_studio.url, wrong) as refused:
         with pytest.raises(LabelStudioApiError) as info:
             refused.label_config(pid)
     assert info.value.status == 401 and "LABEL_STUDIO_API_KEY" in str(info.value)
@@ -367,11 +358,11 @@ def test_credentials_legacy_token_and_personal_access_token(ls, ls_server, label
     payload = base64.urlsafe_b64encode(b'{"token_type":"refresh","exp":1000}').rstrip(b"=").decode()
     expired = f"{header}.{payload}.c2lnbmF0dXJl"
     with pytest.raises(LabelStudioApiError, match="personal access token"):
-        LabelStudioApi(ls_server.url, expired)
+        LabelStudioApi(label_studio.url, expired)
     with pytest.raises(LabelStudioApiError, match="LABEL_STUDIO_API_KEY"):
-        LabelStudioApi(ls_server.url, None)
-    assert pat not in caplog.text and wrong not in caplog.text and ls_server.legacy_token not in caplog.text
-    assert pat not in repr(LabelStudioApi(ls_server.url, pat))
+        LabelStudioApi(label_studio.url, None)
+    assert pat not in caplog.text and wrong not in caplog.text and label_studio.legacy_token not in caplog.text
+    assert pat not in repr(LabelStudioApi(label_studio.url, pat))
 
 
 def test_parse_model_versions():

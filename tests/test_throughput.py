@@ -26,6 +26,7 @@ from bench.pipeline import CONFIG, PHRASES, MemoryLoader, agreement, jpeg, reque
 REPO = Path(__file__).resolve().parent.parent
 
 
+
 # ------------------------------------------------------------------ masks on the device
 
 @pytest.mark.parametrize("original, reshaped", [((199, 301), (170, 256)), ((411, 97), (256, 61)), ((48, 64), (192, 256))])
@@ -185,8 +186,7 @@ def test_auto_batch_size_on_the_cpu_and_the_compile_setting(tiny_settings):
 # ------------------------------------------------------------------ preprocessing split host/device
 
 @pytest.mark.parametrize("width, height", [(1920, 1080), (1080, 1920), (301, 199)])
-def test_host_resize_plus_device_normalize_equals_the_processors(tiny_settings, width, height):
-    engine = Engine.from_settings(tiny_settings)
+def test_host_resize_plus_device_normalize_equals_the_processors(engine, width, height):
     image = jpeg_image(width, height, 7)
     prepared = engine.prepare(image)
     detector, segmenter = engine.detector, engine.segmenter
