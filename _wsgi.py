@@ -11,11 +11,10 @@ import logging
 import os
 
 from backend.api import create_app
+from backend.logsetup import configure_logging
 from backend.settings import Settings
 
-logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
+configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
 
 
 def build_app():

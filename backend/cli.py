@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from backend.logsetup import configure_logging
+
+    configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
     args = build_parser().parse_args(argv)
     sys.exit(args.func(args))
