@@ -60,7 +60,14 @@ from PIL import Image
 from backend.imagedecode import ALLOWED_FORMATS, ImageError, decode_image, to_rgb
 from backend.lsauth import LabelStudioAuth, LabelStudioAuthError
 from backend.safefetch import PinnedHTTP, Target, ca_bundle_from_env, escape, parse_target
-from backend.urlguard import IPAddress, Resolver, check_public_host, require_public, resolve_host
+from backend.urlguard import (
+    IPAddress,
+    Resolver,
+    check_public_host,
+    refuse_localhost_name,
+    require_public,
+    resolve_host,
+)
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -416,13 +423,16 @@ class ImageLoader:
         retried_auth = False
         hops = 0
         while True:
-            desc = target.describe()
+            desc = _describe(target.url)
             is_ls = self._is_ls(target)
             if not is_ls:
                 send_auth = False
+            guarded = not is_ls and not settings.allow_private_urls
+            if guarded:
+                refuse_localhost_name(target.host)
             # One lookup per hop; the request below goes to one of exactly these addresses.
             addresses = resolve_host(target.host, target.port, self._resolver)
-            if not is_ls and not settings.allow_private_urls:
+            if guarded:
                 require_public(target.host, addresses)
             headers = {"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5"}
             if send_auth and self._auth is not None:

@@ -50,6 +50,16 @@ def escape(text: str, limit: int = 200) -> str:
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
+def _shown(url: str) -> str:
+    """``url`` for a reason: no user info, no query or fragment (signed URLs), one line."""
+    text = re.split(r"[?#]", url, maxsplit=1)[0]
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        authority, slash, path = rest.partition("/")
+        text = scheme + sep + authority.rpartition("@")[2] + slash + path
+    return escape(text, 120)
+
+
 @dataclass(frozen=True)
 class Target:
     """One parsed http(s) URL, in the form the request is made.
@@ -63,7 +73,6 @@ class Target:
     host: str
     port: int
     request_uri: str
-    path: str
 
     @property
     def origin(self) -> tuple[str, str, int]:
@@ -81,10 +90,6 @@ class Target:
         """The URL as requested (the base for a redirect's relative ``Location``)."""
         return f"{self.scheme}://{self.host_header}{self.request_uri}"
 
-    def describe(self) -> str:
-        """Log-safe single-line form: scheme, host, port and path; no query."""
-        return escape(f"{self.scheme}://{self.host_header}{self.path}")
-
 
 def parse_target(url: str) -> Target:
     """Parse an absolute http(s) image URL, refusing anything parsers could read differently."""
@@ -97,7 +102,7 @@ def parse_target(url: str) -> Target:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise ImageError(f"malformed image URL {escape(url, 120)}") from None
+        raise ImageError(f"malformed image URL {_shown(url)}") from None
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         shown = scheme or "(none)"
@@ -111,17 +116,17 @@ def parse_target(url: str) -> Target:
         # URL credentials anyway: refuse it outright.
         raise ImageError(
             f"refusing an image URL with user info ('...@' before the host, path "
-            f"{escape(parts.path, 80)!r}): task image URLs must not carry credentials; the backend "
+            f"'{escape(parts.path, 80)}'): task image URLs must not carry credentials; the backend "
             "only sends LABEL_STUDIO_API_KEY, and only to LABEL_STUDIO_URL"
         )
     if "\\" in netloc or "%" in netloc or any(c.isspace() for c in netloc):
         raise ImageError(
-            f"refusing the image URL host part {escape(netloc, 100)!r}: backslashes, '%' and "
+            f"refusing the image URL host part '{escape(netloc, 100)}': backslashes, '%' and "
             "spaces in the host are read differently by different URL parsers"
         )
     raw_host = parts.hostname or ""
     if not raw_host:
-        raise ImageError(f"image URL {escape(url, 120)} has no host")
+        raise ImageError(f"image URL {_shown(url)} has no host")
     host = _ascii_host(raw_host, bracketed=netloc.startswith("["))
     if port is None:
         port = _DEFAULT_PORTS[scheme]
@@ -129,17 +134,17 @@ def parse_target(url: str) -> Target:
     try:
         theirs = parse_url(url)
     except (urllib3.exceptions.LocationParseError, ValueError):
-        raise ImageError(f"malformed image URL {escape(url, 120)}") from None
+        raise ImageError(f"malformed image URL {_shown(url)}") from None
     their_host = (theirs.host or "").lower()
     if their_host.startswith("[") and their_host.endswith("]"):
         their_host = str(ipaddress.ip_address(their_host[1:-1]))
     their_port = theirs.port if theirs.port is not None else _DEFAULT_PORTS.get(scheme)
     if (theirs.scheme or "").lower() != scheme or their_host != host or their_port != port:
         raise ImageError(
-            f"refusing the ambiguous image URL {escape(url, 120)}: URL parsers disagree on its "
+            f"refusing the ambiguous image URL {_shown(url)}: URL parsers disagree on its "
             "host; write it as scheme://host[:port]/path"
         )
-    return Target(scheme, host, port, theirs.request_uri or "/", parts.path or "/")
+    return Target(scheme, host, port, theirs.request_uri or "/")
 
 
 def _ascii_host(raw: str, *, bracketed: bool) -> str:
@@ -156,7 +161,7 @@ def _ascii_host(raw: str, *, bracketed: bool) -> str:
             host = idna.encode(raw, uts46=True).decode("ascii")
         except (idna.IDNAError, UnicodeError):
             raise ImageError(
-                f"refusing the image host {escape(raw, 100)!r}: not a valid internationalized "
+                f"refusing the image host '{escape(raw, 100)}': not a valid internationalized "
                 "domain name"
             ) from None
     literal = host_literal(host)  # raises for numeric forms other than a.b.c.d
@@ -164,7 +169,7 @@ def _ascii_host(raw: str, *, bracketed: bool) -> str:
         return str(literal)
     if not _HOST_NAME.fullmatch(host):
         raise ImageError(
-            f"refusing the image host {escape(host, 100)!r}: a host name may only contain "
+            f"refusing the image host '{escape(host, 100)}': a host name may only contain "
             "letters, digits, '-', '_' and dots"
         )
     return host

@@ -32,6 +32,7 @@ __all__ = [
     "host_literal",
     "is_localhost_name",
     "non_public_reason",
+    "refuse_localhost_name",
     "require_public",
     "resolve_host",
 ]
@@ -136,14 +137,19 @@ def resolve_host(host: str, port: int, resolver: Resolver | None = None) -> list
     return addresses
 
 
-def require_public(host: str, addresses: Sequence[IPAddress]) -> None:
-    """Raise :class:`ImageError` unless ``host`` is not a localhost name and every address is public."""
+def refuse_localhost_name(host: str) -> None:
+    """Raise :class:`ImageError` for ``localhost`` names (checked before any lookup)."""
     if is_localhost_name(host):
         raise ImageError(
             f"refusing to fetch an image from {host[:100]!r}: it is a loopback name; only public "
             "hosts or the Label Studio host itself are allowed. Set ALLOW_PRIVATE_URLS=true if "
             "images really live on a private network"
         )
+
+
+def require_public(host: str, addresses: Sequence[IPAddress]) -> None:
+    """Raise :class:`ImageError` unless ``host`` is not a localhost name and every address is public."""
+    refuse_localhost_name(host)
     for addr in addresses:
         why = non_public_reason(addr)
         if why is not None:
@@ -168,8 +174,7 @@ def check_public_host(
     if not isinstance(host, str) or not host.strip():
         raise ImageError("the image URL has no host name")
     name = host.strip()
-    if is_localhost_name(name):
-        require_public(name, [])
+    refuse_localhost_name(name)
     addresses = resolve_host(name, port or 0, resolver)
     require_public(name[1:-1] if name.startswith("[") else name, addresses)
     return addresses
