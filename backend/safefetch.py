@@ -81,7 +81,7 @@ class Target:
 
     @property
     def host_header(self) -> str:
-        """The ``Host`` header value: ``host`` (bracketed for IPv6), ``:port`` unless the default."""
+        """``Host`` header value: ``host`` (bracketed for IPv6), ``:port`` unless the default."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
 
@@ -153,7 +153,9 @@ def _ascii_host(raw: str, *, bracketed: bool) -> str:
         try:
             return str(ipaddress.IPv6Address(raw))
         except ValueError:
-            raise ImageError(f"malformed IPv6 address [{escape(raw, 60)}] in the image URL") from None
+            raise ImageError(
+                f"malformed IPv6 address [{escape(raw, 60)}] in the image URL"
+            ) from None
     if raw.isascii():
         host = raw.lower()
     else:

@@ -1,9 +1,10 @@
 """SSRF guard: which addresses an image host has, and whether they are public.
 
-:class:`backend.images.ImageLoader` resolves each hop's host *once* with :func:`resolve_host`, checks
-those very addresses with :func:`require_public` (unless the hop is on the Label Studio origin or
-``ALLOW_PRIVATE_URLS`` is set) and then connects to one of them (:mod:`backend.safefetch`), so a
-DNS-rebinding host cannot answer a public address to the check and a private one to the connect.
+:class:`backend.images.ImageLoader` resolves each hop's host *once* with :func:`resolve_host`,
+checks those very addresses with :func:`require_public` (unless the hop is on the Label Studio
+origin or ``ALLOW_PRIVATE_URLS`` is set) and then connects to one of them
+(:mod:`backend.safefetch`), so a DNS-rebinding host cannot answer a public address to the check
+and a private one to the connect.
 :func:`check_public_host` is both steps in one, for callers that only want the verdict.
 
 Host forms that parsers read differently are refused outright (:func:`host_literal`): numeric IPv4
@@ -148,7 +149,7 @@ def refuse_localhost_name(host: str) -> None:
 
 
 def require_public(host: str, addresses: Sequence[IPAddress]) -> None:
-    """Raise :class:`ImageError` unless ``host`` is not a localhost name and every address is public."""
+    """Raise :class:`ImageError` for a localhost name or any non-public address."""
     refuse_localhost_name(host)
     for addr in addresses:
         why = non_public_reason(addr)

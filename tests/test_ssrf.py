@@ -88,10 +88,8 @@ class Resolver:
         if not seq:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         answer = seq[min(len(self.calls_for(host)) - 1, len(seq) - 1)]
-        return [
-            (socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))
-            for ip in answer
-        ]
+        family = {True: socket.AF_INET6, False: socket.AF_INET}
+        return [(family[":" in ip], socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
 
     def calls_for(self, host: str) -> list[tuple[str, int]]:
         return [c for c in self.calls if c[0] == host]
