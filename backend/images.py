@@ -13,17 +13,27 @@ Supported task URLs (``ImageLoader.load``):
   :mod:`backend.lsauth`). With ``local_files_root`` (LS's ``LOCAL_FILES_DOCUMENT_ROOT``) a
   local-files image that exists under that root is read from disk instead.
 * absolute ``http://`` / ``https://`` URLs. Only URLs on the LS origin (same scheme, host and port as
-  ``LABEL_STUDIO_URL``) get the LS credentials. Any other host must resolve to public addresses
-  only (SSRF guard, :func:`backend.urlguard.check_public_host`, checked again at each redirect hop)
-  unless ``allow_private_urls``.
+  ``LABEL_STUDIO_URL``) get the LS credentials, and only until a redirect leaves that origin (for
+  the rest of the chain, even if it comes back). Any other host must resolve to public addresses
+  only (SSRF guard, :mod:`backend.urlguard`) unless ``allow_private_urls``.
 * ``data:image/<type>;base64,<payload>`` URIs.
 
-Every failure is an :class:`ImageError` whose ``reason`` says what went wrong and what to fix; it is
-safe to log and to return to a client (no tokens, no query strings, no response bodies).
+Every hop of a download (the URL and each redirect's ``Location``) is parsed once with
+:func:`backend.safefetch.parse_target` (URLs that parsers read differently, such as user info,
+backslashes or odd numeric IPv4 forms, are refused), its host is resolved once with the injectable
+``resolver``, the addresses are checked, and the request goes to a checked address with ``Host``,
+SNI and certificate verification on the name (:class:`backend.safefetch.PinnedHTTP`); LS-origin
+URLs take the same pinned path, without the public-address check.
 
-Proxies and CA bundles from the environment are honoured; ``~/.netrc`` credentials and cookies are
-not (the session has a no-op ``auth`` and refuses all cookies), so nothing but the LS
-``Authorization`` header is ever sent, and only to the LS origin.
+Every failure is an :class:`ImageError` whose ``reason`` says what went wrong and what to fix; it is
+single-line, safe to log and to return to a client (no tokens, no query strings, no response
+bodies; control characters from URLs and paths escaped).
+
+Environment proxies (``HTTP(S)_PROXY``) are *not* used for images, nor for LS token refreshes: a
+proxy would resolve the host itself, defeating the check above. CA certificates: ``ca_bundle``, else
+``REQUESTS_CA_BUNDLE`` / ``SSL_CERT_FILE`` / ``CURL_CA_BUNDLE``, else certifi. ``~/.netrc``
+credentials and cookies are never used, so nothing but the LS ``Authorization`` header is ever
+sent, and only to the LS origin.
 
 :class:`ImageError`, :func:`check_public_host`, :func:`decode_image`, :func:`to_rgb` and
 :data:`ALLOWED_FORMATS` are re-exported from :mod:`backend.imagedecode` and :mod:`backend.urlguard`,
@@ -41,7 +51,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from urllib.parse import SplitResult, parse_qs, unquote, urljoin, urlsplit
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -49,7 +59,15 @@ from PIL import Image
 
 from backend.imagedecode import ALLOWED_FORMATS, ImageError, decode_image, to_rgb
 from backend.lsauth import LabelStudioAuth, LabelStudioAuthError
-from backend.urlguard import check_public_host
+from backend.safefetch import PinnedHTTP, Target, ca_bundle_from_env, escape, parse_target
+from backend.urlguard import (
+    IPAddress,
+    Resolver,
+    check_public_host,
+    refuse_localhost_name,
+    require_public,
+    resolve_host,
+)
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -76,6 +94,9 @@ _LOCAL_FILES_PATH = "/data/local-files"
 class FetchSettings:
     """How images are fetched. Built once from the environment (``backend.settings``).
 
+    ``ca_bundle`` is a CA file or directory for https image hosts; ``None`` means
+    ``REQUESTS_CA_BUNDLE`` / ``SSL_CERT_FILE`` / ``CURL_CA_BUNDLE`` when set, else certifi's bundle.
+
     ``total_timeout`` bounds one whole :meth:`ImageLoader.load` call (all redirects and the body);
     ``None`` means ``connect_timeout + read_timeout``. It is checked before each request and between
     socket reads of the body, so a call may overrun it by at most one ``read_timeout``. Known gap: a
@@ -92,19 +113,18 @@ class FetchSettings:
     allow_private_urls: bool = False
     local_files_root: str | None = None
     total_timeout: float | None = None
+    ca_bundle: str | None = None
 
     def __post_init__(self) -> None:
         if self.label_studio_url is not None:
             try:
-                parts = urlsplit(self.label_studio_url)
-                parts.port  # noqa: B018 - raises ValueError for a bad port
-            except ValueError:
-                parts = None
-            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                parse_target(self.label_studio_url)
+            except (ImageError, TypeError) as exc:
+                reason = exc.reason if isinstance(exc, ImageError) else "not a string"
                 raise ValueError(
                     "LABEL_STUDIO_URL must be an absolute http(s) URL such as "
-                    f"http://localhost:8080, got {_describe(self.label_studio_url)!r}"
-                )
+                    f"http://localhost:8080, got {_describe(self.label_studio_url)} ({reason})"
+                ) from None
         for name in ("connect_timeout", "read_timeout"):
             _require_positive(name, getattr(self, name))
         if self.total_timeout is not None:
@@ -168,7 +188,8 @@ class LoadedImage:
 
 
 def _describe(url: str) -> str:
-    """A log-safe short form of ``url``: no userinfo, no query (except local-files' ``d``)."""
+    """A log-safe, single-line short form of ``url``: no userinfo, no query (except local-files'
+    ``d``), control characters escaped."""
     if not isinstance(url, str):
         return f"<{type(url).__name__}>"
     if url[:5].lower() == "data:":
@@ -187,36 +208,12 @@ def _describe(url: str) -> str:
         d = parse_qs(parts.query, keep_blank_values=True).get("d")
         if d:
             text += "?d=" + d[0]
-    text = text.replace("\x00", "\\0")
-    return text if len(text) <= 200 else text[:197] + "..."
+    return escape(text)
 
 
-def _split(url: str) -> SplitResult:
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        raise ImageError(f"malformed image URL {_describe(url)!r}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        shown = scheme or "(none)"
-        raise ImageError(
-            f"unsupported image URL scheme {shown!r}: use http(s) URLs, data:image/... URIs, or "
-            "paths relative to Label Studio such as /data/upload/..."
-        )
-    if not parts.hostname:
-        raise ImageError(f"image URL {_describe(url)!r} has no host")
-    return parts
-
-
-def _origin(parts: SplitResult) -> tuple[str, str, int]:
-    scheme = parts.scheme.lower()
-    port = parts.port if parts.port is not None else (443 if scheme == "https" else 80)
-    return scheme, (parts.hostname or "").lower().rstrip("."), port
-
-
-def _local_files_param(parts: SplitResult) -> str | None:
+def _local_files_param(url: str) -> str | None:
     """The validated ``d`` of a ``/data/local-files/?d=...`` URL, or ``None`` for other URLs."""
+    parts = urlsplit(url)
     if not parts.path.rstrip("/").endswith(_LOCAL_FILES_PATH):
         return None
     values = parse_qs(parts.query, keep_blank_values=True).get("d", [])
@@ -236,16 +233,19 @@ def _local_files_param(parts: SplitResult) -> str | None:
     elif ".." in d.split("/"):
         problem = "contains a '..' segment"
     if problem is not None:
-        shown = d.replace("\x00", "\\0")[:200]
         raise ImageError(
-            f"refusing local-files path {shown!r}: it {problem}; "
+            f"refusing local-files path {d[:200]!r}: it {problem}; "
             "d= must be a path relative to LOCAL_FILES_DOCUMENT_ROOT"
         )
     return d
 
 
-def _new_session() -> requests.Session:
+def _new_session(ca_bundle: str) -> requests.Session:
+    """The session LabelStudioAuth refreshes PATs with (LS origin only, never image hosts)."""
     session = requests.Session()
+    # Direct connections like the image downloads (no env proxies, same CA bundle).
+    session.trust_env = False
+    session.verify = ca_bundle
     # A no-op auth stops requests from adding ~/.netrc credentials; refusing all cookies keeps one
     # host's cookies from being replayed to it (or LS's session cookie from being stored at all).
     session.auth = lambda request: request
@@ -263,7 +263,10 @@ class ImageLoader:
     """Load task images (see the module docstring). Safe to share between threads.
 
     ``auth`` defaults to a :class:`~backend.lsauth.LabelStudioAuth` built from the settings; pass one
-    to share it with other LS API users. ``session`` defaults to a fresh ``requests.Session``.
+    to share it with other LS API users. ``session`` is only the ``requests.Session`` that default
+    ``auth`` refreshes PATs with (images are fetched by :class:`~backend.safefetch.PinnedHTTP`).
+    ``resolver`` (``socket.getaddrinfo``'s signature, default ``socket.getaddrinfo``) is called
+    exactly once per download hop for host names.
     """
 
     def __init__(
@@ -272,15 +275,19 @@ class ImageLoader:
         *,
         auth: LabelStudioAuth | None = None,
         session: requests.Session | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self._settings = settings
-        self._session = session if session is not None else _new_session()
+        ca_bundle = settings.ca_bundle or ca_bundle_from_env()
+        self._http = PinnedHTTP(ca_bundle)
+        self._resolver = resolver
+        self._session = session if session is not None else _new_session(ca_bundle)
         self._ls_base: str | None = None
         self._ls_origin: tuple[str, str, int] | None = None
         self._auth: LabelStudioAuth | None = None
         if settings.label_studio_url:
             self._ls_base = settings.label_studio_url.rstrip("/")
-            self._ls_origin = _origin(urlsplit(self._ls_base))
+            self._ls_origin = parse_target(self._ls_base).origin
             self._auth = auth or LabelStudioAuth(
                 self._ls_base,
                 settings.api_key,
@@ -292,7 +299,7 @@ class ImageLoader:
             self._root = os.path.realpath(settings.local_files_root)
             if not os.path.isdir(self._root):
                 log.warning(
-                    "LOCAL_FILES_DOCUMENT_ROOT %s is not a directory here: local-files images will "
+                    "LOCAL_FILES_DOCUMENT_ROOT %r is not a directory here: local-files images will "
                     "be downloaded from Label Studio instead",
                     settings.local_files_root,
                 )
@@ -307,6 +314,7 @@ class ImageLoader:
         return self._auth
 
     def close(self) -> None:
+        self._http.close()
         self._session.close()
 
     def __repr__(self) -> str:
@@ -343,20 +351,20 @@ class ImageLoader:
         if url.startswith("/"):
             if self._ls_base is None:
                 raise ImageError(
-                    f"the image URL {_describe(url)!r} is relative to Label Studio: set "
+                    f"the image URL {_describe(url)} is relative to Label Studio: set "
                     "LABEL_STUDIO_URL (and LABEL_STUDIO_API_KEY) so the backend can download it"
                 )
             url = self._ls_base + url
-        parts = _split(url)
-        local = _local_files_param(parts)
-        if local is not None and self._root is not None and self._is_ls(parts):
+        target = parse_target(url)
+        local = _local_files_param(url)
+        if local is not None and self._root is not None and self._is_ls(target):
             data = self._read_local_file(local)
             if data is not None:
                 return data
-        return self._download(url)
+        return self._download(url, target)
 
-    def _is_ls(self, parts: SplitResult) -> bool:
-        return self._ls_origin is not None and _origin(parts) == self._ls_origin
+    def _is_ls(self, target: Target) -> bool:
+        return self._ls_origin is not None and target.origin == self._ls_origin
 
     def _read_local_file(self, d: str) -> bytes | None:
         """Bytes of ``d`` under ``local_files_root``; ``None`` if no such file (then LS serves it)."""
@@ -408,22 +416,25 @@ class ImageLoader:
 
     # -- HTTP -------------------------------------------------------------------------------------
 
-    def _download(self, url: str) -> bytes:
+    def _download(self, url: str, target: Target) -> bytes:
         settings = self._settings
         deadline = time.monotonic() + settings.deadline_s
-        current = url
         send_auth = True  # becomes False for good once the chain leaves the LS origin
         retried_auth = False
         hops = 0
         while True:
-            parts = _split(current)
-            desc = _describe(current)
-            is_ls = self._is_ls(parts)
+            desc = _describe(target.url)
+            is_ls = self._is_ls(target)
             if not is_ls:
                 send_auth = False
-                if not settings.allow_private_urls:
-                    check_public_host(parts.hostname or "", parts.port)
-            headers: dict[str, str] = {}
+            guarded = not is_ls and not settings.allow_private_urls
+            if guarded:
+                refuse_localhost_name(target.host)
+            # One lookup per hop; the request below goes to one of exactly these addresses.
+            addresses = resolve_host(target.host, target.port, self._resolver)
+            if guarded:
+                require_public(target.host, addresses)
+            headers = {"User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5"}
             if send_auth and self._auth is not None:
                 try:
                     headers.update(self._auth.headers())
@@ -432,42 +443,25 @@ class ImageLoader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ImageError(self._deadline_reason(desc))
+            response = self._request(target, addresses, headers, remaining, desc)
+            reusable = False
             try:
-                response = self._session.get(
-                    current,
-                    headers=headers,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(
-                        min(settings.connect_timeout, remaining),
-                        min(settings.read_timeout, remaining),
-                    ),
-                )
-            except requests.exceptions.Timeout:
-                raise ImageError(
-                    f"timed out downloading {desc} (connect {settings.connect_timeout:g} s, "
-                    f"read {settings.read_timeout:g} s): check that the host is reachable and fast"
-                ) from None
-            except requests.RequestException as exc:
-                raise ImageError(
-                    f"could not download {desc} ({type(exc).__name__}): check that the host is "
-                    "reachable from the ML backend"
-                ) from None
-            with response:
-                status = response.status_code
+                status = response.status
                 if status in _REDIRECT_STATUSES:
-                    location = response.headers.get("Location", "").strip()
+                    location = (response.headers.get("Location") or "").strip()
                     if not location:
                         raise ImageError(f"HTTP {status} redirect without a Location from {desc}")
                     hops += 1
                     if hops > MAX_REDIRECTS:
                         raise ImageError(
-                            f"too many redirects (more than {MAX_REDIRECTS}) starting at {_describe(url)}"
+                            f"too many redirects (more than {MAX_REDIRECTS}) starting at "
+                            f"{_describe(url)}"
                         )
-                    target = urljoin(current, location)
-                    if _origin(_split(target)) != _origin(parts):
+                    # The same parser and checks as for the task URL (next loop turn).
+                    next_target = parse_target(urljoin(target.url, location))
+                    if next_target.origin != target.origin:
                         send_auth = False
-                    current = target
+                    target = next_target
                     continue
                 if (
                     status == 401
@@ -482,9 +476,56 @@ class ImageLoader:
                     continue
                 if status != 200:
                     raise ImageError(self._status_reason(status, desc, is_ls and send_auth))
-                return self._read_body(response, desc, deadline)
+                data = self._read_body(response, desc, deadline)
+                reusable = True
+                return data
+            finally:
+                PinnedHTTP.finish(response, reusable=reusable)
 
-    def _read_body(self, response: requests.Response, desc: str, deadline: float) -> bytes:
+    def _request(
+        self,
+        target: Target,
+        addresses: list[IPAddress],
+        headers: dict[str, str],
+        remaining: float,
+        desc: str,
+    ) -> urllib3.BaseHTTPResponse:
+        settings = self._settings
+        try:
+            return self._http.get(
+                target,
+                addresses,
+                headers,
+                connect_timeout=min(settings.connect_timeout, remaining),
+                read_timeout=min(settings.read_timeout, remaining),
+            )
+        except urllib3.exceptions.SSLError:
+            raise ImageError(
+                f"TLS verification failed for {desc}: the certificate is not valid for "
+                f"{target.host} or not signed by a trusted CA (set REQUESTS_CA_BUNDLE for a "
+                "private CA)"
+            ) from None
+        except (
+            urllib3.exceptions.NewConnectionError,
+            urllib3.exceptions.ProtocolError,
+            ConnectionError,
+        ) as exc:
+            raise ImageError(
+                f"could not download {desc} ({type(exc).__name__}): check that the host is "
+                "reachable from the ML backend"
+            ) from None
+        except (urllib3.exceptions.TimeoutError, TimeoutError):
+            raise ImageError(
+                f"timed out downloading {desc} (connect {settings.connect_timeout:g} s, "
+                f"read {settings.read_timeout:g} s): check that the host is reachable and fast"
+            ) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ImageError(
+                f"could not download {desc} ({type(exc).__name__}): check that the host is "
+                "reachable from the ML backend"
+            ) from None
+
+    def _read_body(self, response: urllib3.BaseHTTPResponse, desc: str, deadline: float) -> bytes:
         limit = self._settings.max_download_bytes
         length = response.headers.get("Content-Length")
         if length is not None:
@@ -494,8 +535,7 @@ class ImageLoader:
                 announced = -1
             if announced > limit:
                 raise ImageError(_too_big_reason(desc, announced, limit))
-        raw = response.raw
-        read = getattr(raw, "read1", None) or raw.read
+        read = getattr(response, "read1", None) or response.read
         body = bytearray()
         try:
             while True:

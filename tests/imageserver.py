@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -120,9 +121,19 @@ class _Server(ThreadingHTTPServer):
 
 
 class ImageServer:
-    """Start with :meth:`start`, stop with :meth:`stop`; ``base`` is ``http://127.0.0.1:PORT``."""
+    """Start with :meth:`start`, stop with :meth:`stop`; ``base`` is ``http://127.0.0.1:PORT``.
 
-    def __init__(self, legacy_token: str, pat: str) -> None:
+    ``host`` is the loopback address to listen on (``127.0.0.2`` plays "another host");
+    ``ssl_context`` makes it an https server, and ``sni`` records the server names clients sent.
+    """
+
+    def __init__(
+        self,
+        legacy_token: str,
+        pat: str,
+        host: str = "127.0.0.1",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.legacy_token = legacy_token
         self.pat = pat
         self.routes: dict[tuple[str, str], Route] = {}
@@ -133,10 +144,16 @@ class ImageServer:
         self.issued_access: list[str] = []
         #: lifetimes (seconds from now) of the next access tokens issued; default 300 s when empty
         self.access_ttls: list[float] = []
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self.host = host
+        self.scheme = "https" if ssl_context is not None else "http"
+        self.sni: list[str | None] = []
+        self._server = _Server((host, 0), _Handler)
         self._server.owner = self
+        if ssl_context is not None:
+            ssl_context.sni_callback = lambda sock, name, ctx: self.sni.append(name)
+            self._server.socket = ssl_context.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{self.scheme}://{host}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self.route("POST", "/api/token/refresh/", self._refresh)
 
@@ -156,6 +173,7 @@ class ImageServer:
             self.refresh_calls = 0
             self.issued_access.clear()
             self.access_ttls.clear()
+            self.sni.clear()
 
     # routing
     def route(self, method: str, path: str, fn: Route) -> None:
@@ -175,8 +193,8 @@ class ImageServer:
 
         self.route("GET", path, serve)
 
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"{self.scheme}://{host or self.host}:{self.port}{path}"
 
     # records
     def _record(self, recorded: Recorded) -> None:
