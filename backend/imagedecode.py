@@ -65,6 +65,7 @@ class PixelBudget:
         self._capacity = capacity
         self._in_use = 0
         self._peak = 0
+        self._waiting = 0
         self._changed = threading.Condition()
 
     @property
@@ -78,6 +79,11 @@ class PixelBudget:
     @property
     def peak(self) -> int:
         return self._peak
+
+    @property
+    def waiting(self) -> int:
+        """How many callers are waiting for pixels to be released right now."""
+        return self._waiting
 
     def set_capacity(self, capacity: int) -> None:
         """Resize (charges already held stay held and are released as they were charged)."""
@@ -94,8 +100,12 @@ class PixelBudget:
             def fits() -> bool:
                 return self._in_use + min(pixels, self._capacity) <= self._capacity
 
-            if not self._changed.wait_for(fits, timeout):
-                return None
+            self._waiting += 1
+            try:
+                if not self._changed.wait_for(fits, timeout):
+                    return None
+            finally:
+                self._waiting -= 1
             charge = min(pixels, self._capacity)
             self._in_use += charge
             self._peak = max(self._peak, self._in_use)
