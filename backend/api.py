@@ -148,7 +148,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         g.started = time.perf_counter()
         if settings.basic_auth_user is None:
             if request.endpoint in BULK_ENDPOINTS and not settings.allow_unauthenticated_bulk:
-                log.warning("403 on %s: bulk routes need basic auth", request.path[:100])
+                log.warning("403 on %r: bulk routes need basic auth", request.path[:100])
                 return _error(403, "bulk routes (/prelabel, /jobs) act in Label Studio with the backend's API key: "
                                    "set BASIC_AUTH_USER and BASIC_AUTH_PASS on the backend (or, on a trusted "
                                    "network only, ALLOW_UNAUTHENTICATED_BULK=true)")
@@ -176,12 +176,12 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     @app.errorhandler(LabelConfigError)
     @app.errorhandler(PrelabelError)
     def _bad_request(exc):
-        log.info("400 on %s: %s", request.path, exc)
+        log.info("400 on %r: %s", request.path[:100], exc)
         return _error(400, str(exc))
 
     @app.errorhandler(RequestTooLarge)
     def _too_large(exc):
-        log.info("413 on %s: %s", request.path, exc)
+        log.info("413 on %r: %s", request.path[:100], exc)
         return _error(413, str(exc))
 
     @app.errorhandler(HTTPException)
