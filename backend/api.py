@@ -1,20 +1,31 @@
 """HTTP layer: the Label Studio ML-backend protocol (wire-compatible with label-studio-ml 2.x).
 
 Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``,
-``GET /metrics``. Thin by design: parse and validate, call the model class, serialize. Every error
-is JSON with a message; nothing here touches torch.
+``GET /metrics``, and the bulk routes ``POST /prelabel``, ``GET|DELETE /jobs/<id>``. Thin by design:
+parse and validate, call the model class, serialize. Every error is JSON with a message; nothing
+here touches torch.
+
+Bounds enforced here: bodies up to 64 MB, JSON nested at most :data:`MAX_JSON_DEPTH` levels (checked
+before parsing, so hostile nesting is a 400, never a RecursionError), the per-request caps of
+:mod:`backend.tasks` (413/400). The bulk routes act in LS with the backend's own API key, so they
+need basic auth, or ``ALLOW_UNAUTHENTICATED_BULK=true``; without either they answer 403.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
+import re
 import threading
 import time
+from typing import Any
 
+import numpy as np
 from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from backend.jobs import QueueClient, QueueError
 from backend.labelconfig import LabelConfigError, parse_label_config
@@ -22,30 +33,91 @@ from backend.lsclient import LabelStudioApiError
 from backend.metrics import Metrics
 from backend.pipeline import Pipeline, model_version, prompt_limits
 from backend.prelabel import PrelabelError
+from backend.regions import empty_prediction
 from backend.runstore import MemoryRunStore, RedisRunStore
 from backend.settings import Settings
 from backend.supervisor import cancel_run, start_prelabel_in_background
-from backend.tasks import RequestError, parse_predict_request, plan_tasks
+from backend.tasks import RequestError, RequestTooLarge, asks_for_nothing, parse_predict_request, plan_tasks
 from model import GroundedSAM
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 2**20
+MAX_JSON_DEPTH = 100  # LS bodies nest ~10 levels (task → annotations → result → value → points)
 UNAUTHENTICATED = {"/health", "/webhook"}
   # LS sends its auto-created webhook without credentials
+BULK_ENDPOINTS = {"prelabel", "run_status", "cancel"}  # act in LS with the backend's own API key
+RUN_ID = re.compile(r"[0-9a-f]{16}")  # runstore's ids: 16 lowercase hex characters
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal (linear time, no backtracking)
+_DEPTH_CHUNK = 2**20
+
+
+class JsonTooDeep(ValueError):
+    """A JSON text nests deeper than :data:`MAX_JSON_DEPTH` (a ValueError, as json's own errors)."""
+
+
+def json_depth(data: bytes) -> int:
+    """How deep ``data``'s brackets nest, outside string literals, without parsing it.
+
+    C speed (a regex and numpy) and no recursion, so hostile nesting ("[" * 10**6) costs no stack.
+    Exact for valid JSON; for invalid JSON it is some number, and the parser rejects the text anyway.
+    """
+    codes = np.frombuffer(_JSON_STRING.sub(b'""', data), np.uint8)
+    depth = peak = 0
+    for start in range(0, len(codes), _DEPTH_CHUNK):  # chunks bound the int32 temporaries
+        part = codes[start:start + _DEPTH_CHUNK]
+        steps = ((part == ord("[")) | (part == ord("{"))).astype(np.int32) - ((part == ord("]")) | (part == ord("}")))
+        running = np.cumsum(steps) + depth
+        peak, depth = max(peak, int(running.max(initial=depth))), int(running[-1]) if len(running) else depth
+    return peak
+
+
+def loads_bounded(data: bytes | str) -> Any:
+    """``json.loads`` that refuses nesting deeper than :data:`MAX_JSON_DEPTH` before parsing.
+
+    Raises :class:`JsonTooDeep` or ``json.JSONDecodeError`` (both ValueErrors, with a message)."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise JsonTooDeep(f"the JSON body nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
+    return json.loads(raw)
+
+
+class BoundedJSONProvider(DefaultJSONProvider):
+    """Flask's JSON with the depth bound, so any ``request.get_json`` is bounded too."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return loads_bounded(s)
 
 
 def _error(status: int, message: str):
     return jsonify({"status": "error", "message": message}), status
 
 
-def _json_body() -> dict:
-    body = request.get_json(silent=True)
-    if body is None:
+def _json_value() -> Any:
+    """The request's JSON body, parsed with the depth bound. Raises RequestError (400) saying why."""
+    if not request.is_json:
         raise RequestError("the request body must be JSON (Content-Type: application/json)")
+    try:
+        return loads_bounded(request.get_data(cache=True))  # bounded by MAX_CONTENT_LENGTH
+    except JsonTooDeep as exc:
+        raise RequestError(str(exc)) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: the message says where
+        raise RequestError(f"the request body is not valid JSON ({exc})") from None
+
+
+def _json_body() -> dict:
+    body = _json_value()
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body
+
+
+def _check_run_id(run_id: str) -> None:
+    """Anything but a run id is an unknown run (404), never a store lookup of an odd key."""
+    if not RUN_ID.fullmatch(run_id):
+        raise NotFound(f"no bulk run {run_id[:64]!r}: run ids are 16 lowercase hex characters")
 
 
 def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None, preload: bool = False) -> Flask:
@@ -67,13 +139,21 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             threading.Thread(target=pipeline.engine, name="preload-models", daemon=True).start()
     runs = RedisRunStore(queue.connection) if queue else MemoryRunStore()  # bulk runs of /prelabel
     app = Flask(__name__)
+    app.json = BoundedJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False
 
     @app.before_request
     def _start_and_authenticate():
         g.started = time.perf_counter()
-        if settings.basic_auth_user is None or request.path in UNAUTHENTICATED:
+        if settings.basic_auth_user is None:
+            if request.endpoint in BULK_ENDPOINTS and not settings.allow_unauthenticated_bulk:
+                log.warning("403 on %r: bulk routes need basic auth", request.path[:100])
+                return _error(403, "bulk routes (/prelabel, /jobs) act in Label Studio with the backend's API key: "
+                                   "set BASIC_AUTH_USER and BASIC_AUTH_PASS on the backend (or, on a trusted "
+                                   "network only, ALLOW_UNAUTHENTICATED_BULK=true)")
+            return None
+        if request.path in UNAUTHENTICATED:
             return None
         auth = request.authorization
         ok = (auth is not None and auth.type == "basic"
@@ -96,8 +176,13 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     @app.errorhandler(LabelConfigError)
     @app.errorhandler(PrelabelError)
     def _bad_request(exc):
-        log.info("400 on %s: %s", request.path, exc)
+        log.info("400 on %r: %s", request.path[:100], exc)
         return _error(400, str(exc))
+
+    @app.errorhandler(RequestTooLarge)
+    def _too_large(exc):
+        log.info("413 on %r: %s", request.path[:100], exc)
+        return _error(413, str(exc))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -141,6 +226,10 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         body = _json_body()
         parsed = parse_predict_request(body, limits)
         started = time.perf_counter()
+        if asks_for_nothing(parsed):  # LS 1.23 after Submit: {"result": []}; no image is fetched
+            log.info("predict: %d tasks, interactive call with no prompt and no smart-tool regions: "
+                     "empty predictions", len(parsed.tasks))
+            return jsonify({"results": [empty_prediction(version) for _ in parsed.tasks], "model_version": version})
         if queue:
             plan_tasks(parsed, limits)  # a bad prompt is a 400 here, not a failed job
             predictions = queue.predict(body)
@@ -172,6 +261,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
 
     @app.get("/jobs/<run_id>")
     def run_status(run_id: str):
+        _check_run_id(run_id)
         status = runs.status(run_id)
         if status is None:
             return _error(404, f"no bulk run {run_id!r}: runs are kept for a week after they end")
@@ -179,6 +269,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
 
     @app.delete("/jobs/<run_id>")
     def cancel(run_id: str):
+        _check_run_id(run_id)
         if runs.status(run_id) is None:
             return _error(404, f"no bulk run {run_id!r}")
         cancel_run(runs, run_id, queue.connection if queue else None)
@@ -186,7 +277,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
 
     @app.post("/webhook")
     def webhook():
-        body = request.get_json(silent=True)
+        body = _json_value()
         action = body.get("action") if isinstance(body, dict) else None
         if not isinstance(action, str):
             raise RequestError("a webhook body is a JSON object with an 'action'")

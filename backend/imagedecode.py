@@ -22,24 +22,112 @@ Decisions worth knowing:
   ``min(max_image_pixels, 2 * Image.MAX_IMAGE_PIXELS)``; raise Pillow's limit once at start-up if
   larger images are ever needed. Between ``Image.MAX_IMAGE_PIXELS`` and twice that Pillow emits a
   ``DecompressionBombWarning`` (not an error unless warnings are configured as errors).
+* Decoding memory is bounded per process by :data:`DECODE_BUDGET` (a :class:`PixelBudget`,
+  ``DECODE_BUDGET_MP``): a decode reserves its image's pixel count from the header check until
+  the RGB image is built, so the pipeline's many loader threads (and concurrent requests) never
+  decode more than the budget at once. Decoding peaks at about 3-8 bytes per pixel (decoded
+  buffer, EXIF transpose copy, RGBA → RGB), so 100 MP in flight is roughly 0.3-0.8 GB.
 """
 
 from __future__ import annotations
 
 import io
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import ReasonError
 
-__all__ = ["ALLOWED_FORMATS", "ImageError", "decode_image", "to_rgb"]
+__all__ = ["ALLOWED_FORMATS", "DECODE_BUDGET", "ImageError", "PixelBudget", "decode_image", "to_rgb"]
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "ICO")
 
 
 class ImageError(ReasonError):
     """An image could not be resolved, downloaded or decoded (``reason``: see ReasonError)."""
+
+
+class PixelBudget:
+    """A counting semaphore in pixels: how many pixels this process may be decoding at once.
+
+    :meth:`acquire` waits until the pixels fit in what is left and returns the amount charged; an
+    image larger than the whole capacity is charged the capacity, so it waits for the budget to be
+    empty and then decodes alone (one image always fits). :meth:`release` gives the charge back.
+    ``peak`` is the most ever held at once (for tests and diagnostics).
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"a pixel budget needs a capacity of at least 1 pixel, got {capacity}")
+        self._capacity = capacity
+        self._in_use = 0
+        self._peak = 0
+        self._waiting = 0
+        self._changed = threading.Condition()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+    @property
+    def waiting(self) -> int:
+        """How many callers are waiting for pixels to be released right now."""
+        return self._waiting
+
+    def set_capacity(self, capacity: int) -> None:
+        """Resize (charges already held stay held and are released as they were charged)."""
+        if capacity < 1:
+            raise ValueError(f"a pixel budget needs a capacity of at least 1 pixel, got {capacity}")
+        with self._changed:
+            self._capacity = capacity
+            self._changed.notify_all()
+
+    def acquire(self, pixels: int, timeout: float | None = None) -> int | None:
+        """Wait until ``pixels`` fit; the charge to pass to :meth:`release`, or None on timeout
+        (``timeout=0``: do not wait)."""
+        with self._changed:
+            def fits() -> bool:
+                return self._in_use + min(pixels, self._capacity) <= self._capacity
+
+            self._waiting += 1
+            try:
+                if not self._changed.wait_for(fits, timeout):
+                    return None
+            finally:
+                self._waiting -= 1
+            charge = min(pixels, self._capacity)
+            self._in_use += charge
+            self._peak = max(self._peak, self._in_use)
+            return charge
+
+    def release(self, charge: int) -> None:
+        with self._changed:
+            self._in_use -= charge
+            self._changed.notify_all()
+
+    @contextmanager
+    def reserve(self, pixels: int) -> Iterator[int]:
+        charge = self.acquire(pixels)
+        if charge is None:  # cannot happen: without a timeout acquire waits until the pixels fit
+            raise RuntimeError("pixel budget: acquire without a timeout returned nothing")
+        try:
+            yield charge
+        finally:
+            self.release(charge)
+
+
+DECODE_BUDGET = PixelBudget(100_000_000)  # per process; the pipeline sets it from DECODE_BUDGET_MP
 
 
 def _not_an_image_reason(data: bytes) -> str:
@@ -88,12 +176,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ImageError(f"cannot convert image mode {mode!r} to RGB ({exc})") from None
 
 
-def decode_image(data: bytes, max_image_pixels: int) -> Image.Image:
+def decode_image(data: bytes, max_image_pixels: int, budget: PixelBudget | None = None) -> Image.Image:
     """Decode ``data`` into an RGB, EXIF-transposed image, refusing more than ``max_image_pixels``.
 
-    The pixel count is checked from the header before any pixel data is decoded. Every failure
+    The pixel count is checked from the header before any pixel data is decoded; the decode then
+    waits for that many pixels of ``budget`` (default :data:`DECODE_BUDGET`). Every failure
     (empty, corrupt, truncated, not an image, too large, unsupported mode) is an :class:`ImageError`.
     """
+    budget = DECODE_BUDGET if budget is None else budget
     if not data:
         raise ImageError("the image is empty (0 bytes)")
     try:
@@ -112,17 +202,21 @@ def decode_image(data: bytes, max_image_pixels: int) -> Image.Image:
             raise ImageError(f"the image has an invalid size {width}x{height}")
         if width * height > max_image_pixels:
             raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels))
-        try:
-            opened.load()
-            transposed = ImageOps.exif_transpose(opened)
-            rgb = to_rgb(transposed)
-        except ImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels)) from None
-        except Exception as exc:  # truncated/corrupt data: OSError, SyntaxError, ValueError, ...
-            raise ImageError(f"the image is corrupt or truncated ({_exc_detail(exc)})") from None
-    return rgb
+        with budget.reserve(width * height):
+            return _decode_pixels(opened, width, height, max_image_pixels)
+
+
+def _decode_pixels(opened: Image.Image, width: int, height: int, max_image_pixels: int) -> Image.Image:
+    """Load, EXIF-transpose and convert an opened image (the memory-heavy part of decoding)."""
+    try:
+        opened.load()
+        return to_rgb(ImageOps.exif_transpose(opened))
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels)) from None
+    except Exception as exc:  # truncated/corrupt data: OSError, SyntaxError, ValueError, ...
+        raise ImageError(f"the image is corrupt or truncated ({_exc_detail(exc)})") from None
 
 
 def _exc_detail(exc: Exception) -> str:

@@ -14,13 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from backend.imagedecode import DECODE_BUDGET
 from backend.images import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
 from backend.regions import build_prediction, empty_prediction
 from backend.settings import Settings
 from backend.refine import refine_image
 from backend.smartprompt import parse_smart_prompt
-from backend.tasks import PredictRequest, PromptLimits, TaskPlan, plan_tasks, prompt_text
+from backend.tasks import (PredictRequest, PromptLimits, TaskPlan, asks_for_nothing, check_smart_prompt, plan_tasks,
+                           prompt_text)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ def model_version(settings: Settings) -> str:
 
 
 def prompt_limits(settings: Settings) -> PromptLimits:
-    return PromptLimits(settings.max_prompt_chars, settings.max_prompt_phrases)
+    return PromptLimits(settings.max_prompt_chars, settings.max_prompt_phrases,
+                        max_tasks=settings.max_tasks_per_request, max_smart_prompts=settings.max_smart_prompts)
 
 
 def fetch_settings(settings: Settings) -> FetchSettings:
@@ -60,6 +63,29 @@ class TaskOutcome:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class ImageFailure:
+    """Why one task has no usable image (safe to log and to report: no tokens, no bodies)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReadyImage:
+    """One task's image, loaded and prepared for the engine (``prepared``: an engine PreparedImage)."""
+
+    loaded: LoadedImage
+    prepared: object
+
+
+def _reason(what: str, exc: Exception) -> str:
+    """A per-image failure reason: an ImageError's own reason, else the type and first line."""
+    if isinstance(exc, ImageError):
+        return exc.reason
+    lines = str(exc).splitlines()
+    return f"{what} ({type(exc).__name__}: {lines[0][:200] if lines else ''})"
+
+
 class Pipeline:
     def __init__(self, settings: Settings, engine_factory: Callable | None = None,
                  loader: ImageLoader | None = None, metrics: Metrics | None = None):
@@ -71,6 +97,8 @@ class Pipeline:
         self._engine_factory = engine_factory or self._default_engine
         self._engine = None
         self._engine_lock = threading.Lock()
+        # Decoding memory is per process, so is its budget: the last pipeline built sets it.
+        DECODE_BUDGET.set_capacity(int(settings.decode_budget_mp * 1_000_000))
 
     def _default_engine(self):
         from backend.engine import Engine  # torch is imported only by the process that runs models
@@ -93,8 +121,13 @@ class Pipeline:
 
     def predict_outcomes(self, request: PredictRequest) -> list[TaskOutcome]:
         """Like :meth:`predict`, with the reason each failed task's prediction is empty."""
-        plans = plan_tasks(request, self.limits)
         smart = parse_smart_prompt(request.context, request.config)
+        check_smart_prompt(request, smart, self.limits)
+        if asks_for_nothing(request):
+            log.info("interactive call with no prompt text and no smart-tool regions: %d empty predictions",
+                     len(request.tasks))
+            return [TaskOutcome(empty_prediction(self.model_version)) for _ in request.tasks]
+        plans = plan_tasks(request, self.limits)
         if smart:
             return self._refine_all(plans, request, smart)
         return self._detect_all(plans, request)
@@ -113,22 +146,25 @@ class Pipeline:
         with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="gsam-load") as loaders, \
                 ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="gsam-encode") as encoders:
             batch_size = self._batch_size()
-            pending = deque()  # (plan index, future of LoadedImage/PreparedImage or a reason)
+            pending = deque()  # (plan index, future of ReadyImage | ImageFailure)
             encoded = []  # (plan index, future of TaskOutcome)
-            batch: list[tuple[int, LoadedImage, object]] = []
+            batch: list[tuple[int, ReadyImage]] = []
             next_plan = 0
             while pending or next_plan < len(plans):
                 while next_plan < len(plans) and len(pending) < LOOKAHEAD_BATCHES * batch_size:
                     pending.append((next_plan, loaders.submit(self._load_and_prepare, plans[next_plan])))
                     next_plan += 1
                 index, future = pending.popleft()
-                loaded = future.result()
-                if isinstance(loaded, str):
-                    outcomes[index] = self._failed(plans[index], loaded)
+                ready = future.result()
+                if isinstance(ready, ImageFailure):
+                    outcomes[index] = self._failed(plans[index], ready.reason)
                 else:
-                    batch.append((index, *loaded))
+                    batch.append((index, ready))
                 if len(batch) == batch_size or (batch and not pending and next_plan == len(plans)):
-                    encoded.extend(self._run_batch(batch, plans, request, cache_embeddings, encoders))
+                    done, failed = self._run_batch(batch, plans, request, cache_embeddings, encoders)
+                    encoded.extend(done)
+                    for failed_index, reason in failed:
+                        outcomes[failed_index] = self._failed(plans[failed_index], reason)
                     batch = []
                     batch_size = self._batch_size()
             for index, future in encoded:
@@ -141,27 +177,56 @@ class Pipeline:
             return getattr(self._engine, "batch_size", None) or 8
         return self.settings.batch_size or 8
 
-    def _load_and_prepare(self, plan: TaskPlan):
-        """(LoadedImage, PreparedImage) for a plan, or the reason it has none (safe to log)."""
+    def _load_and_prepare(self, plan: TaskPlan) -> ReadyImage | ImageFailure:
+        """The plan's image loaded and prepared, or why it has none. A model that cannot load is
+        everyone's failure and raises; an image the models cannot take (4000x1) fails alone."""
         with self.metrics.stage_seconds.labels("images").time():
             loaded = self._load(plan)
-        if isinstance(loaded, str):
+        if isinstance(loaded, ImageFailure):
             return loaded
         engine = self.engine()
         with self.metrics.stage_seconds.labels("prepare").time():
-            return loaded, engine.prepare(loaded.image)
+            try:
+                return ReadyImage(loaded, engine.prepare(loaded.image))
+            except Exception as exc:  # any error of one image's preparation fails only its task
+                log.debug("task %s: prepare failed", plan.task_id, exc_info=True)
+                return ImageFailure(_reason(f"the models cannot take this {loaded.width}x{loaded.height} image",
+                                            exc))
 
-    def _run_batch(self, batch, plans, request, cache_embeddings, encoders):
-        keys = [loaded.sha256 for _, loaded, _ in batch] if cache_embeddings else None
-        with self.metrics.stage_seconds.labels("engine").time():
-            results = self.engine().run([prepared for _, _, prepared in batch],
-                                        [plans[i].phrases for i, _, _ in batch], keys)
+    def _run_batch(self, batch: list[tuple[int, ReadyImage]], plans, request, cache_embeddings, encoders):
+        """Run one batch: ([(plan index, future of TaskOutcome)], [(plan index, failure reason)]).
+
+        When the batch raises, its images are run again one by one, so only the image that
+        raises alone fails (and an out-of-memory batch still labels what fits)."""
+        engine = self.engine()
+        try:
+            results = self._run_engine(engine, batch, plans, cache_embeddings)
+        except Exception as exc:  # one bad image must not fail its batch-mates: retry them alone
+            if len(batch) == 1:
+                log.warning("task %s: the engine failed on its image", plans[batch[0][0]].task_id, exc_info=True)
+                return [], [(batch[0][0], _reason("the models failed on this image", exc))]
+            log.warning("a batch of %d images failed (%s); running them one by one", len(batch), type(exc).__name__)
+            done, failed = [], []
+            for item in batch:
+                one_done, one_failed = self._run_batch([item], plans, request, cache_embeddings, encoders)
+                done.extend(one_done)
+                failed.extend(one_failed)
+            return done, failed
         return [(index, encoders.submit(self._regions, plans[index], result, request))
-                for (index, _, _), result in zip(batch, results)]
+                for (index, _), result in zip(batch, results)], []
+
+    def _run_engine(self, engine, batch: list[tuple[int, ReadyImage]], plans, cache_embeddings):
+        keys = [ready.loaded.sha256 for _, ready in batch] if cache_embeddings else None
+        with self.metrics.stage_seconds.labels("engine").time():
+            return engine.run([ready.prepared for _, ready in batch], [plans[i].phrases for i, _ in batch], keys)
 
     def _regions(self, plan: TaskPlan, result, request: PredictRequest) -> TaskOutcome:
         with self.metrics.stage_seconds.labels("regions").time():
-            prediction, stats = build_prediction(result, request.config, self.model_version)
+            try:
+                prediction, stats = build_prediction(result, request.config, self.model_version)
+            except Exception as exc:  # a failure building one task's regions fails only that task
+                log.warning("task %s: building its regions failed", plan.task_id, exc_info=True)
+                return self._failed(plan, _reason("the regions of this image could not be built", exc))
         self._count(plan, prediction, stats)
         return TaskOutcome(prediction)
 
@@ -177,12 +242,19 @@ class Pipeline:
             loaded = list(loaders.map(self._load, plans))
         outcomes = []
         for plan, item in zip(plans, loaded):
-            if isinstance(item, str):
-                outcomes.append(self._failed(plan, item))
+            if isinstance(item, ImageFailure):
+                outcomes.append(self._failed(plan, item.reason))
                 continue
+            engine = self.engine()
             with self.metrics.stage_seconds.labels("refine").time():
-                prediction, stats = refine_image(self.engine(), item, request.config, smart,
-                                                 plan.phrases if text else None, self.model_version)
+                try:
+                    prediction, stats = refine_image(engine, item, request.config, smart,
+                                                     plan.phrases if text else None, self.model_version)
+                except Exception as exc:  # one image the models cannot take fails only its task
+                    log.warning("task %s: refining failed", plan.task_id, exc_info=not isinstance(exc, ImageError))
+                    outcomes.append(self._failed(plan, _reason(
+                        f"the models cannot take this {item.width}x{item.height} image", exc)))
+                    continue
             outcomes.append(TaskOutcome(prediction))
             self._count(plan, prediction, stats)
         return outcomes
@@ -198,11 +270,11 @@ class Pipeline:
                      dropped, ", ".join(sorted(stats.dropped_phrases)))
         log.info("task %s: %d regions", plan.task_id, stats.regions)
 
-    def _load(self, plan: TaskPlan) -> LoadedImage | str:
+    def _load(self, plan: TaskPlan) -> LoadedImage | ImageFailure:
         """The plan's image, or the reason it has none (safe to log: no tokens, no bodies)."""
         if plan.error:
-            return plan.error
+            return ImageFailure(plan.error)
         try:
             return self.loader.load(plan.image_url)
         except ImageError as exc:
-            return exc.reason
+            return ImageFailure(exc.reason)

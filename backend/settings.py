@@ -77,17 +77,23 @@ class Settings:
     label_studio_api_key: str | None = field(default=None, repr=False)
     local_files_root: str | None = None
     allow_private_urls: bool = False
-    max_image_pixels: int = 100_000_000
+    max_image_pixels: int = 40_000_000  # 120 MB as RGB (3 bytes/pixel)
+    decode_budget_mp: float = 100.0  # megapixels decoded at once per process (see imagedecode.PixelBudget)
     max_download_mb: float = 50.0
     download_connect_timeout: float = 5.0
     download_read_timeout: float = 30.0
     max_prompt_chars: int = 2000
     max_prompt_phrases: int = 32
+    max_tasks_per_request: int = 1000  # tasks per /predict call (LS sends a Data Manager page at once)
+    max_smart_prompts: int = 64  # smart-tool clicks + boxes per interactive call
     redis_url: str | None = field(default=None, repr=False)
     embedding_cache_mb: float = 2048.0  # SAM image embeddings kept for follow-up clicks (LRU, per process)
     predict_timeout: float = 60.0  # queue mode: how long /predict waits for workers (LS gives up at 100 s)
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = field(default=None, repr=False)
+    # /prelabel and /jobs act in LS with the backend's own API key: without basic auth they answer
+    # 403 unless the operator opts in here (anyone who reaches the port could then start runs).
+    allow_unauthenticated_bulk: bool = False
     log_level: str = "INFO"
     port: int = 9090
     model_version: str | None = None  # None = derived from the two model ids
@@ -121,17 +127,21 @@ class Settings:
             label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY", None),
             local_files_root=_text(env, "LOCAL_FILES_DOCUMENT_ROOT", None),
             allow_private_urls=_bool(env, "ALLOW_PRIVATE_URLS", False),
-            max_image_pixels=_number(env, "MAX_IMAGE_PIXELS", 100_000_000, int, 1, 2**40),
+            max_image_pixels=_number(env, "MAX_IMAGE_PIXELS", 40_000_000, int, 1, 2**40),
+            decode_budget_mp=_number(env, "DECODE_BUDGET_MP", 100.0, float, 0.001, 1_000_000.0),
             max_download_mb=_number(env, "MAX_DOWNLOAD_MB", 50.0, float, 0.001, 10_000.0),
             download_connect_timeout=_number(env, "DOWNLOAD_CONNECT_TIMEOUT", 5.0, float, 0.01, 300.0),
             download_read_timeout=_number(env, "DOWNLOAD_READ_TIMEOUT", 30.0, float, 0.01, 600.0),
             max_prompt_chars=_number(env, "MAX_PROMPT_CHARS", 2000, int, 1, 100_000),
             max_prompt_phrases=_number(env, "MAX_PROMPT_PHRASES", 32, int, 1, 256),
+            max_tasks_per_request=_number(env, "MAX_TASKS_PER_REQUEST", 1000, int, 1, 1_000_000),
+            max_smart_prompts=_number(env, "MAX_SMART_PROMPTS", 64, int, 1, 10_000),
             redis_url=_text(env, "REDIS_URL", None),
             predict_timeout=_number(env, "PREDICT_TIMEOUT", 60.0, float, 1.0, 3600.0),
             embedding_cache_mb=_number(env, "EMBEDDING_CACHE_MB", 2048.0, float, 0.0, 1_000_000.0),
             basic_auth_user=user,
             basic_auth_pass=password,
+            allow_unauthenticated_bulk=_bool(env, "ALLOW_UNAUTHENTICATED_BULK", False),
             log_level=log_level,
             port=_number(env, "PORT", 9090, int, 1, 65535),
             model_version=_text(env, "MODEL_VERSION", None),

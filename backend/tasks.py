@@ -3,6 +3,11 @@
 The prompt is the text of the config's ``<TextArea>`` found in ``context.result`` by ``from_name``.
 Without one (the batch "Retrieve predictions" call, or an empty prompt) the prompt is the
 config's labels and their ``predicted_values`` aliases. Phrases are separated by ``.`` or ``,``.
+
+Bounds (checked before any image is fetched): at most ``max_tasks`` tasks per request (413), at most
+``max_smart_prompts`` smart-tool clicks + boxes (413), and a smart-tool call is for one task (400).
+An interactive call whose context holds neither prompt text nor smart-tool regions (LS 1.23 sends
+``{"result": []}`` right after Submit) asks for nothing: see :func:`asks_for_nothing`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.labelconfig import LabelConfig, LabelConfigError, normalize_phrase, parse_label_config
+from backend.smartprompt import SmartPrompt, parse_smart_prompt
 
 _SEPARATORS = re.compile(r"[.,]")
 
@@ -20,10 +26,18 @@ class RequestError(ValueError):
     """The request cannot be served as sent; the message says what to fix (HTTP 400)."""
 
 
+class RequestTooLarge(RequestError):
+    """The request asks for more work than one call may (HTTP 413); the message names the setting."""
+
+
 @dataclass(frozen=True)
 class PromptLimits:
+    """Per-request bounds (the name predates the task and smart-tool caps)."""
+
     max_chars: int = 2000
     max_phrases: int = 32
+    max_tasks: int = 1000
+    max_smart_prompts: int = 64
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,9 @@ def parse_predict_request(body: Any, limits: PromptLimits) -> PredictRequest:
     tasks = body.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise RequestError("'tasks' must be a non-empty list of Label Studio tasks")
+    if len(tasks) > limits.max_tasks:
+        raise RequestTooLarge(f"the request has {len(tasks)} tasks; send at most {limits.max_tasks} per call "
+                              "(MAX_TASKS_PER_REQUEST), or pre-label the project with POST /prelabel")
     if not all(isinstance(task, dict) for task in tasks):
         raise RequestError("every item of 'tasks' must be a JSON object (a Label Studio task)")
     try:
@@ -91,8 +108,32 @@ def parse_predict_request(body: Any, limits: PromptLimits) -> PredictRequest:
     if context is None and isinstance(body.get("context"), dict):
         context = body["context"]  # label-studio-ml 2.x also accepts a top-level context
     project = body.get("project")
-    return PredictRequest(tasks=tasks, config=config, context=context,
-                          project=str(project) if project is not None else None)
+    request = PredictRequest(tasks=tasks, config=config, context=context,
+                             project=str(project) if project is not None else None)
+    check_smart_prompt(request, parse_smart_prompt(context, config), limits)
+    return request
+
+
+def check_smart_prompt(request: PredictRequest, smart: SmartPrompt, limits: PromptLimits) -> None:
+    """A smart-tool call is one annotator on one task, with a bounded number of clicks and boxes."""
+    if not smart:
+        return
+    count = len(smart.clicks) + len(smart.boxes)
+    if count > limits.max_smart_prompts:
+        raise RequestTooLarge(f"the context has {count} smart-tool clicks and boxes; use at most "
+                              f"{limits.max_smart_prompts} (MAX_SMART_PROMPTS)")
+    if len(request.tasks) != 1:
+        raise RequestError(f"a smart-tool context (clicks or boxes) is for one task, got {len(request.tasks)}")
+
+
+def asks_for_nothing(request: PredictRequest) -> bool:
+    """True for an interactive call (a context is present) with no prompt text and no smart-tool
+    regions: LS 1.23 sends one with ``{"result": []}`` right after Submit. It gets empty predictions
+    at once. No context at all (LS's batch and task-open calls) is not this: labels are the prompt."""
+    if not isinstance(request.context, dict):
+        return False
+    return prompt_text(request.context, request.config) is None and not parse_smart_prompt(request.context,
+                                                                                          request.config)
 
 
 def plan_tasks(request: PredictRequest, limits: PromptLimits) -> list[TaskPlan]:

@@ -172,6 +172,19 @@ def test_basic_auth_guards_everything_but_health_and_webhook(guarded):
     assert post(guarded, "/webhook", webhook).status_code == 200
 
 
+def test_basic_auth_guards_the_bulk_routes(guarded):
+    calls = (("POST", "/prelabel", {"project": 1}), ("GET", "/jobs/0123456789abcdef", None),
+             ("DELETE", "/jobs/0123456789abcdef", None))
+    for method, path, payload in calls:
+        for auth in (None, ("admin", "wrong")):
+            response = requests.request(method, guarded.url + path, json=payload, auth=auth, timeout=10)
+            assert response.status_code == 401, (method, path, auth)
+    admitted = [requests.request(method, guarded.url + path, json=payload, auth=("admin", "s3cret"), timeout=10)
+                for method, path, payload in calls]
+    assert [r.status_code for r in admitted] == [400, 404, 404]  # past auth: no LS configured, no such run
+    assert "LABEL_STUDIO_URL" in admitted[0].json()["message"]
+
+
 def test_unreachable_host_gives_an_empty_prediction(guarded):
     closed = f"http://127.0.0.1:{free_port()}/x.png"  # private URLs allowed here; nothing listens
     response = post(guarded, "/predict", body(closed, GOOD), auth=("admin", "s3cret"))

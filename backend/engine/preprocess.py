@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend.imagedecode import ImageError
+
 
 @dataclass(frozen=True)
 class Canvas:
@@ -34,8 +36,11 @@ def to_canvas(image: Image.Image, resized: tuple[int, int], canvas: tuple[int, i
     """Resize an RGB image to ``resized`` (h, w) with PIL's ``resample`` and paste it into a zero
     (H, W) canvas. ``resized`` must fit the canvas."""
     (height, width), (canvas_h, canvas_w) = resized, canvas
-    if height > canvas_h or width > canvas_w:
-        raise ValueError(f"resized size {resized} does not fit the canvas {canvas}")
+    if not (1 <= height <= canvas_h and 1 <= width <= canvas_w):
+        # A sliver (4000x1) rounds to 0 pixels on its short side, or (extreme ratios) overflows the
+        # canvas: the models cannot take it. An ImageError fails this image's task alone.
+        raise ImageError(f"the image is {image.width}x{image.height} pixels, too thin for the models (resized for "
+                         f"their {canvas_w}x{canvas_h} input it would be {width}x{height}): crop or pad it")
     pixels = np.zeros((canvas_h, canvas_w, 3), np.uint8)
     pixels[:height, :width] = np.asarray(image.resize((width, height), resample))
     return Canvas(torch.from_numpy(pixels), resized)
