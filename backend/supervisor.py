@@ -71,14 +71,15 @@ def served_model_version(connection, requested: str | None, wait_s: float = WORK
     """The model version a queue-mode run labels with: the one the live workers serve, or
     ``requested``. Raises :class:`PrelabelError` (saying which versions are live) when the workers
     disagree and none was requested, when no live worker serves ``requested``, or when no worker is
-    live and none was requested (waits up to ``wait_s`` for one to register first)."""
+    live and none was requested (waits up to ``wait_s`` for one to register first: workers that
+    just started register within a second)."""
     from backend import jobs
 
     requested = requested.strip() if requested and requested.strip() else None
     deadline = time.monotonic() + wait_s
     while True:
         versions = retry_redis(lambda: jobs.live_model_versions(connection), "listing the live workers")
-        if versions or time.monotonic() >= deadline:
+        if versions or requested or time.monotonic() >= deadline:  # wait only when the workers must choose
             break
         time.sleep(0.5)
     if requested:
@@ -227,7 +228,7 @@ class _Supervisor:
         self.outbox: list[list[dict]] = list(_chunks(tasks or [], chunk))  # chunks still to enqueue
         self.must_adopt = adopted  # on taking the lease: find the work that was lost with the old supervisor
         self.has_lease = False
-        self.last_touch = 0.0
+        self.last_touch = float("-inf")
         self.requeue_rounds = 0
         self.last: RunStatus | None = None
         self.last_change = time.monotonic()
@@ -295,6 +296,7 @@ class _Supervisor:
         self.tasks_by_id = {int(t["id"]): t for t in plan.tasks}
         self.all_tasks_known = True
         self.outbox = list(_chunks(plan.tasks, self.chunk))
+        self.must_adopt = False  # planned here: nothing was enqueued before
         self.last_change = time.monotonic()
 
     def _adopt(self) -> None:

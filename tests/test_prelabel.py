@@ -31,7 +31,7 @@ from backend.lsclient import LabelStudioApi, LabelStudioApiError, parse_model_ve
 from backend.pipeline import Pipeline, TaskOutcome
 from backend.prelabel import PrelabelSpec, plan_prelabel, plan_tasks_to_label, process_chunk
 from backend.runstore import CANCELLED, DONE, PLANNING, RUNNING, MemoryRunStore, RedisRunStore, WriteLockTimeout
-from backend.supervisor import _Supervisor, cancel_run, run_prelabel, start_prelabel_in_background
+from backend.supervisor import _Supervisor, adopt_orphaned_runs, cancel_run, run_prelabel, start_prelabel_in_background
 from tests.test_e2e_label_studio import LABEL_CONFIG
 
 pytestmark = pytest.mark.e2e
@@ -530,6 +530,29 @@ def test_background_runs_for_post_prelabel(ls, api, settings, pipeline, redis_se
                                           connection=connection, poll_s=0.1, model_version=pipeline.model_version)
     assert cancel_run(RedisRunStore(connection), run_id, connection)
     assert wait_final(RedisRunStore(connection), run_id).status == CANCELLED
+
+
+def test_a_run_whose_supervisor_died_while_planning_is_adopted_and_planned_again(ls, api, settings, pipeline,
+                                                                                redis_server, monkeypatch):
+    pid, good, poison = make_project(ls, "prelabel adopted", n_good=5, n_poison=1)
+    fake = FakeQueue(redis_server.url, pipeline, api).install(monkeypatch)
+    queue_settings = dataclasses.replace(settings, redis_url=redis_server.url)
+    connection = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    store = RedisRunStore(connection)
+    spec = PrelabelSpec(project=pid, label_config=CONFIG, prompt=None, model_version=pipeline.model_version)
+    run_id = store.create(spec, None, chunk=2)  # POST /prelabel answered, then its web process died
+    assert store.take_lease(run_id, "the-dead-web-process", ttl=1.0)
+    assert run_id not in adopt_orphaned_runs(connection, queue_settings)  # its lease is still live
+    deadline = time.monotonic() + 10
+    while store.lease_holder(run_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run_id in adopt_orphaned_runs(connection, queue_settings)
+    assert run_id not in adopt_orphaned_runs(connection, queue_settings)  # one supervisor per run
+    status = wait_final(store, run_id)
+    fake.stop.set()
+    assert (status.status, status.total, status.done, status.failed) == (DONE, 6, 5, 1), status
+    assert_one_each(ls, good, poison, pipeline.model_version)
+    assert store.lease_holder(run_id) is None and connection.ttl(f"gsam:run:{run_id}") > 0
 
 
 def wait_final(store, run_id, timeout: float = 60):
