@@ -8,8 +8,9 @@ A *run* labels the tasks of one project with one model version:
 2. **process** (:func:`process_chunk`, what a ``prelabel`` RQ job runs), chunk by chunk and, within
    a chunk, one engine batch at a time: run the pipeline on the batch, then write each task's
    prediction back to LS (:func:`write_prediction`) before the next batch (so a chunk cut short,
-   e.g. by its job timeout, keeps what it finished) and record the task as done, or as failed with its reason when its image could not be used (a
-   *poison* task fails alone; it gets no prediction, so a later run retries it);
+   e.g. by its job timeout, keeps what it finished) and record the task as done, or as failed with
+   its reason when its image could not be used (a *poison* task fails alone; it gets no prediction,
+   so a later run retries it);
 3. **supervise** (:mod:`backend.supervisor`): run the chunks in this process or as RQ jobs, and
    follow the run to its end.
 

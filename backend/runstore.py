@@ -9,7 +9,7 @@ restart around a store call.
 Redis keys (``<id>`` = run id; every key is named here, and every key expires)::
 
     gsam:run:<id>          hash: project, model_version, prompt, redo, status, total, done, failed,
-                           skipped, created, updated, error, spec (JSON)
+                           skipped, created, updated, error, spec (JSON), chunk (tasks per job)
     gsam:run:<id>:tasks    set of the run's task ids
     gsam:run:<id>:done     set of task ids written back (or found already labeled)
     gsam:run:<id>:failed   hash task id -> reason
@@ -649,5 +649,6 @@ def retry_redis(fn: Callable[[], Any], what: str, patience_s: float = REDIS_RETR
             pause = min(pause * 2, 5.0)
 
 
-__all__ = ["ACTIVE_TTL_S", "CANCELLED", "DONE", "LEASE_TTL_S", "jobs_key", "lease_key", "FAILED", "FINAL", "PLANNING", "RUNNING", "MemoryRunStore", "RedisRunStore",
-           "RunStatus", "RunStore", "WriteLock", "WriteLockTimeout", "retry_redis", "transient_redis_errors"]
+__all__ = ["ACTIVE_TTL_S", "CANCELLED", "DONE", "FAILED", "FINAL", "LEASE_TTL_S", "PLANNING", "RUNNING", "MemoryRunStore",
+           "RedisRunStore", "RunStatus", "RunStore", "WriteLock", "WriteLockTimeout", "jobs_key", "lease_key", "retry_redis",
+           "transient_redis_errors"]
