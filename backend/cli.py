@@ -135,7 +135,8 @@ def cmd_prelabel(args) -> int:
     from backend.prelabel import PrelabelError
 
     try:
-        status = run_prelabel(settings, args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo)
+        status = run_prelabel(settings, args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo,
+                              model_version=args.model_version)
     except (PrelabelError, LabelStudioApiError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--chunk", type=int, default=64,
                           help="tasks per job (64: several engine batches, so loading overlaps the GPU)")
     prelabel.add_argument("--redo", action="store_true", help="also tasks that have a prediction of this version")
+    prelabel.add_argument("--model-version", default=None,
+                          help="queue mode: the version to label with when the live workers serve several "
+                               "(default: the one they serve); embedded: must be this process's")
     prelabel.set_defaults(func=cmd_prelabel)
 
     serve = commands.add_parser("serve", help="serve the LS ML-backend API (development server)")

@@ -156,12 +156,19 @@ def enqueue_prelabel_chunk(connection: redis.Redis, run_id: str, spec, tasks: li
         prelabel_chunk_job, run_id, spec.to_dict(), tasks, job_timeout=PRELABEL_JOB_TIMEOUT_S,
         retry=PRELABEL_RETRY, result_ttl=RESULT_TTL_S, failure_ttl=24 * 3600, meta={"run_id": run_id},
         description=f"prelabel run {run_id}: {len(tasks)} tasks")
-    connection.sadd(f"gsam:run:{run_id}:jobs", job.id)
+    from backend.runstore import ACTIVE_TTL_S, jobs_key
+
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.sadd(jobs_key(run_id), job.id)
+        pipe.expire(jobs_key(run_id), ACTIVE_TTL_S)  # the supervisor's touch refreshes it, its end shortens it
+        pipe.execute()
     return job.id
 
 
 def _run_jobs(connection: redis.Redis, run_id: str) -> list[Job]:
-    ids = [i.decode() if isinstance(i, bytes) else i for i in connection.smembers(f"gsam:run:{run_id}:jobs")]
+    from backend.runstore import jobs_key
+
+    ids = [i.decode() if isinstance(i, bytes) else i for i in connection.smembers(jobs_key(run_id))]
     return [job for job in Job.fetch_many(ids, connection=connection) if job is not None]
 
 
@@ -252,3 +259,56 @@ __all__ = ["INTERACTIVE", "PRELABEL", "QueueClient", "QueueError", "QueueTimeout
            "cancel_run_jobs", "connect", "enqueue_prelabel_chunk", "live_workers",
            "mark_alive", "mark_gone", "predict_job", "prelabel_chunk_job", "requeue_abandoned",
            "run_jobs_in_flight"]
+
+
+# ---------------------------------------------------------------- model versions the live workers serve
+
+WORKER_VERSIONS_KEY = "gsam:worker-versions"
+#: How long the worker registry outlives its last refresh (a worker refreshes it every few seconds).
+REGISTRY_TTL_S = 3600
+
+
+def register_worker_version(connection: redis.Redis, worker_name: str, model_version: str) -> None:
+    """Record the model version ``worker_name`` serves (a worker's housekeeping, every few seconds).
+
+    ``gsam:worker-versions`` is a hash worker name -> version; which workers are alive is the
+    ``gsam:workers`` sorted set. Both keys expire an hour after the last worker refreshed them, and
+    entries of workers that left the liveness set are dropped here.
+    """
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.hset(WORKER_VERSIONS_KEY, worker_name, model_version)
+        pipe.expire(WORKER_VERSIONS_KEY, REGISTRY_TTL_S)
+        pipe.expire(WORKERS_KEY, REGISTRY_TTL_S)
+        pipe.hkeys(WORKER_VERSIONS_KEY)
+        names = pipe.execute()[-1]
+    if names:
+        scores = connection.zmscore(WORKERS_KEY, names)
+        gone = [name for name, score in zip(names, scores) if score is None]
+        if gone:
+            connection.hdel(WORKER_VERSIONS_KEY, *gone)
+
+
+def live_model_versions(connection: redis.Redis) -> dict[str, list[str]]:
+    """Model version -> names of the live workers that serve it (workers that registered none are left out)."""
+    names = [n.decode() if isinstance(n, bytes) else n
+             for n in connection.zrangebyscore(WORKERS_KEY, time.time(), "+inf")]
+    if not names:
+        return {}
+    versions: dict[str, list[str]] = {}
+    for name, version in zip(names, connection.hmget(WORKER_VERSIONS_KEY, names)):
+        if version is not None:
+            versions.setdefault(version.decode() if isinstance(version, bytes) else version, []).append(name)
+    return versions
+
+
+def run_tasks_in_flight(connection: redis.Redis, run_id: str) -> set[int]:
+    """Ids of the tasks in this run's jobs that are queued, waiting for a retry, or running on a live
+    worker: what a supervisor that adopts the run must not enqueue again."""
+    waiting = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+    ids: set[int] = set()
+    for job in _run_jobs(connection, run_id):
+        status = job.get_status(refresh=False)
+        if status in waiting or (status == JobStatus.STARTED and job.worker_name
+                                 and is_alive(connection, job.worker_name)):
+            ids.update(int(task["id"]) for task in job.args[2])
+    return ids

@@ -5,10 +5,12 @@ A *run* labels the tasks of one project with one model version:
 1. **plan** (:func:`plan_prelabel`): list the project's tasks with the model versions of their
    predictions (one cheap paginated Data Manager query, see :mod:`backend.lsclient`) and keep those
    without a prediction of the current ``model_version`` (all of them with ``redo``);
-2. **process** (:func:`process_chunk`, what a ``prelabel`` RQ job runs), chunk by chunk: run the
-   pipeline on the chunk, then write each task's prediction back to LS (:func:`write_prediction`)
-   and record the task as done, or as failed with its reason when its image could not be used (a
-   *poison* task fails alone; it gets no prediction, so a later run retries it);
+2. **process** (:func:`process_chunk`, what a ``prelabel`` RQ job runs), chunk by chunk and, within
+   a chunk, one engine batch at a time: run the pipeline on the batch, then write each task's
+   prediction back to LS (:func:`write_prediction`) before the next batch (so a chunk cut short,
+   e.g. by its job timeout, keeps what it finished) and record the task as done, or as failed with
+   its reason when its image could not be used (a *poison* task fails alone; it gets no prediction,
+   so a later run retries it);
 3. **supervise** (:mod:`backend.supervisor`): run the chunks in this process or as RQ jobs, and
    follow the run to its end.
 
@@ -189,20 +191,44 @@ def process_chunk(pipeline, api: LabelStudioApi, store: RunStore, run_id: str, s
         for task in todo:
             retry_redis(lambda: store.mark_failed(run_id, int(task["id"]), reason), f"run {run_id}")
         return
-    try:
-        request = build_request(spec, todo)
-        outcomes = pipeline.predict_outcomes(request)
-    except (RequestError, LabelConfigError) as exc:  # the same for every task: no retry helps
-        for task in todo:
-            retry_redis(lambda: store.mark_failed(run_id, int(task["id"]), str(exc)), f"run {run_id}")
-        return
     counts: dict[str, int] = {}
     owner = uuid.uuid4().hex  # this attempt's locks: its own retries may take them over
-    for task, outcome in zip(todo, outcomes):
+    size = _batch_size(pipeline)
+    for start in range(0, len(todo), size):
+        batch = todo[start:start + size]
+        if start and retry_redis(lambda: store.state(run_id), f"run {run_id}") != RUNNING:
+            log.info("run %s is no longer running: not labeling the rest of its chunk", run_id)
+            return
+        if not _label_batch(pipeline, api, store, run_id, spec, batch, owner, counts):
+            return
+    log.info("run %s: chunk of %d tasks: %s", run_id, len(todo),
+             ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing to do")
+
+
+def _batch_size(pipeline) -> int:
+    """Tasks per sub-batch of a chunk: the engine's batch (so a chunk cut short by its job timeout
+    keeps every finished batch). ``_batch_size`` is the pipeline's own (BATCH_SIZE=auto resolved)."""
+    size = getattr(pipeline, "_batch_size", None)
+    value = size() if callable(size) else getattr(getattr(pipeline, "settings", None), "batch_size", None)
+    return value if isinstance(value, int) and value > 0 else 8
+
+
+def _label_batch(pipeline, api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec,
+                 batch: list[dict], owner: str, counts: dict[str, int]) -> bool:
+    """Run the pipeline on one sub-batch and write its predictions back; False when the run was
+    cancelled meanwhile (the chunk stops). Raises like :func:`process_chunk`."""
+    try:
+        outcomes = pipeline.predict_outcomes(build_request(spec, batch))
+    except (RequestError, LabelConfigError) as exc:  # the same for every task: no retry helps
+        for task in batch:
+            retry_redis(lambda: store.mark_failed(run_id, int(task["id"]), str(exc)), f"run {run_id}")
+        counts["failed"] = counts.get("failed", 0) + len(batch)
+        return True
+    for task, outcome in zip(batch, outcomes):
         task_id = int(task["id"])
         if retry_redis(lambda: store.is_cancelled(run_id), f"run {run_id}"):
             log.info("run %s cancelled: not writing the rest of its chunk", run_id)
-            return
+            return False
         if outcome.error:
             retry_redis(lambda: store.mark_failed(run_id, task_id, outcome.error), f"run {run_id}")
             counts["failed"] = counts.get("failed", 0) + 1
@@ -218,8 +244,8 @@ def process_chunk(pipeline, api: LabelStudioApi, store: RunStore, run_id: str, s
             counts["failed"] = counts.get("failed", 0) + 1
             continue
         counts[what] = counts.get(what, 0) + 1
-    log.info("run %s: chunk of %d tasks: %s", run_id, len(todo),
-             ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing to do")
+    return True
+
 
 
 __all__ = ["PrelabelError", "PrelabelPlan", "PrelabelSpec", "build_request", "plan_prelabel", "plan_tasks_to_label",

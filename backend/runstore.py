@@ -6,18 +6,22 @@ workers and the web process; keys below) or a :class:`MemoryRunStore` (embedded 
 Both count a task once however often it is re-processed. :func:`retry_redis` waits out a Redis
 restart around a store call.
 
-Redis keys (``<id>`` = run id)::
+Redis keys (``<id>`` = run id; every key is named here, and every key expires)::
 
     gsam:run:<id>          hash: project, model_version, prompt, redo, status, total, done, failed,
-                           skipped, created, updated, error, spec (JSON)
+                           skipped, created, updated, error, spec (JSON), chunk (tasks per job)
     gsam:run:<id>:tasks    set of the run's task ids
     gsam:run:<id>:done     set of task ids written back (or found already labeled)
     gsam:run:<id>:failed   hash task id -> reason
-    gsam:run:<id>:jobs     set of the run's RQ job ids (written by :mod:`backend.jobs`)
-    gsam:runs              set of all run ids
+    gsam:run:<id>:jobs     set of the run's RQ job ids (:func:`jobs_key`, written by :mod:`backend.jobs`)
+    gsam:run:<id>:lease    the run's supervisor: its owner token (SET PX, :data:`LEASE_TTL_S`)
+    gsam:run-index         sorted set run id -> when its record expires (pruned on read)
     gsam:lock:<project>:<task>:<sha1(model_version)[:16]>   write lock (SET NX, TTL)
 
-Finished and cancelled runs expire after a week. Status values: ``planning`` (created by
+A planning or running run's keys expire :data:`ACTIVE_TTL_S` (a day) after its supervisor last
+touched them (:meth:`RedisRunStore.touch`, every minute while supervised), so a run nobody
+supervises any more disappears by itself; finished and cancelled runs expire a week after they
+end. The index key lives as long as its longest-lived member. Status values: ``planning`` (created by
 :func:`backend.supervisor.start_prelabel_in_background`, tasks being listed), ``running``, ``done``,
 ``cancelled``, ``failed`` (the run itself could not go on, e.g. LS was unreachable while planning;
 ``error`` says why).
@@ -42,14 +46,30 @@ if TYPE_CHECKING:  # backend.prelabel imports this module
 log = logging.getLogger(__name__)
 
 RUN_PREFIX = "gsam:run:"
-RUNS_KEY = "gsam:runs"
+RUN_INDEX_KEY = "gsam:run-index"
 LOCK_PREFIX = "gsam:lock:"
 #: A writer refreshes its lock before each LS call (timeout 30 s, usually ~20 ms); a dead writer's
 #: lock frees itself after this long.
 LOCK_TTL_S = 45
-RUN_TTL_S = 7 * 24 * 3600
+RUN_TTL_S = 7 * 24 * 3600  # a finished run's record
+ACTIVE_TTL_S = 24 * 3600  # a planning/running run's record, refreshed while it is supervised
+#: A supervisor refreshes its run's lease every poll (0.5 s); a process of the deployment adopts a
+#: run whose lease expired (its supervisor died: see :mod:`backend.supervisor`).
+LEASE_TTL_S = 20.0
 FAILURES_SHOWN = 100
 REDIS_RETRY_S = 60.0  # how long a worker-side store call waits out a Redis restart
+
+
+
+def jobs_key(run_id: str) -> str:
+    """The set of a run's RQ job ids."""
+    return f"{RUN_PREFIX}{run_id}:jobs"
+
+
+def lease_key(run_id: str) -> str:
+    """Who supervises the run (owner token, expires unless refreshed)."""
+    return f"{RUN_PREFIX}{run_id}:lease"
+
 
 PLANNING, RUNNING, DONE, CANCELLED, FAILED = "planning", "running", "done", "cancelled", "failed"
 FINAL = {DONE, CANCELLED, FAILED}
@@ -132,9 +152,10 @@ class RunStore:
     """The interface both stores implement (see the module docstring for the semantics)."""
 
     def create(self, spec: PrelabelSpec, task_ids: Iterable[int] | None, *, skipped: int = 0,
-               run_id: str | None = None, created: float | None = None) -> str:
+               run_id: str | None = None, created: float | None = None, chunk: int | None = None) -> str:
         """A new run over ``task_ids`` (status ``running``), or ``planning`` when ``task_ids`` is None
-        (then :meth:`set_tasks` follows). ``run_id`` (and ``created``) re-create a run under its old id."""
+        (then :meth:`set_tasks` follows). ``run_id`` (and ``created``) re-create a run under its old id.
+        ``chunk`` (tasks per job) is kept for a supervisor that adopts the run."""
         raise NotImplementedError
 
     def set_tasks(self, run_id: str, task_ids: Iterable[int], *, skipped: int = 0) -> None:
@@ -179,6 +200,17 @@ class RunStore:
     def run_ids(self) -> list[str]:
         raise NotImplementedError
 
+    def take_lease(self, run_id: str, owner: str, ttl: float = LEASE_TTL_S) -> bool:
+        """Become (or stay) the run's supervisor: True when the lease was free or already ``owner``'s.
+        One process per run (a memory store) needs no lease."""
+        return True
+
+    def release_lease(self, run_id: str, owner: str) -> None:
+        """Give the lease up (only if ``owner`` holds it)."""
+
+    def touch(self, run_id: str) -> None:
+        """A supervisor's sign of life: keeps a running run's record from expiring."""
+
     def write_lock(self, project: int, task_id: int, model_version: str, ttl: float = LOCK_TTL_S,
                    wait: float | None = None, owner: str | None = None) -> contextlib.AbstractContextManager:
         """Exclusive right to write ``task_id``'s prediction of ``model_version`` (``wait`` seconds,
@@ -213,7 +245,7 @@ class MemoryRunStore(RunStore):
         self._held: dict[tuple, str] = {}
         self._held_changed = threading.Condition(threading.Lock())
 
-    def create(self, spec, task_ids, *, skipped=0, run_id=None, created=None):
+    def create(self, spec, task_ids, *, skipped=0, run_id=None, created=None, chunk=None):
         run_id = run_id or _new_run_id()
         now = time.time()
         with self._lock:
@@ -324,6 +356,8 @@ if added == 1 then
   if redis.call('HDEL', KEYS[3], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'failed', -1) end
 end
 redis.call('HSET', KEYS[1], 'updated', ARGV[2])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 and redis.call('PTTL', KEYS[2]) == -1 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return added
 """
 
@@ -333,6 +367,8 @@ if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
 local new = redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 if new == 1 then redis.call('HINCRBY', KEYS[1], 'failed', 1) end
 redis.call('HSET', KEYS[1], 'updated', ARGV[3])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 and redis.call('PTTL', KEYS[3]) == -1 then redis.call('PEXPIRE', KEYS[3], ttl) end
 return new
 """
 
@@ -391,7 +427,7 @@ class RedisRunStore(RunStore):
         base = RUN_PREFIX + run_id
         return base, base + ":done", base + ":failed", base + ":tasks"
 
-    def create(self, spec, task_ids, *, skipped=0, run_id=None, created=None):
+    def create(self, spec, task_ids, *, skipped=0, run_id=None, created=None, chunk=None):
         run_id = run_id or _new_run_id()
         meta_key, done_key, failed_key, tasks_key = self._keys(run_id)
         ids = None if task_ids is None else [int(t) for t in task_ids]
@@ -399,15 +435,25 @@ class RedisRunStore(RunStore):
         meta = {"project": spec.project, "model_version": spec.model_version, "prompt": spec.prompt or "",
                 "redo": int(spec.redo), "status": PLANNING if ids is None else RUNNING,
                 "total": len(ids or ()), "done": 0, "failed": 0, "skipped": skipped, "created": created or now,
-                "updated": now, "error": "", "spec": json.dumps(spec.to_dict())}
+                "updated": now, "error": "", "spec": json.dumps(spec.to_dict()), "chunk": int(chunk or 0)}
         with self.r.pipeline(transaction=True) as pipe:
             pipe.delete(meta_key, done_key, failed_key, tasks_key)
             for start in range(0, len(ids or ()), 5000):
                 pipe.sadd(tasks_key, *ids[start:start + 5000])
             pipe.hset(meta_key, mapping=meta)
-            pipe.sadd(RUNS_KEY, run_id)
+            pipe.expire(meta_key, ACTIVE_TTL_S)
+            pipe.expire(tasks_key, ACTIVE_TTL_S)
+            self._index(pipe, run_id, ACTIVE_TTL_S)
             pipe.execute()
         return run_id
+
+    @staticmethod
+    def _index(pipe, run_id: str, ttl_s: int) -> None:
+        """Record in the runs index that ``run_id`` lives ``ttl_s`` more seconds; the index itself
+        lives as long as its longest-lived member (no member outlives a week from its last write)."""
+        now = time.time()
+        pipe.zadd(RUN_INDEX_KEY, {run_id: now + ttl_s})
+        pipe.expire(RUN_INDEX_KEY, RUN_TTL_S)  # >= every member's expiry: none is more than a week off
 
     def set_tasks(self, run_id, task_ids, *, skipped=0):
         meta_key, _, _, tasks_key = self._keys(run_id)
@@ -417,6 +463,7 @@ class RedisRunStore(RunStore):
             for start in range(0, len(ids), 5000):
                 pipe.sadd(tasks_key, *ids[start:start + 5000])
             pipe.hset(meta_key, mapping={"total": len(ids), "skipped": skipped, "created": now, "updated": now})
+            pipe.expire(tasks_key, ACTIVE_TTL_S)
             pipe.execute()
         self._set_status_if(keys=[meta_key], args=[RUNNING, now, PLANNING])
 
@@ -462,9 +509,30 @@ class RedisRunStore(RunStore):
 
     def _expire_later(self, run_id: str) -> None:
         with self.r.pipeline(transaction=False) as pipe:
-            for key in (*self._keys(run_id), RUN_PREFIX + run_id + ":jobs"):
+            for key in (*self._keys(run_id), jobs_key(run_id)):
                 pipe.expire(key, RUN_TTL_S)
+            pipe.delete(lease_key(run_id))
+            self._index(pipe, run_id, RUN_TTL_S)
             pipe.execute()
+
+    def touch(self, run_id):
+        if self.state(run_id) not in (PLANNING, RUNNING):
+            return
+        with self.r.pipeline(transaction=False) as pipe:
+            for key in (*self._keys(run_id), jobs_key(run_id)):
+                pipe.expire(key, ACTIVE_TTL_S)
+            self._index(pipe, run_id, ACTIVE_TTL_S)
+            pipe.execute()
+
+    def take_lease(self, run_id, owner, ttl=LEASE_TTL_S):
+        return bool(self._acquire(keys=[lease_key(run_id)], args=[owner, max(1, int(ttl * 1000))]))
+
+    def release_lease(self, run_id, owner):
+        self._release(keys=[lease_key(run_id)], args=[owner])
+
+    def lease_holder(self, run_id: str) -> str | None:
+        value = self.r.get(lease_key(run_id))
+        return None if value is None else _text(value)
 
     def status(self, run_id):
         meta_key, done_key, failed_key, tasks_key = self._keys(run_id)
@@ -495,6 +563,11 @@ class RedisRunStore(RunStore):
         raw = self.r.hget(RUN_PREFIX + run_id, "spec")
         return None if raw is None else PrelabelSpec.from_dict(json.loads(_text(raw)))
 
+    def chunk(self, run_id: str) -> int | None:
+        """Tasks per job the run was started with (None: unknown)."""
+        raw = self.r.hget(RUN_PREFIX + run_id, "chunk")
+        return int(_text(raw)) if raw is not None and int(_text(raw)) > 0 else None
+
     def pending(self, run_id):
         _, done_key, failed_key, tasks_key = self._keys(run_id)
         with self.r.pipeline(transaction=True) as pipe:
@@ -505,15 +578,26 @@ class RedisRunStore(RunStore):
         return sorted(int(_text(t)) for t in not_done if int(_text(t)) not in failed_ids)
 
     def run_ids(self):
-        ids = [_text(i) for i in self.r.smembers(RUNS_KEY)]
+        self.r.zremrangebyscore(RUN_INDEX_KEY, "-inf", time.time())
+        ids = [_text(i) for i in self.r.zrange(RUN_INDEX_KEY, 0, -1)]
         with self.r.pipeline(transaction=False) as pipe:
             for run_id in ids:
                 pipe.exists(RUN_PREFIX + run_id)
             alive = pipe.execute()
         gone = [run_id for run_id, exists in zip(ids, alive) if not exists]
         if gone:
-            self.r.srem(RUNS_KEY, *gone)
+            self.r.zrem(RUN_INDEX_KEY, *gone)
         return sorted(run_id for run_id, exists in zip(ids, alive) if exists)
+
+    def active_run_ids(self) -> list[str]:
+        """Runs still planning or running (candidates for adoption when their lease expired)."""
+        ids = self.run_ids()
+        with self.r.pipeline(transaction=False) as pipe:
+            for run_id in ids:
+                pipe.hget(RUN_PREFIX + run_id, "status")
+            states = pipe.execute()
+        return [run_id for run_id, state in zip(ids, states) if state is not None and _text(state) in (PLANNING,
+                                                                                                          RUNNING)]
 
     @staticmethod
     def lock_key(project: int, task_id: int, model_version: str) -> str:
@@ -565,5 +649,6 @@ def retry_redis(fn: Callable[[], Any], what: str, patience_s: float = REDIS_RETR
             pause = min(pause * 2, 5.0)
 
 
-__all__ = ["CANCELLED", "DONE", "FAILED", "FINAL", "PLANNING", "RUNNING", "MemoryRunStore", "RedisRunStore",
-           "RunStatus", "RunStore", "WriteLock", "WriteLockTimeout", "retry_redis", "transient_redis_errors"]
+__all__ = ["ACTIVE_TTL_S", "CANCELLED", "DONE", "FAILED", "FINAL", "LEASE_TTL_S", "PLANNING", "RUNNING", "MemoryRunStore",
+           "RedisRunStore", "RunStatus", "RunStore", "WriteLock", "WriteLockTimeout", "jobs_key", "lease_key", "retry_redis",
+           "transient_redis_errors"]

@@ -20,6 +20,7 @@ from rq import Queue, SimpleWorker
 from backend import jobs
 from backend.pipeline import Pipeline
 from backend.settings import Settings
+from backend.supervisor import adopt_orphaned_runs
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,13 @@ class GsamWorker(SimpleWorker):
         while not stop.is_set():
             try:
                 jobs.mark_alive(self.connection, self.name)
+                if _resident is not None:  # bulk runs take their model version from the live workers
+                    jobs.register_worker_version(self.connection, self.name, _resident.model_version)
                 # One reaper at a time across all workers; the lock expires before the next round.
                 if self.connection.set("gsam:reaper-lock", self.name, nx=True, px=int(HOUSEKEEPING_EVERY_S * 900)):
                     jobs.requeue_abandoned(self.connection)
+                    if _resident is not None:  # bulk runs whose supervisor died are supervised from here
+                        adopt_orphaned_runs(self.connection, _resident.settings)
             except redis.RedisError as exc:
                 log.warning("housekeeping: Redis unreachable (%s); retrying", type(exc).__name__)
             stop.wait(HOUSEKEEPING_EVERY_S)

@@ -11,8 +11,10 @@ import sys
 import time
 
 import pytest
+import redis as redis_py
 import requests
 
+from backend.runstore import RedisRunStore
 from tests.conftest import REPO, RedisServer, free_port
 from tests.test_http import CONFIG
 from tests.test_protocol import png
@@ -104,6 +106,71 @@ def test_cancel_then_resume(cluster, ls, label_studio, redis_server, tiny_env):
     assert resumed.returncode == 0, output
     counts = predictions_per_task(ls, project)
     assert set(counts) == task_ids(ls, project) and set(counts.values()) == {1}
+
+
+def test_a_run_outlives_the_web_process_that_started_it(cluster, start_backend, ls, label_studio, redis_server):
+    """POST /prelabel, then SIGKILL the web process mid-run and start none: the workers adopt the run
+    (its lease expires), finish it, and every key it left in Redis expires."""
+    _, workers = cluster
+    auth = ("bulk-admin", "s3cret-pass")
+    web = start_backend(REDIS_URL=redis_server.url, BASIC_AUTH_USER=auth[0], BASIC_AUTH_PASS=auth[1],
+                        **worker_env(label_studio))
+    project = make_project(ls, "bulk orphaned", 60)
+    started = requests.post(f"{web.url}/prelabel", json={"project": project, "chunk": 4}, auth=auth, timeout=30)
+    assert started.status_code == 202, started.text
+    run_id = started.json()["id"]
+    connection = redis_py.Redis.from_url(redis_server.url, socket_timeout=5)
+    store = RedisRunStore(connection)
+    deadline = time.monotonic() + 120
+    while (store.status(run_id) is None or store.status(run_id).done < 8) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(web.process.pid, signal.SIGKILL)  # mid-run: its supervisor thread dies with it
+    web.process.wait()
+    assert store.status(run_id).status == "running" and store.status(run_id).done < 60
+
+    deadline = time.monotonic() + 240
+    while store.state(run_id) == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    final = store.status(run_id)
+    assert (final.status, final.done, final.failed) == ("done", 60, 0), final
+    counts = predictions_per_task(ls, project)
+    assert set(counts) == task_ids(ls, project) and set(counts.values()) == {1}
+    assert any(f"run {run_id}" in w.log_text() and "adopting it" in w.log_text() for w in workers)
+
+    ttls = {key.decode(): connection.ttl(key) for key in connection.scan_iter("gsam:*")}
+    assert f"gsam:run:{run_id}" in ttls and "gsam:workers" in ttls and "gsam:worker-versions" in ttls
+    assert not {key: ttl for key, ttl in ttls.items() if ttl <= 0 and ttl != -2}, ttls  # -2: expired meanwhile
+
+
+def test_the_run_takes_its_model_version_from_the_workers(tmp_path_factory, start_worker, ls, label_studio,
+                                                          tiny_env):
+    redis = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("versions")).start()
+    try:
+        start_worker(redis.url, **worker_env(label_studio))
+        other = start_worker(redis.url, MODEL_VERSION="other-version", **worker_env(label_studio))
+        project = make_project(ls, "bulk versions", 12)
+        # the admin's shell has no model settings: the CLI asks the workers
+        env = {k: v for k, v in os.environ.items() if k not in {*tiny_env, "MODEL_VERSION"}}
+        env.update(REDIS_URL=redis.url, **worker_env(label_studio))
+
+        def cli(*extra: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project), *extra],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+        refused = cli()
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"{MODEL_VERSION!r}" in refused.stderr and "'other-version'" in refused.stderr, refused.stderr
+        unknown = cli("--model-version", "nobody-serves-this")
+        assert unknown.returncode == 2 and "'other-version'" in unknown.stderr, unknown.stderr
+        assert predictions_per_task(ls, project) == collections.Counter()
+
+        other.stop()  # one version left among the live workers
+        done = cli("--chunk", "4")
+        assert done.returncode == 0, done.stdout + done.stderr
+        counts = predictions_per_task(ls, project)
+        assert set(counts) == task_ids(ls, project) and set(counts.values()) == {1}
+    finally:
+        redis.stop()
 
 
 def test_label_studio_retrieve_predictions_in_queue_mode(cluster, ls):

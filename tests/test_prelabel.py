@@ -31,7 +31,7 @@ from backend.lsclient import LabelStudioApi, LabelStudioApiError, parse_model_ve
 from backend.pipeline import Pipeline, TaskOutcome
 from backend.prelabel import PrelabelSpec, plan_prelabel, plan_tasks_to_label, process_chunk
 from backend.runstore import CANCELLED, DONE, PLANNING, RUNNING, MemoryRunStore, RedisRunStore, WriteLockTimeout
-from backend.supervisor import _Supervisor, cancel_run, run_prelabel, start_prelabel_in_background
+from backend.supervisor import _Supervisor, adopt_orphaned_runs, cancel_run, run_prelabel, start_prelabel_in_background
 from tests.test_e2e_label_studio import LABEL_CONFIG
 
 pytestmark = pytest.mark.e2e
@@ -214,6 +214,38 @@ def test_write_back_is_idempotent_when_chunks_repeat_or_race(ls, api, settings, 
     status = store.status(run_id)
     assert status.failed == 4 and "model_version" in status.failures[good[0]]
     assert prediction_ids(ls, good, mv) == second
+
+
+class CancelAtSecondBatch:
+    """The real pipeline; the run is cancelled when the chunk asks for its second batch."""
+
+    def __init__(self, pipeline, store, run_id):
+        self.pipeline, self.store, self.run_id, self.calls = pipeline, store, run_id, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+    def predict_outcomes(self, request):
+        self.calls.append([t["id"] for t in request.tasks])
+        if len(self.calls) == 2:
+            self.store.cancel(self.run_id)
+        return self.pipeline.predict_outcomes(request)
+
+
+def test_a_chunk_writes_each_batch_before_labeling_the_next(ls, api, settings, pipeline):
+    pid, good, _ = make_project(ls, "prelabel batches", n_good=10)
+    mv = pipeline.model_version
+    spec = PrelabelSpec(project=pid, label_config=CONFIG, prompt=None, model_version=mv, redo=False)
+    chunk = plan_tasks_to_label(api, pid, mv, redo=False)
+    store = MemoryRunStore()
+    run_id = store.create(spec, good)
+    scripted = CancelAtSecondBatch(pipeline, store, run_id)
+    process_chunk(scripted, api, store, run_id, spec, chunk)
+    batch = settings.batch_size  # 4 (tiny_env BATCH_SIZE)
+    assert scripted.calls == [good[:batch], good[batch:2 * batch]]
+    # the first batch was written before the second ran; the run was cancelled before the second's writes
+    assert versions_by_task(ls, good) == {t: Counter({mv: 1}) if t in good[:batch] else Counter() for t in good}
+    assert store.status(run_id).done == batch and store.state(run_id) == CANCELLED
 
 
 # ---------------------------------------------------------------------------------------- run stores
@@ -443,7 +475,8 @@ def test_supervisor_requeues_lost_work_and_rides_out_a_redis_restart(ls, api, se
 
     threading.Thread(target=restart_redis_when_started, daemon=True).start()
     try:
-        status = run_prelabel(queue_settings, pid, chunk=4, progress=False, poll_s=0.1, stall_s=1.0)
+        status = run_prelabel(queue_settings, pid, chunk=4, progress=False, poll_s=0.1, stall_s=1.0,
+                              model_version=pipeline.model_version)
     finally:
         fake.stop.set()
     assert restarted.is_set()
@@ -464,7 +497,7 @@ def test_ctrl_c_cancels_the_run_and_its_queued_jobs(ls, api, settings, pipeline,
 
     monkeypatch.setattr(_Supervisor, "step", step_then_ctrl_c)
     queue_settings = dataclasses.replace(settings, redis_url=redis_server.url)
-    status = run_prelabel(queue_settings, pid, chunk=2, progress=False)
+    status = run_prelabel(queue_settings, pid, chunk=2, progress=False, model_version=pipeline.model_version)
     assert status.status == CANCELLED and status.remaining == 6
     assert fake.cancelled == 3
     store = RedisRunStore(redis.Redis.from_url(redis_server.url))
@@ -487,16 +520,39 @@ def test_background_runs_for_post_prelabel(ls, api, settings, pipeline, redis_se
     queue_settings = dataclasses.replace(settings, redis_url=redis_server.url)
     connection = redis.Redis.from_url(redis_server.url)
     run_id = start_prelabel_in_background(queue_settings, pid, chunk=2, redo=True, store=RedisRunStore(connection),
-                                          connection=connection, poll_s=0.1)
+                                          connection=connection, poll_s=0.1, model_version=pipeline.model_version)
     status = wait_final(RedisRunStore(connection), run_id)
     fake.stop.set()
     assert (status.status, status.done, status.total) == (DONE, 3, 3)
     assert_one_each(ls, good, [], pipeline.model_version)
 
     run_id = start_prelabel_in_background(queue_settings, pid, redo=True, store=RedisRunStore(connection),
-                                          connection=connection, poll_s=0.1)
+                                          connection=connection, poll_s=0.1, model_version=pipeline.model_version)
     assert cancel_run(RedisRunStore(connection), run_id, connection)
     assert wait_final(RedisRunStore(connection), run_id).status == CANCELLED
+
+
+def test_a_run_whose_supervisor_died_while_planning_is_adopted_and_planned_again(ls, api, settings, pipeline,
+                                                                                redis_server, monkeypatch):
+    pid, good, poison = make_project(ls, "prelabel adopted", n_good=5, n_poison=1)
+    fake = FakeQueue(redis_server.url, pipeline, api).install(monkeypatch)
+    queue_settings = dataclasses.replace(settings, redis_url=redis_server.url)
+    connection = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    store = RedisRunStore(connection)
+    spec = PrelabelSpec(project=pid, label_config=CONFIG, prompt=None, model_version=pipeline.model_version)
+    run_id = store.create(spec, None, chunk=2)  # POST /prelabel answered, then its web process died
+    assert store.take_lease(run_id, "the-dead-web-process", ttl=1.0)
+    assert run_id not in adopt_orphaned_runs(connection, queue_settings)  # its lease is still live
+    deadline = time.monotonic() + 10
+    while store.lease_holder(run_id) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run_id in adopt_orphaned_runs(connection, queue_settings)
+    assert run_id not in adopt_orphaned_runs(connection, queue_settings)  # one supervisor per run
+    status = wait_final(store, run_id)
+    fake.stop.set()
+    assert (status.status, status.total, status.done, status.failed) == (DONE, 6, 5, 1), status
+    assert_one_each(ls, good, poison, pipeline.model_version)
+    assert store.lease_holder(run_id) is None and connection.ttl(f"gsam:run:{run_id}") > 0
 
 
 def wait_final(store, run_id, timeout: float = 60):
