@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 from rq import Queue, Retry
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.results import Result
@@ -324,13 +324,17 @@ class QueueClient:
 
     @staticmethod
     def _drop_unstarted(jobs: list[Job]) -> None:
+        """Delete (not just cancel: a cancelled job keeps its key) the jobs no worker has started."""
         not_started = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
-        try:
-            for job in jobs:
+        for job in jobs:
+            try:
                 if job.get_status() in not_started:
                     job.delete()
-        except (redis.RedisError, NoSuchJobError) as exc:
-            log.warning("could not delete timed-out jobs (%s); they expire with their ttl", type(exc).__name__)
+            except (InvalidJobOperation, NoSuchJobError):
+                continue  # already gone (expired or deleted)
+            except redis.RedisError as exc:
+                log.warning("could not delete timed-out job %s (%s); it expires with its ttl", job.id,
+                            type(exc).__name__)
 
     def _wait(self, job: Job, deadline: float) -> list[Any]:
         while True:
@@ -338,7 +342,10 @@ class QueueClient:
             if remaining <= 0:
                 raise QueueTimeout(f"no worker finished the job within PREDICT_TIMEOUT={self.predict_timeout_s:g} s: "
                                    "check that `python -m backend worker` is running and not overloaded")
-            result = job.latest_result(timeout=max(1, min(2, int(remaining))))
+            try:
+                result = job.latest_result(timeout=max(1, min(2, int(remaining))))
+            except ValueError as exc:  # not JSON (e.g. pickle), bad base64: not written by our workers
+                raise JobFailed(f"the result of job {job.id} is unreadable ({type(exc).__name__})") from None
             if result is None:
                 continue
             if result.type == Result.Type.SUCCESSFUL:

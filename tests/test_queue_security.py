@@ -192,3 +192,30 @@ def test_timed_out_predict_leaves_no_key_without_expiry_and_a_small_payload(tmp_
         print("keys left after a timed-out /predict (name: ttl):", keys)
     finally:
         lonely.stop()
+
+
+def test_web_process_never_unpickles_a_forged_result(tmp_path_factory, start_backend, tmp_path):
+    """A pickled 'result' written for a pending job: /predict answers 502, the gadget never runs."""
+    lonely = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("forged")).start()
+    try:
+        connection = redis.Redis.from_url(lonely.url)
+        web = start_backend(REDIS_URL=lonely.url, PREDICT_TIMEOUT="20")
+        marker = tmp_path / "web-unpickled"
+        answer = {}
+        thread = threading.Thread(target=lambda: answer.update(response=requests.post(
+            f"{web.url}/predict", json=body(IMAGE, prompt="cat"), timeout=60)))
+        thread.start()
+        deadline = time.monotonic() + 15
+        while not connection.keys("rq:job:*"):
+            assert time.monotonic() < deadline, "no job was enqueued"
+            time.sleep(0.05)
+        job_id = connection.keys("rq:job:*")[0].decode().removeprefix("rq:job:")
+        connection.xadd(f"rq:results:{job_id}", {
+            "type": 1, "worker_name": "forger",
+            "return_value": base64.b64encode(pickle.dumps(Payload(marker))).decode()})
+        thread.join(timeout=60)
+        response = answer["response"]
+        assert response.status_code == 502 and "unreadable" in response.json()["message"], response.text
+        assert not marker.exists(), "the web process unpickled a result"
+    finally:
+        lonely.stop()
