@@ -118,8 +118,16 @@ def cmd_worker(args) -> int:
     from backend.settings import Settings
     from backend.worker import run_worker
 
+    threads = args.threads
+    if threads is None:
+        raw = os.environ.get("WORKER_THREADS", "").strip() or "1"
+        if not raw.isdigit() or int(raw) < 1:
+            print(f"error: WORKER_THREADS must be a positive integer, not {raw!r}", file=sys.stderr)
+            return 2
+        threads = int(raw)
     run_worker(Settings.from_env(), [q.strip() for q in args.queues.split(",") if q.strip()],
-               batch_size=args.batch_size, burst=args.burst, metrics_port=args.metrics_port)
+               batch_size=args.batch_size, burst=args.burst, metrics_port=args.metrics_port,
+               metrics_host=args.metrics_host, threads=threads)
     return 0
 
 
@@ -167,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--batch-size", type=int, default=None, help="images per GPU batch (default BATCH_SIZE)")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     worker.add_argument("--metrics-port", type=int, default=None, help="serve this worker's /metrics here")
+    worker.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address for --metrics-port (default loopback; 0.0.0.0 inside a container network)")
+    worker.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP CPU threads of this worker (default WORKER_THREADS or 1: several "
+                             "workers on one host must not each take every core)")
     worker.set_defaults(func=cmd_worker)
 
     prelabel = commands.add_parser("prelabel", help="pre-label a whole LS project (queue mode with REDIS_URL)")

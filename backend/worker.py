@@ -4,18 +4,27 @@ RQ's default ``Worker`` forks a child per job, which would reload the models for
 breaks CUDA; this one subclasses ``SimpleWorker`` (jobs run in the worker's own process). A
 daemon thread keeps the worker's liveness entry fresh and re-queues jobs of dead workers
 (see :mod:`backend.jobs`). If Redis goes away the worker reconnects with backoff instead of exiting.
+
+Jobs are read as JSON and only :data:`backend.jobs.JOB_FUNCTIONS` run (:class:`backend.jobs.GsamJob`).
+
+CPU threads: several workers on one host each get torch's default thread pool (one thread per core)
+and OpenMP threads that spin while waiting, so they fight for the cores (a 6 ms job took 3 s with two
+workers on two cores). A worker therefore uses ``threads`` (default 1) torch/OpenMP threads and
+OpenMP's passive wait policy, both set before torch is first imported (the OpenMP runtime reads its
+environment once, at load).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 import uuid
 
 import redis
-from rq import Queue, SimpleWorker
+from rq import SimpleWorker
 
 from backend import jobs
 from backend.pipeline import Pipeline
@@ -79,12 +88,30 @@ class GsamWorker(SimpleWorker):
             stop.wait(HOUSEKEEPING_EVERY_S)
 
 
+def limit_cpu_threads(threads: int) -> None:
+    """Give this process ``threads`` torch/OpenMP/BLAS threads and a passive OpenMP wait policy.
+
+    The environment part only works before torch is imported (checked: ``backend.worker`` and
+    ``backend.pipeline`` do not import it); values already in the environment win, so an operator
+    can still choose e.g. ``OMP_WAIT_POLICY=ACTIVE``.
+    """
+    if threads < 1:
+        raise SystemExit(f"--threads / WORKER_THREADS must be at least 1, not {threads}")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, str(threads))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_worker(settings: Settings, queues: list[str], batch_size: int | None = None, burst: bool = False,
-               metrics_port: int | None = None) -> None:
+               metrics_port: int | None = None, metrics_host: str = "127.0.0.1", threads: int = 1) -> None:
     """Load the models, then serve ``queues`` (in priority order) until stopped.
 
     With ``metrics_port`` the worker serves its own Prometheus metrics (the embedding cache, stage
-    times, tasks) there: in queue mode those live in the worker, not in the web process.
+    times, tasks) on ``metrics_host`` (loopback unless told otherwise): in queue mode those live in
+    the worker, not in the web process. ``threads``: torch/OpenMP threads (see the module doc).
     """
     global _resident
     if not settings.redis_url:
@@ -92,6 +119,7 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
     unknown = [q for q in queues if q not in jobs.QUEUES]
     if unknown:
         raise SystemExit(f"unknown queue(s) {unknown}: use {', '.join(jobs.QUEUES)}")
+    limit_cpu_threads(threads)
     if batch_size:
         from dataclasses import replace
 
@@ -100,7 +128,7 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
     if metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, registry=_resident.metrics.registry)
+        start_http_server(metrics_port, addr=metrics_host, registry=_resident.metrics.registry)
     _resident.engine()  # load now: the first job should not pay for it
     name = f"gsam-{uuid.uuid4().hex[:12]}"
     backoff = 1.0
@@ -108,9 +136,10 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
         connection = jobs.connect(settings.redis_url)
         worker = None
         try:
-            worker = GsamWorker([Queue(q, connection=connection) for q in queues], connection=connection,
-                                name=name, worker_ttl=60, maintenance_interval=MAINTENANCE_EVERY_S)
-            log.info("worker %s serving %s", name, ", ".join(queues))
+            worker = GsamWorker([jobs.queue(q, connection) for q in queues], connection=connection,
+                                name=name, worker_ttl=60, maintenance_interval=MAINTENANCE_EVERY_S,
+                                serializer=jobs.SERIALIZER, job_class=jobs.GsamJob)
+            log.info("worker %s serving %s (%d CPU thread(s))", name, ", ".join(queues), threads)
             worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
             return
         except redis.RedisError as exc:
