@@ -251,11 +251,15 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         prompt, redo = body.get("prompt"), body.get("redo", False)
         if (prompt is not None and not isinstance(prompt, str)) or not isinstance(redo, bool):
             raise RequestError("'prompt' must be a string and 'redo' a boolean")
+        wanted_version = body.get("model_version")
+        if wanted_version is not None and (not isinstance(wanted_version, str) or not wanted_version.strip()):
+            raise RequestError("'model_version' must be a non-empty string (default: the live workers' version)")
         if not settings.label_studio_url or not settings.label_studio_api_key:
             raise RequestError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend to pre-label projects")
         run_id = start_prelabel_in_background(
             settings, project, prompt=prompt, chunk=chunk, redo=redo, store=runs,
-            connection=queue.connection if queue else None, pipeline=None if queue else pipeline)
+            connection=queue.connection if queue else None, pipeline=None if queue else pipeline,
+            model_version=wanted_version)
         log.info("prelabel run %s started for project %s", run_id, project)
         return jsonify(runs.status(run_id).to_json()), 202
 
