@@ -386,21 +386,20 @@ __all__ = ["GsamJob", "INTERACTIVE", "JOB_FUNCTIONS", "PRELABEL", "QueueClient",
 # ---------------------------------------------------------------- model versions the live workers serve
 
 WORKER_VERSIONS_KEY = "gsam:worker-versions"
-#: How long the worker registry outlives its last refresh (a worker refreshes it every few seconds).
-REGISTRY_TTL_S = 3600
+#: The version registry lives as long as the liveness set it is read with (refreshed every few seconds).
+REGISTRY_TTL_S = WORKERS_KEY_TTL_S
 
 
 def register_worker_version(connection: redis.Redis, worker_name: str, model_version: str) -> None:
     """Record the model version ``worker_name`` serves (a worker's housekeeping, every few seconds).
 
     ``gsam:worker-versions`` is a hash worker name -> version; which workers are alive is the
-    ``gsam:workers`` sorted set. Both keys expire an hour after the last worker refreshed them, and
+    ``gsam:workers`` sorted set. Both keys expire a minute after the last worker refreshed them, and
     entries of workers that left the liveness set are dropped here.
     """
     with connection.pipeline(transaction=False) as pipe:
         pipe.hset(WORKER_VERSIONS_KEY, worker_name, model_version)
-        pipe.expire(WORKER_VERSIONS_KEY, REGISTRY_TTL_S)
-        pipe.expire(WORKERS_KEY, REGISTRY_TTL_S)
+        pipe.expire(WORKER_VERSIONS_KEY, REGISTRY_TTL_S)  # gsam:workers' own expiry is mark_alive's
         pipe.hkeys(WORKER_VERSIONS_KEY)
         names = pipe.execute()[-1]
     if names:

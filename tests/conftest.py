@@ -230,3 +230,16 @@ def label_studio_pat(label_studio) -> str:
     """The LS admin's personal access token (a JWT refresh token). LS 1.23 allows one live PAT per
     user (a second ``POST /api/token/`` answers 409), so the session creates it once for all modules."""
     return label_studio.client().create_pat()
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def queue_stack(redis_server, start_worker, start_backend, metrics_port):
+    """A queue-mode web process and one worker (serving its metrics on ``metrics_port``) on one Redis."""
+    worker = start_worker(redis_server.url, "--metrics-port", str(metrics_port))
+    web = start_backend(REDIS_URL=redis_server.url, PREDICT_TIMEOUT="60")
+    return web, worker

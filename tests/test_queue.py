@@ -28,17 +28,6 @@ def loaded_libraries(pid: int) -> str:
         return maps.read()
 
 
-@pytest.fixture(scope="module")
-def metrics_port():
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def queue_stack(redis_server, start_worker, start_backend, metrics_port):
-    worker = start_worker(redis_server.url, "--metrics-port", str(metrics_port))
-    web = start_backend(REDIS_URL=redis_server.url, PREDICT_TIMEOUT="60")
-    return web, worker
-
 
 def test_interactive_through_the_queue_equals_embedded(queue_stack, start_backend):
     web, _ = queue_stack

@@ -41,14 +41,8 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def metrics_port():
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def stack(redis_server, start_worker, start_backend, metrics_port):
-    worker = start_worker(redis_server.url, "--metrics-port", str(metrics_port))
-    web = start_backend(REDIS_URL=redis_server.url, PREDICT_TIMEOUT="60")
+def stack(queue_stack, redis_server):
+    web, worker = queue_stack
     return web, worker, redis.Redis.from_url(redis_server.url)
 
 
