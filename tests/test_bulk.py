@@ -71,9 +71,10 @@ def prelabel_cli(tiny_env: dict, redis_url: str, label_studio, project: int, *ex
 
 @pytest.fixture(scope="module")
 def cluster(redis_server, start_worker, start_backend, label_studio):
-    """Two workers and the web API on one Redis, all pointed at the session's Label Studio."""
+    """Two workers and the web API on one Redis, all pointed at the session's Label Studio. No basic
+    auth, so LS connects as it does by default: the bulk routes need the documented opt-in."""
     workers = [start_worker(redis_server.url, **worker_env(label_studio)) for _ in range(2)]
-    web = start_backend(REDIS_URL=redis_server.url, **worker_env(label_studio))
+    web = start_backend(REDIS_URL=redis_server.url, ALLOW_UNAUTHENTICATED_BULK="true", **worker_env(label_studio))
     return web, workers
 
 
