@@ -50,6 +50,12 @@ class ImageError(ReasonError):
     """An image could not be resolved, downloaded or decoded (``reason``: see ReasonError)."""
 
 
+def _checked_capacity(capacity: int) -> int:
+    if capacity < 1:
+        raise ValueError(f"a pixel budget needs a capacity of at least 1 pixel, got {capacity}")
+    return capacity
+
+
 class PixelBudget:
     """A counting semaphore in pixels: how many pixels this process may be decoding at once.
 
@@ -60,9 +66,7 @@ class PixelBudget:
     """
 
     def __init__(self, capacity: int):
-        if capacity < 1:
-            raise ValueError(f"a pixel budget needs a capacity of at least 1 pixel, got {capacity}")
-        self._capacity = capacity
+        self._capacity = _checked_capacity(capacity)
         self._in_use = 0
         self._peak = 0
         self._waiting = 0
@@ -87,8 +91,7 @@ class PixelBudget:
 
     def set_capacity(self, capacity: int) -> None:
         """Resize (charges already held stay held and are released as they were charged)."""
-        if capacity < 1:
-            raise ValueError(f"a pixel budget needs a capacity of at least 1 pixel, got {capacity}")
+        capacity = _checked_capacity(capacity)
         with self._changed:
             self._capacity = capacity
             self._changed.notify_all()

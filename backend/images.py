@@ -506,24 +506,19 @@ class ImageLoader:
                 "private CA)"
             ) from None
         except (
+            # before the timeout clause: urllib3's NewConnectionError is also a ConnectTimeoutError
             urllib3.exceptions.NewConnectionError,
             urllib3.exceptions.ProtocolError,
             ConnectionError,
         ) as exc:
-            raise ImageError(
-                f"could not download {desc} ({type(exc).__name__}): check that the host is "
-                "reachable from the ML backend"
-            ) from None
+            raise ImageError(_unreachable_reason(desc, exc)) from None
         except (urllib3.exceptions.TimeoutError, TimeoutError):
             raise ImageError(
                 f"timed out downloading {desc} (connect {settings.connect_timeout:g} s, "
                 f"read {settings.read_timeout:g} s): check that the host is reachable and fast"
             ) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ImageError(
-                f"could not download {desc} ({type(exc).__name__}): check that the host is "
-                "reachable from the ML backend"
-            ) from None
+            raise ImageError(_unreachable_reason(desc, exc)) from None
 
     def _read_body(self, response: urllib3.BaseHTTPResponse, desc: str, deadline: float) -> bytes:
         limit = self._settings.max_download_bytes
@@ -582,6 +577,10 @@ class ImageLoader:
         if status == 404:
             return f"image not found (HTTP 404): {desc}"
         return f"HTTP {status} while downloading {desc}"
+
+
+def _unreachable_reason(desc: str, exc: BaseException) -> str:
+    return f"could not download {desc} ({type(exc).__name__}): check that the host is reachable from the ML backend"
 
 
 def _too_big_reason(what: str, size: int, limit: int, streaming: bool = False) -> str:
