@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 
-from backend.api import create_app
+from backend.web.app import create_app
 from backend.logsetup import configure_logging
 from backend.settings import Settings
 

@@ -1,16 +1,16 @@
 """The Label Studio-facing model class, in the shape of a label-studio-ml 2.x backend.
 
 ``GroundedSAM`` is cheap to create: the heavy parts (models, downloader, metrics) live in the
-shared :class:`backend.pipeline.Pipeline`, so the web layer makes one per request, like
+shared :class:`backend.pipeline.predict.Pipeline`, so the web layer makes one per request, like
 label-studio-ml does, without reloading anything.
 """
 
 from __future__ import annotations
 
-from backend.labelconfig import parse_label_config
-from backend.pipeline import Pipeline
+from backend.ls.labelconfig import parse_label_config
+from backend.pipeline.predict import Pipeline
 from backend.settings import Settings
-from backend.tasks import PredictRequest
+from backend.ls.tasks import PredictRequest
 
 
 class GroundedSAM:
@@ -36,5 +36,5 @@ class GroundedSAM:
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
         """One prediction dict ({result, score, model_version}) per task, in task order."""
         request = PredictRequest(tasks=tasks, config=parse_label_config(self.label_config),
-                                 context=context, project=self.project)
+                                 context=context)
         return self.pipeline.predict(request)

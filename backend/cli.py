@@ -62,11 +62,11 @@ def draw_overlay(image, prediction: dict):
 def cmd_predict(args) -> int:
     import hashlib
 
-    from backend.images import ImageError, LoadedImage, decode_image
-    from backend.labelconfig import parse_label_config
-    from backend.pipeline import Pipeline
+    from backend.images.fetch import ImageError, LoadedImage, decode_image
+    from backend.ls.labelconfig import parse_label_config
+    from backend.pipeline.predict import Pipeline
     from backend.settings import Settings
-    from backend.tasks import PromptLimits, split_prompt
+    from backend.ls.tasks import PromptLimits, split_prompt
 
     settings = Settings.from_env()
     phrases = split_prompt(args.prompt, PromptLimits(settings.max_prompt_chars, settings.max_prompt_phrases))
@@ -80,7 +80,7 @@ def cmd_predict(args) -> int:
     except (OSError, ImageError) as exc:
         print(f"error: cannot read {args.image}: {exc}", file=sys.stderr)
         return 2
-    from backend.regions import build_prediction
+    from backend.ls.regions import build_prediction
 
     pipeline = Pipeline(settings)
     result = pipeline.engine().run([image.image], [phrases])[0]
@@ -98,7 +98,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_make_tiny_models(args) -> int:
-    from backend.tiny import make_tiny_models
+    from backend.engine.tiny import make_tiny_models
 
     dino, sam = make_tiny_models(args.dir, seed=args.seed)
     print(f"wrote {dino} and {sam}")
@@ -116,7 +116,7 @@ def cmd_serve(args) -> int:
 
 def cmd_worker(args) -> int:
     from backend.settings import Settings
-    from backend.worker import run_worker
+    from backend.queue.worker import run_worker
 
     threads = args.threads
     if threads is None:
@@ -133,14 +133,14 @@ def cmd_worker(args) -> int:
 
 def cmd_prelabel(args) -> int:
     from backend.settings import Settings
-    from backend.supervisor import run_prelabel
+    from backend.bulk.supervisor import run_prelabel
 
     settings = Settings.from_env()
     if not settings.label_studio_url or not settings.label_studio_api_key:
         print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to pre-label a project", file=sys.stderr)
         return 2
-    from backend.lsclient import LabelStudioApiError
-    from backend.prelabel import PrelabelError
+    from backend.ls.client import LabelStudioApiError
+    from backend.bulk.prelabel import PrelabelError
 
     try:
         status = run_prelabel(settings, args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo,

@@ -16,11 +16,11 @@ from label_studio_sdk.converter import brush
 from transformers import SamModel, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
-from backend.engine import GroundingDinoDetector
-from backend.imagedecode import decode_image
-from backend.labelconfig import LabelConfig
-from backend.regions import build_prediction
-from backend.results import CompactMask, ImageResult
+from backend.engine.engine import GroundingDinoDetector
+from backend.images.decode import decode_image
+from backend.ls.labelconfig import LabelConfig
+from backend.ls.regions import build_prediction
+from backend.engine.results import CompactMask, ImageResult
 from backend.settings import Settings
 
 

@@ -28,10 +28,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.embedcache import EmbeddingCache  # noqa: E402
-from backend.engine import SamSegmenter  # noqa: E402
-from backend.results import MaskPrompt  # noqa: E402
-from backend.tiny import SAM_VISION_SIZES, build_real_size_sam  # noqa: E402
+from backend.engine.embedcache import EmbeddingCache  # noqa: E402
+from backend.engine.engine import SamSegmenter  # noqa: E402
+from backend.engine.results import MaskPrompt  # noqa: E402
+from backend.engine.tiny import SAM_VISION_SIZES, build_real_size_sam  # noqa: E402
 
 def photo(seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -88,11 +88,11 @@ def main() -> None:
 def pipeline_figures(segmenter: SamSegmenter, args) -> dict:
     """The whole server-side path of a click, JPEG data URI in, LS JSON (with RLE) out, on the
     already loaded ``segmenter`` (its cache keys are content hashes here, so no clash with main's)."""
-    from backend.engine import Engine
-    from backend.labelconfig import parse_label_config
-    from backend.pipeline import Pipeline
+    from backend.engine.engine import Engine
+    from backend.ls.labelconfig import parse_label_config
+    from backend.pipeline.predict import Pipeline
     from backend.settings import Settings
-    from backend.tasks import PredictRequest
+    from backend.ls.tasks import PredictRequest
 
     pipeline = Pipeline(Settings(), engine_factory=lambda: Engine(detector=None, segmenter=segmenter))
     config = parse_label_config('<View><Image name="image" value="$image"/><KeyPointLabels name="k" toName="image" '
@@ -107,7 +107,7 @@ def pipeline_figures(segmenter: SamSegmenter, args) -> dict:
     def request(url: str, x: float) -> PredictRequest:
         item = {"type": "keypointlabels", "to_name": "image", "is_positive": True,
                 "value": {"x": x, "y": 50.0, "keypointlabels": ["obj"]}}
-        return PredictRequest([{"id": 1, "data": {"image": url}}], config, {"result": [item]}, None)
+        return PredictRequest([{"id": 1, "data": {"image": url}}], config, {"result": [item]})
 
     # Requests are built before timing: only pipeline.predict is measured.
     pipeline.predict(request(data_uri(99), 50.0))

@@ -37,16 +37,16 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.engine import Engine  # noqa: E402
+from backend.engine.engine import Engine  # noqa: E402
 from backend.engine.device import measure_peak_bytes  # noqa: E402
-from backend.imagedecode import decode_image  # noqa: E402
-from backend.images import LoadedImage  # noqa: E402
-from backend.labelconfig import parse_label_config  # noqa: E402
-from backend.pipeline import Pipeline  # noqa: E402
+from backend.images.decode import decode_image  # noqa: E402
+from backend.images.fetch import LoadedImage  # noqa: E402
+from backend.ls.labelconfig import parse_label_config  # noqa: E402
+from backend.pipeline.predict import Pipeline  # noqa: E402
 from backend.rle import rle_to_mask  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from backend.tasks import PredictRequest  # noqa: E402
-from backend.tiny import make_real_size_models, make_tiny_models  # noqa: E402
+from backend.ls.tasks import PredictRequest  # noqa: E402
+from backend.engine.tiny import make_real_size_models, make_tiny_models  # noqa: E402
 from bench.anchor import AnchorPath  # noqa: E402
 
 PHRASES = ["cat", "dog", "car"]
@@ -91,7 +91,7 @@ def sync(device: torch.device) -> None:
 
 def request_for(urls: list[str], config) -> PredictRequest:
     tasks = [{"id": i, "data": {"image": url}} for i, url in enumerate(urls)]
-    return PredictRequest(tasks=tasks, config=config, context=None, project=None)
+    return PredictRequest(tasks=tasks, config=config, context=None)
 
 
 def stage_seconds(pipeline: Pipeline) -> dict[str, float]:

@@ -74,7 +74,7 @@ def tiny_settings(tiny_env) -> Settings:
 @pytest.fixture(scope="module")
 def engine(tiny_settings):
     """The real engine on the tiny models, one per test module."""
-    from backend.engine import Engine  # torch: only for the modules that use it
+    from backend.engine.engine import Engine  # torch: only for the modules that use it
 
     return Engine.from_settings(tiny_settings)
 

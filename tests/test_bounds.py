@@ -17,12 +17,12 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.api import MAX_JSON_DEPTH, json_depth
-from backend.imagedecode import DECODE_BUDGET, PixelBudget, decode_image
-from backend.labelconfig import parse_label_config
-from backend.pipeline import Pipeline
+from backend.web.app import MAX_JSON_DEPTH, json_depth
+from backend.images.decode import DECODE_BUDGET, PixelBudget, decode_image
+from backend.ls.labelconfig import parse_label_config
+from backend.pipeline.predict import Pipeline
 from backend.settings import Settings, SettingsError
-from backend.tasks import PredictRequest
+from backend.ls.tasks import PredictRequest
 from tests.imageserver import ImageServer, make_jwt
 from tests.test_protocol import png
 
@@ -210,7 +210,7 @@ def pipeline(tiny_settings, engine):
 
 def request_for(urls, context=None) -> PredictRequest:
     return PredictRequest(tasks=[{"id": i + 1, "data": {"image": url}} for i, url in enumerate(urls)],
-                          config=parse_label_config(CONFIG), context=context, project="1")
+                          config=parse_label_config(CONFIG), context=context)
 
 
 def test_a_sliver_image_fails_alone_in_its_batch(pipeline):

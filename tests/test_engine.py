@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from backend.engine import nms, resolve_device, resolve_dtype
+from backend.engine.engine import nms, resolve_device, resolve_dtype
 
 
 def shapes(width, height, seed):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.engine import Engine, SamSegmenter
-from backend.results import CompactMask, Detections
-from backend.labelconfig import parse_label_config
-from backend.pipeline import Pipeline
+from backend.engine.engine import Engine, SamSegmenter
+from backend.engine.results import CompactMask, Detections
+from backend.ls.labelconfig import parse_label_config
+from backend.pipeline.predict import Pipeline
 from backend.rle import rle_to_mask
-from backend.tasks import PredictRequest
+from backend.ls.tasks import PredictRequest
 
 CONFIG = ('<View><Image name="image" value="$image"/>'
           '<RectangleLabels name="box" toName="image"><Label value="marker"/></RectangleLabels>'
@@ -74,7 +74,7 @@ def exif_orientation(value: int) -> Image.Exif:
 
 def predict(pipeline, url):
     request = PredictRequest(tasks=[{"id": 1, "data": {"image": url}}], config=parse_label_config(CONFIG),
-                             context=None, project=None)
+                             context=None)
     prediction = pipeline.predict(request)[0]
     rect = next(r for r in prediction["result"] if r["type"] == "rectanglelabels")
     brush = next(r for r in prediction["result"] if r["type"] == "brushlabels")

@@ -1,4 +1,4 @@
-"""backend.images and backend.lsauth against a real threaded HTTP server on 127.0.0.1.
+"""backend.images.fetch and backend.ls.auth against a real threaded HTTP server on 127.0.0.1.
 
 The server (tests/imageserver.py) plays Label Studio at http://127.0.0.1:PORT and, under other host
 names for the same port (``localhost``), a "different" image host. Nothing here connects anywhere
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.images import (
+from backend.images.fetch import (
     FetchSettings,
     ImageError,
     ImageLoader,
@@ -31,7 +31,7 @@ from backend.images import (
     check_public_host,
     decode_image,
 )
-from backend.lsauth import LabelStudioAuth, LabelStudioAuthError, is_personal_access_token
+from backend.ls.auth import LabelStudioAuth, LabelStudioAuthError, is_personal_access_token
 from tests.imageserver import ImageServer, make_jwt
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"

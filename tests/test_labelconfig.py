@@ -1,6 +1,6 @@
 import pytest
 
-from backend.labelconfig import LabelConfigError, parse_label_config
+from backend.ls.labelconfig import LabelConfigError, parse_label_config
 
 CONFIG = """<View>
   <Image name="img" value="$photo"/>

@@ -26,12 +26,12 @@ import pytest
 import redis
 from PIL import Image, ImageDraw
 
-from backend import jobs
-from backend.lsclient import LabelStudioApi, LabelStudioApiError, parse_model_versions
-from backend.pipeline import Pipeline, TaskOutcome
-from backend.prelabel import PrelabelSpec, plan_prelabel, plan_tasks_to_label, process_chunk
-from backend.runstore import CANCELLED, DONE, PLANNING, RUNNING, MemoryRunStore, RedisRunStore, WriteLockTimeout
-from backend.supervisor import _Supervisor, adopt_orphaned_runs, cancel_run, run_prelabel, start_prelabel_in_background
+from backend.queue import jobs
+from backend.ls.client import LabelStudioApi, LabelStudioApiError, parse_model_versions
+from backend.pipeline.predict import Pipeline, TaskOutcome
+from backend.bulk.prelabel import PrelabelSpec, plan_prelabel, plan_tasks_to_label, process_chunk
+from backend.bulk.runstore import CANCELLED, DONE, PLANNING, RUNNING, MemoryRunStore, RedisRunStore, WriteLockTimeout
+from backend.bulk.supervisor import _Supervisor, adopt_orphaned_runs, cancel_run, run_prelabel, start_prelabel_in_background
 from tests.test_e2e_label_studio import LABEL_CONFIG
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,7 @@ import pytest
 import redis
 import requests
 
-from backend import jobs
+from backend.queue import jobs
 from tests.conftest import RedisServer, free_port
 from tests.imageserver import ImageServer, make_jwt
 from tests.test_http import CONFIG, body
@@ -109,7 +109,7 @@ def test_json_job_naming_a_foreign_function_is_refused(stack, tmp_path, func_nam
 
 def test_our_function_on_an_instance_is_refused(stack):
     _, _, connection = stack
-    job_id = push_raw_job(connection, json.dumps(["backend.jobs.predict_job", "an instance", [{}], {}]).encode())
+    job_id = push_raw_job(connection, json.dumps(["backend.queue.jobs.predict_job", "an instance", [{}], {}]).encode())
     assert "UnsafeJobError" in wait_for_end(connection, job_id).latest_result().exc_string
 
 
@@ -121,7 +121,7 @@ def test_callbacks_and_webhooks_in_a_job_are_ignored(stack):
     try:
         payload = {"tasks": [{"id": 1, "data": {"image": IMAGE}}], "label_config": CONFIG, "context": None}
         job_id = push_raw_job(
-            connection, json.dumps(["backend.jobs.predict_job", None, [payload], {}]).encode(),
+            connection, json.dumps(["backend.queue.jobs.predict_job", None, [payload], {}]).encode(),
             success_callback_name="os.getcwd", failure_callback_name="os.getcwd",
             webhooks=json.dumps([{"url": hooks.url("/hook"), "job_status": status} for status in ("finished", "failed")]))
         job = wait_for_end(connection, job_id)
@@ -174,7 +174,7 @@ def test_timed_out_predict_leaves_no_key_without_expiry_and_a_small_payload(tmp_
             time.sleep(0.05)
         (key,) = connection.keys("rq:job:*")
         func_name, instance, args, kwargs = json.loads(zlib.decompress(connection.hget(key, "data")))
-        assert (func_name, instance, kwargs) == ("backend.jobs.predict_job", None, {})
+        assert (func_name, instance, kwargs) == ("backend.queue.jobs.predict_job", None, {})
         assert args == [{"label_config": CONFIG, "context": request["params"]["context"], "project": "1.1",
                          "tasks": [{"id": 1, "data": {"image": IMAGE}}, {"id": 2, "data": {"image": IMAGE}}]}]
         assert 0 < connection.ttl(key)  # a queued interactive job expires even if the web process dies

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from backend.embedcache import EmbeddingCache
-from backend.labelconfig import parse_label_config
-from backend.pipeline import Pipeline
-from backend.results import CompactMask
+from backend.engine.embedcache import EmbeddingCache
+from backend.ls.labelconfig import parse_label_config
+from backend.pipeline.predict import Pipeline
+from backend.engine.results import CompactMask
 from backend.rle import rle_to_mask
-from backend.results import MaskPrompt
-from backend.smartprompt import parse_smart_prompt
-from backend.tasks import PredictRequest
+from backend.engine.results import MaskPrompt
+from backend.ls.smartprompt import parse_smart_prompt
+from backend.ls.tasks import PredictRequest
 from tests.test_protocol import png
 
 CONFIG = """<View>
@@ -109,7 +109,7 @@ def uri(width, height):
 
 def predict(pipeline, image_url, *context_items):
     request = PredictRequest(tasks=[{"id": 1, "data": {"image": image_url}}], config=parse_label_config(CONFIG),
-                             context={"result": list(context_items)}, project=None)
+                             context={"result": list(context_items)})
     predictions = pipeline.predict(request)
     assert len(predictions) == 1
     return predictions[0]
@@ -211,9 +211,9 @@ def test_best_of_three_masks_by_predicted_iou(pipeline):
 
 
 def test_text_plus_clicks_gives_each_detection_only_the_clicks_inside_its_box():
-    from backend.refine import plan_prompts
-    from backend.results import Detections
-    from backend.smartprompt import Click, SmartPrompt
+    from backend.pipeline.refine import plan_prompts
+    from backend.engine.results import Detections
+    from backend.ls.smartprompt import Click, SmartPrompt
 
     detections = Detections(boxes=np.array([[0, 0, 32, 24], [32, 24, 64, 48]], np.float32),
                             scores=np.array([0.9, 0.8], np.float32), phrases=("cat", "dog"))

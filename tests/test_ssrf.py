@@ -1,4 +1,4 @@
-"""SSRF and credential-leak hardening of backend.images (issue 10), through ImageLoader.load.
+"""SSRF and credential-leak hardening of backend.images.fetch (issue 10), through ImageLoader.load.
 
 Real loopback servers (tests/imageserver.py): ``ls`` plays Label Studio on 127.0.0.1, ``attacker``
 is "another host" on 127.0.0.2. Every refusal asserts an ImageError with a reason *and* that no
@@ -19,7 +19,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from backend.images import FetchSettings, ImageError, ImageLoader
+from backend.images.fetch import FetchSettings, ImageError, ImageLoader
 from tests.imageserver import ImageServer
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"

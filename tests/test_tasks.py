@@ -1,6 +1,6 @@
 import pytest
 
-from backend.tasks import PromptLimits, RequestError, parse_predict_request, plan_tasks, split_prompt
+from backend.ls.tasks import PromptLimits, RequestError, parse_predict_request, plan_tasks, split_prompt
 from tests.conftest import recorded as recorded_exchange
 
 LIMITS = PromptLimits(max_chars=200, max_phrases=4)

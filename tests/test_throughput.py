@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend.engine import Engine
+from backend.engine.engine import Engine
 from backend.engine.compiling import batch_bucket, pad_rows
 from backend.engine.device import CPU_BATCH_SIZE, batch_size_for_memory
 from backend.engine.masks import chunk_size, upsample_masks
-from backend.labelconfig import parse_label_config
-from backend.pipeline import Pipeline
-from backend.results import CompactMask
+from backend.ls.labelconfig import parse_label_config
+from backend.pipeline.predict import Pipeline
+from backend.engine.results import CompactMask
 from backend.settings import Settings
 from bench.anchor import AnchorPath
 from bench.pipeline import CONFIG, PHRASES, MemoryLoader, agreement, jpeg, request_for
@@ -117,7 +117,7 @@ def test_images_load_while_the_engine_runs_and_order_survives_failures(tiny_sett
                 # loaded everything before running the engine would time out here.
                 overlapped.append(engine.started.wait(timeout=60))
             if url not in self.blobs:
-                from backend.imagedecode import ImageError
+                from backend.images.decode import ImageError
                 raise ImageError(f"{url}: no such image")
             return super().load(url)
 
@@ -153,7 +153,7 @@ def test_compiled_engine_matches_eager_and_does_not_recompile_per_image_size(tin
 
 
 def jpeg_image(width, height, seed):
-    from backend.imagedecode import decode_image
+    from backend.images.decode import decode_image
 
     return decode_image(jpeg(seed, width, height), 10**8)
 

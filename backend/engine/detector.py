@@ -14,7 +14,7 @@ from transformers.models.grounding_dino.image_processing_pil_grounding_dino impo
 
 from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
-from backend.results import Detections
+from backend.engine.results import Detections
 
 
 def chunks(items: list, size: int):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backend.imagedecode import ImageError
+from backend.images.decode import ImageError
 
 
 @dataclass(frozen=True)

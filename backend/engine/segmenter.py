@@ -11,12 +11,12 @@ from PIL import Image
 from transformers import SamModel, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
-from backend.embedcache import EmbeddingCache
+from backend.engine.embedcache import EmbeddingCache
 from backend.engine.compiling import batch_bucket, maybe_compile
 from backend.engine.detector import chunks
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
 from backend.engine.masks import DEFAULT_BUDGET_BYTES, upsample_masks
-from backend.results import CompactMask, MaskPrompt
+from backend.engine.results import CompactMask, MaskPrompt
 
 
 @dataclass(frozen=True)

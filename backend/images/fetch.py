@@ -2,27 +2,27 @@
 
 :class:`ImageLoader` turns a task's image value into a :class:`LoadedImage`: it resolves the URL,
 downloads the bytes within the limits of :class:`FetchSettings`, and hands them to
-:func:`backend.imagedecode.decode_image`. Every image returned is the *EXIF-transposed* image,
-converted to RGB (see :mod:`backend.imagedecode` for the frame and the decoding decisions).
+:func:`backend.images.decode.decode_image`. Every image returned is the *EXIF-transposed* image,
+converted to RGB (see :mod:`backend.images.decode` for the frame and the decoding decisions).
 
 Supported task URLs (``ImageLoader.load``):
 
 * ``/data/upload/...``, ``/data/local-files/?d=...`` and any other path starting with ``/``: relative
   to ``LABEL_STUDIO_URL`` (an error if it is not configured), fetched with the LS credentials
   (legacy ``Token`` or a personal access token exchanged for a ``Bearer`` JWT, see
-  :mod:`backend.lsauth`). With ``local_files_root`` (LS's ``LOCAL_FILES_DOCUMENT_ROOT``) a
+  :mod:`backend.ls.auth`). With ``local_files_root`` (LS's ``LOCAL_FILES_DOCUMENT_ROOT``) a
   local-files image that exists under that root is read from disk instead.
 * absolute ``http://`` / ``https://`` URLs. Only URLs on the LS origin (same scheme, host and port as
   ``LABEL_STUDIO_URL``) get the LS credentials, and only until a redirect leaves that origin (for
   the rest of the chain, even if it comes back). Any other host must resolve to public addresses
-  only (SSRF guard, :mod:`backend.urlguard`) unless ``allow_private_urls``.
+  only (SSRF guard, :mod:`backend.images.urlguard`) unless ``allow_private_urls``.
 * ``data:image/<type>;base64,<payload>`` URIs.
 
 Every hop of a download (the URL and each redirect's ``Location``) is parsed once with
-:func:`backend.safefetch.parse_target` (URLs that parsers read differently, such as user info,
+:func:`backend.images.safefetch.parse_target` (URLs that parsers read differently, such as user info,
 backslashes or odd numeric IPv4 forms, are refused), its host is resolved once with the injectable
 ``resolver``, the addresses are checked, and the request goes to a checked address with ``Host``,
-SNI and certificate verification on the name (:class:`backend.safefetch.PinnedHTTP`); LS-origin
+SNI and certificate verification on the name (:class:`backend.images.safefetch.PinnedHTTP`); LS-origin
 URLs take the same pinned path, without the public-address check.
 
 Every failure is an :class:`ImageError` whose ``reason`` says what went wrong and what to fix; it is
@@ -36,8 +36,8 @@ credentials and cookies are never used, so nothing but the LS ``Authorization`` 
 sent, and only to the LS origin.
 
 :class:`ImageError`, :func:`check_public_host`, :func:`decode_image`, :func:`to_rgb` and
-:data:`ALLOWED_FORMATS` are re-exported from :mod:`backend.imagedecode` and :mod:`backend.urlguard`,
-so ``from backend.images import ...`` keeps working for them.
+:data:`ALLOWED_FORMATS` are re-exported from :mod:`backend.images.decode` and :mod:`backend.images.urlguard`,
+so ``from backend.images.fetch import ...`` keeps working for them.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ import requests
 import urllib3
 from PIL import Image
 
-from backend.imagedecode import ALLOWED_FORMATS, ImageError, decode_image, to_rgb
-from backend.lsauth import LabelStudioAuth, LabelStudioAuthError
-from backend.safefetch import PinnedHTTP, Target, ca_bundle_from_env, escape, parse_target
-from backend.urlguard import (
+from backend.images.decode import ALLOWED_FORMATS, ImageError, decode_image, to_rgb
+from backend.ls.auth import LabelStudioAuth, LabelStudioAuthError
+from backend.images.safefetch import PinnedHTTP, Target, ca_bundle_from_env, escape, parse_target
+from backend.images.urlguard import (
     IPAddress,
     Resolver,
     check_public_host,
@@ -262,9 +262,9 @@ def _new_session(ca_bundle: str) -> requests.Session:
 class ImageLoader:
     """Load task images (see the module docstring). Safe to share between threads.
 
-    ``auth`` defaults to a :class:`~backend.lsauth.LabelStudioAuth` built from the settings; pass one
+    ``auth`` defaults to a :class:`~backend.ls.auth.LabelStudioAuth` built from the settings; pass one
     to share it with other LS API users. ``session`` is only the ``requests.Session`` that default
-    ``auth`` refreshes PATs with (images are fetched by :class:`~backend.safefetch.PinnedHTTP`).
+    ``auth`` refreshes PATs with (images are fetched by :class:`~backend.images.safefetch.PinnedHTTP`).
     ``resolver`` (``socket.getaddrinfo``'s signature, default ``socket.getaddrinfo``) is called
     exactly once per download hop for host names.
     """

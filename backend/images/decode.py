@@ -6,7 +6,7 @@ mask coordinates computed on it map straight to LS percentages.
 
 Every failure is an :class:`ImageError` whose ``reason`` says what went wrong and what to fix; it is
 safe to log and to return to a client. :class:`ImageError` is defined here, the lowest of the image
-modules, and shared by :mod:`backend.urlguard` and :mod:`backend.images` (which re-exports it).
+modules, and shared by :mod:`backend.images.urlguard` and :mod:`backend.images.fetch` (which re-exports it).
 
 Decisions worth knowing:
 

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from backend.images import LoadedImage
-from backend.labelconfig import LabelConfig
-from backend.regions import RegionStats, build_prediction, percent_to_pixels
-from backend.results import Detections, ImageResult, MaskPrompt
-from backend.smartprompt import BoxPrompt, Click, SmartPrompt
+from backend.images.fetch import LoadedImage
+from backend.ls.labelconfig import LabelConfig
+from backend.ls.regions import RegionStats, build_prediction, percent_to_pixels
+from backend.engine.results import Detections, ImageResult, MaskPrompt
+from backend.ls.smartprompt import BoxPrompt, Click, SmartPrompt
 
 if TYPE_CHECKING:
-    from backend.engine import Engine
+    from backend.engine.engine import Engine
 
 
 def _points(clicks: list[Click], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:

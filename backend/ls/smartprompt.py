@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from backend.labelconfig import LabelConfig
+from backend.ls.labelconfig import LabelConfig
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,7 @@ def predict_payload(body: dict) -> tuple[dict, list[dict]]:
     """What a ``predict_job`` needs from a validated LS /predict body: ``(shared, tasks)``.
 
     ``shared`` = ``{"label_config", "context", "project"}`` (the context taken where
-    :func:`backend.tasks.parse_predict_request` takes it: ``params.context``, else a top-level
+    :func:`backend.ls.tasks.parse_predict_request` takes it: ``params.context``, else a top-level
     ``context``); each task is cut to ``{"id", "data"}`` (LS also sends its annotations, drafts and
     predictions, which the worker never reads). A chunk's job argument is ``{**shared, "tasks": [...]}``.
     """
@@ -217,8 +217,8 @@ def predict_payload(body: dict) -> tuple[dict, list[dict]]:
 
 def predict_job(body: dict) -> list[dict]:
     """An LS /predict body (already validated by the web process) → one prediction per task."""
-    from backend.tasks import parse_predict_request
-    from backend.worker import resident_pipeline
+    from backend.ls.tasks import parse_predict_request
+    from backend.queue.worker import resident_pipeline
 
     pipeline = resident_pipeline()
     return pipeline.predict(parse_predict_request(body, pipeline.limits))
@@ -228,10 +228,10 @@ def prelabel_chunk_job(run_id: str, spec: dict, tasks: list[dict]) -> None:
     """Label one chunk of a bulk run and write the predictions back to LS."""
     from rq import get_current_job
 
-    from backend.lsclient import LabelStudioApi
-    from backend.prelabel import PrelabelSpec, process_chunk
-    from backend.runstore import RedisRunStore
-    from backend.worker import resident_pipeline
+    from backend.ls.client import LabelStudioApi
+    from backend.bulk.prelabel import PrelabelSpec, process_chunk
+    from backend.bulk.runstore import RedisRunStore
+    from backend.queue.worker import resident_pipeline
 
     pipeline = resident_pipeline()
     settings = pipeline.settings
@@ -252,7 +252,7 @@ def enqueue_prelabel_chunk(connection: redis.Redis, run_id: str, spec, tasks: li
         prelabel_chunk_job, run_id, spec.to_dict(), tasks, job_timeout=PRELABEL_JOB_TIMEOUT_S,
         retry=PRELABEL_RETRY, result_ttl=RESULT_TTL_S, failure_ttl=24 * 3600, meta={"run_id": run_id},
         description=f"prelabel run {run_id}: {len(tasks)} tasks")
-    from backend.runstore import ACTIVE_TTL_S, jobs_key
+    from backend.bulk.runstore import ACTIVE_TTL_S, jobs_key
 
     with connection.pipeline(transaction=False) as pipe:
         pipe.sadd(jobs_key(run_id), job.id)
@@ -262,7 +262,7 @@ def enqueue_prelabel_chunk(connection: redis.Redis, run_id: str, spec, tasks: li
 
 
 def _run_jobs(connection: redis.Redis, run_id: str) -> list[Job]:
-    from backend.runstore import jobs_key
+    from backend.bulk.runstore import jobs_key
 
     ids = [i.decode() if isinstance(i, bytes) else i for i in connection.smembers(jobs_key(run_id))]
     return [job for job in fetch_jobs(ids, connection) if job is not None]

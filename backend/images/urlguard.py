@@ -1,9 +1,9 @@
 """SSRF guard: which addresses an image host has, and whether they are public.
 
-:class:`backend.images.ImageLoader` resolves each hop's host *once* with :func:`resolve_host`,
+:class:`backend.images.fetch.ImageLoader` resolves each hop's host *once* with :func:`resolve_host`,
 checks those very addresses with :func:`require_public` (unless the hop is on the Label Studio
 origin or ``ALLOW_PRIVATE_URLS`` is set) and then connects to one of them
-(:mod:`backend.safefetch`), so a DNS-rebinding host cannot answer a public address to the check
+(:mod:`backend.images.safefetch`), so a DNS-rebinding host cannot answer a public address to the check
 and a private one to the connect.
 :func:`check_public_host` is both steps in one, for callers that only want the verdict.
 
@@ -12,8 +12,8 @@ forms other than four decimal numbers (``2130706433``, ``0177.0.0.1``, ``127.1``
 ``0``), which ``inet_aton`` and ``ipaddress`` disagree on. ``localhost`` and ``*.localhost`` (with
 or without a trailing dot) count as loopback without a lookup (RFC 6761).
 
-Every failure raises :class:`~backend.imagedecode.ImageError` (re-exported by
-:mod:`backend.images`) with a single-line reason.
+Every failure raises :class:`~backend.images.decode.ImageError` (re-exported by
+:mod:`backend.images.fetch`) with a single-line reason.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from backend.imagedecode import ImageError
+from backend.images.decode import ImageError
 
 __all__ = [
     "IPAddress",

@@ -1,4 +1,4 @@
-"""Driving a bulk pre-label run (:mod:`backend.prelabel`) from start to end.
+"""Driving a bulk pre-label run (:mod:`backend.bulk.prelabel`) from start to end.
 
 Entry points: :func:`run_prelabel` (``python -m backend prelabel``: blocks, with a tqdm bar),
 :func:`start_prelabel_in_background` (``POST /prelabel``: returns the run id at once) and
@@ -6,13 +6,13 @@ Entry points: :func:`run_prelabel` (``python -m backend prelabel``: blocks, with
 
 Embedded (no ``REDIS_URL``) the chunks run in this process, one after the other (nothing to
 outlive: the run ends with the process). In queue mode they are RQ jobs on the ``prelabel`` queue
-(:mod:`backend.jobs`) and a *supervisor* follows the run's progress in Redis
-(:class:`~backend.runstore.RedisRunStore`), shows it as a tqdm bar, survives Redis restarts,
+(:mod:`backend.queue.jobs`) and a *supervisor* follows the run's progress in Redis
+(:class:`~backend.bulk.runstore.RedisRunStore`), shows it as a tqdm bar, survives Redis restarts,
 re-enqueues lost work (in smaller jobs each round; after ``MAX_REQUEUE_ROUNDS`` rounds without
 progress the rest is recorded failed), and cancels the run on Ctrl-C.
 
 **Durable supervision.** A run's supervisor holds the run's lease (``gsam:run:<id>:lease``, SET PX
-:data:`~backend.runstore.LEASE_TTL_S`, refreshed every poll) and acts only while it holds it; a
+:data:`~backend.bulk.runstore.LEASE_TTL_S`, refreshed every poll) and acts only while it holds it; a
 supervisor that finds the lease taken by someone else only follows the progress. Everything it
 needs lives in Redis or LS: the run's spec, chunk size, task ids, done and failed sets and job ids
 in Redis; the task data in LS. When the process that supervises a run dies (a web process
@@ -23,7 +23,7 @@ spec, against LS), or enqueues at once the pending tasks no queued or running jo
 supervises the run to ``done`` (or ``failed`` with reasons) like its creator would have.
 
 **Model version.** In queue mode the run labels with the version the live workers serve (they
-register it in Redis, see :func:`backend.jobs.live_model_versions`); a run is refused when the
+register it in Redis, see :func:`backend.queue.jobs.live_model_versions`); a run is refused when the
 live workers disagree, or when no worker is live, unless a version is asked for explicitly.
 
 This module never imports torch: the pipeline (and through it the models) is created only for
@@ -40,14 +40,14 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from backend.labelconfig import LabelConfigError, parse_label_config
-from backend.lsclient import LabelStudioApi, LabelStudioApiError
-from backend.pipeline import model_version as settings_model_version, prompt_limits
-from backend.prelabel import PrelabelError, PrelabelPlan, PrelabelSpec, plan_prelabel, process_chunk
-from backend.runstore import (CANCELLED, FAILED, FINAL, LEASE_TTL_S, PLANNING, RUNNING, MemoryRunStore, RedisRunStore,
+from backend.ls.labelconfig import LabelConfigError, parse_label_config
+from backend.ls.client import LabelStudioApi, LabelStudioApiError
+from backend.pipeline.predict import model_version as settings_model_version, prompt_limits
+from backend.bulk.prelabel import PrelabelError, PrelabelPlan, PrelabelSpec, plan_prelabel, process_chunk
+from backend.bulk.runstore import (CANCELLED, FAILED, FINAL, LEASE_TTL_S, PLANNING, RUNNING, MemoryRunStore, RedisRunStore,
                               RunStatus, RunStore, retry_redis, transient_redis_errors)
 from backend.settings import Settings
-from backend.tasks import RequestError, split_prompt
+from backend.ls.tasks import RequestError, split_prompt
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ POLL_S = 0.5
 STALL_S = 15.0
 #: Re-enqueue rounds in a row without any progress before the rest is given up as failed.
 MAX_REQUEUE_ROUNDS = 3
-#: How often a supervisor refreshes its run's record expiry (a day, see backend.runstore).
+#: How often a supervisor refreshes its run's record expiry (a day, see backend.bulk.runstore).
 TOUCH_EVERY_S = 60.0
 #: How long starting a queue-mode run waits for a live worker to report its model version.
 WORKER_WAIT_S = 10.0
@@ -73,7 +73,7 @@ def served_model_version(connection, requested: str | None, wait_s: float = WORK
     disagree and none was requested, when no live worker serves ``requested``, or when no worker is
     live and none was requested (waits up to ``wait_s`` for one to register first: workers that
     just started register within a second)."""
-    from backend import jobs
+    from backend.queue import jobs
 
     requested = requested.strip() if requested and requested.strip() else None
     deadline = time.monotonic() + wait_s
@@ -180,7 +180,7 @@ def _embedded(settings: Settings, api: LabelStudioApi, spec: PrelabelSpec, plan:
             if store.state(run_id) != RUNNING:
                 break
             if pipeline is None:
-                from backend.pipeline import Pipeline
+                from backend.pipeline.predict import Pipeline
 
                 pipeline = Pipeline(settings)
             try:
@@ -302,7 +302,7 @@ class _Supervisor:
     def _adopt(self) -> None:
         """The run's previous supervisor is gone: enqueue at once its pending tasks that no queued or
         running job covers (chunks it never enqueued, jobs that were lost with it)."""
-        from backend import jobs
+        from backend.queue import jobs
 
         pending = self.store.pending(self.run_id)
         covered = jobs.run_tasks_in_flight(self.connection, self.run_id)
@@ -313,7 +313,7 @@ class _Supervisor:
         self.last_change = time.monotonic()
 
     def _enqueue_outbox(self) -> None:
-        from backend import jobs
+        from backend.queue import jobs
 
         while self.outbox:
             jobs.enqueue_prelabel_chunk(self.connection, self.run_id, self.spec, self.outbox[0])
@@ -358,7 +358,7 @@ class _Supervisor:
 
     def step(self) -> RunStatus | None:
         """One supervision round; the final status when the run has ended, else None."""
-        from backend import jobs
+        from backend.queue import jobs
 
         status = self.store.status(self.run_id)
         if status is None:
@@ -442,7 +442,7 @@ class _Supervisor:
             bar.close()
 
     def _note(self) -> str | None:
-        from backend import jobs
+        from backend.queue import jobs
 
         if not self.has_lease:
             return "supervised by another process"
@@ -472,7 +472,7 @@ def cancel_run(store: RunStore, run_id: str, connection=None) -> bool:
     before their next write. True if the run was planning or running."""
     changed = store.cancel(run_id)
     if connection is not None:
-        from backend import jobs
+        from backend.queue import jobs
 
         jobs.cancel_run_jobs(connection, run_id)
     return changed
@@ -485,7 +485,7 @@ def run_prelabel(settings: Settings, project: int, prompt: str | None = None, ch
     """Pre-label ``project``; returns the final status (``done``, or ``cancelled`` after Ctrl-C).
 
     Embedded without ``settings.redis_url`` (and no ``connection``): chunks run here, on
-    ``pipeline`` or a new :class:`~backend.pipeline.Pipeline`. Queue mode otherwise (see module doc):
+    ``pipeline`` or a new :class:`~backend.pipeline.predict.Pipeline`. Queue mode otherwise (see module doc):
     this process supervises the run while it lives (it holds the run's lease); the workers adopt
     the run if it dies. ``model_version``: see :func:`served_model_version`.
     Raises :class:`PrelabelError` for a bad request and :class:`LabelStudioApiError` when LS
@@ -493,7 +493,7 @@ def run_prelabel(settings: Settings, project: int, prompt: str | None = None, ch
     """
     queue_mode = connection is not None or bool(settings.redis_url)
     if queue_mode and connection is None:
-        from backend import jobs
+        from backend.queue import jobs
 
         connection = jobs.connect(settings.redis_url)
     api, spec = _prepare(settings, project, prompt, redo, chunk, api, connection if queue_mode else None,
@@ -520,11 +520,11 @@ def start_prelabel_in_background(settings: Settings, project: int, prompt: str |
     thread lists the tasks and supervises the run (queue mode: holding its lease, so a worker adopts
     the run if this process dies) or processes it (embedded, on ``pipeline``: pass the web app's).
     Follow it with ``store.status(run_id)``: pass a store the caller keeps (the web app's), a
-    :class:`~backend.runstore.RedisRunStore` on ``connection`` in queue mode. ``wait_s``: how long to
+    :class:`~backend.bulk.runstore.RedisRunStore` on ``connection`` in queue mode. ``wait_s``: how long to
     wait for a live worker to report its model version."""
     queue_mode = connection is not None or bool(settings.redis_url)
     if queue_mode and connection is None:
-        from backend import jobs
+        from backend.queue import jobs
 
         connection = jobs.connect(settings.redis_url)
     api, spec = _prepare(settings, project, prompt, redo, chunk, api, connection if queue_mode else None,
@@ -584,7 +584,7 @@ def adopt_orphaned_runs(connection, settings: Settings) -> list[str]:
 
 
 def _supervise_adopted(settings: Settings, run_id: str, spec: PrelabelSpec, chunk: int, owner: str) -> None:
-    from backend import jobs
+    from backend.queue import jobs
 
     connection = jobs.connect(settings.redis_url)
     try:

@@ -1,4 +1,4 @@
-"""Run records of bulk pre-label runs (:mod:`backend.prelabel`): which tasks a run covers, which
+"""Run records of bulk pre-label runs (:mod:`backend.bulk.prelabel`): which tasks a run covers, which
 are done and which failed, and the per-task write lock that makes write-back idempotent.
 
 A :class:`RunStore` is either a :class:`RedisRunStore` (queue mode; shared by the supervisor, the
@@ -13,7 +13,7 @@ Redis keys (``<id>`` = run id; every key is named here, and every key expires)::
     gsam:run:<id>:tasks    set of the run's task ids
     gsam:run:<id>:done     set of task ids written back (or found already labeled)
     gsam:run:<id>:failed   hash task id -> reason
-    gsam:run:<id>:jobs     set of the run's RQ job ids (:func:`jobs_key`, written by :mod:`backend.jobs`)
+    gsam:run:<id>:jobs     set of the run's RQ job ids (:func:`jobs_key`, written by :mod:`backend.queue.jobs`)
     gsam:run:<id>:lease    the run's supervisor: its owner token (SET PX, :data:`LEASE_TTL_S`)
     gsam:run-index         sorted set run id -> when its record expires (pruned on read)
     gsam:lock:<project>:<task>:<sha1(model_version)[:16]>   write lock (SET NX, TTL)
@@ -22,7 +22,7 @@ A planning or running run's keys expire :data:`ACTIVE_TTL_S` (a day) after its s
 touched them (:meth:`RedisRunStore.touch`, every minute while supervised), so a run nobody
 supervises any more disappears by itself; finished and cancelled runs expire a week after they
 end. The index key lives as long as its longest-lived member. Status values: ``planning`` (created by
-:func:`backend.supervisor.start_prelabel_in_background`, tasks being listed), ``running``, ``done``,
+:func:`backend.bulk.supervisor.start_prelabel_in_background`, tasks being listed), ``running``, ``done``,
 ``cancelled``, ``failed`` (the run itself could not go on, e.g. LS was unreachable while planning;
 ``error`` says why).
 """
@@ -40,8 +40,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # backend.prelabel imports this module
-    from backend.prelabel import PrelabelSpec
+if TYPE_CHECKING:  # backend.bulk.prelabel imports this module
+    from backend.bulk.prelabel import PrelabelSpec
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ LOCK_TTL_S = 45
 RUN_TTL_S = 7 * 24 * 3600  # a finished run's record
 ACTIVE_TTL_S = 24 * 3600  # a planning/running run's record, refreshed while it is supervised
 #: A supervisor refreshes its run's lease every poll (0.5 s); a process of the deployment adopts a
-#: run whose lease expired (its supervisor died: see :mod:`backend.supervisor`).
+#: run whose lease expired (its supervisor died: see :mod:`backend.bulk.supervisor`).
 LEASE_TTL_S = 20.0
 FAILURES_SHOWN = 100
 REDIS_RETRY_S = 60.0  # how long a worker-side store call waits out a Redis restart
@@ -558,7 +558,7 @@ class RedisRunStore(RunStore):
                          failures=dict(sorted(failures.items())), error=meta.get("error") or None)
 
     def spec(self, run_id: str) -> PrelabelSpec | None:
-        from backend.prelabel import PrelabelSpec  # not at the top: backend.prelabel imports this module
+        from backend.bulk.prelabel import PrelabelSpec  # not at the top: backend.bulk.prelabel imports this module
 
         raw = self.r.hget(RUN_PREFIX + run_id, "spec")
         return None if raw is None else PrelabelSpec.from_dict(json.loads(_text(raw)))

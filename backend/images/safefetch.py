@@ -10,7 +10,7 @@ Two steps keep "which host?" one question with one answer:
   does), and that ASCII name is used for the LS-origin test, the lookup, ``Host``, SNI and
   certificate checks.
 * :class:`PinnedHTTP` sends the GET to one of the addresses the caller resolved and checked (see
-  :mod:`backend.urlguard`), never resolving the name again, while the ``Host`` header, TLS SNI and
+  :mod:`backend.images.urlguard`), never resolving the name again, while the ``Host`` header, TLS SNI and
   certificate verification use the name. Connections are pooled per (address, port, name).
 
 Environment proxies (``HTTP(S)_PROXY``) are *not* used: a proxy resolves the name itself, so the
@@ -33,8 +33,8 @@ import idna
 import urllib3
 from urllib3.util import parse_url
 
-from backend.imagedecode import ImageError
-from backend.urlguard import IPAddress, host_literal
+from backend.images.decode import ImageError
+from backend.images.urlguard import IPAddress, host_literal
 
 __all__ = ["PinnedHTTP", "Target", "ca_bundle_from_env", "escape", "parse_target"]
 

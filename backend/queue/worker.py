@@ -3,9 +3,9 @@
 RQ's default ``Worker`` forks a child per job, which would reload the models for every job and
 breaks CUDA; this one subclasses ``SimpleWorker`` (jobs run in the worker's own process). A
 daemon thread keeps the worker's liveness entry fresh and re-queues jobs of dead workers
-(see :mod:`backend.jobs`). If Redis goes away the worker reconnects with backoff instead of exiting.
+(see :mod:`backend.queue.jobs`). If Redis goes away the worker reconnects with backoff instead of exiting.
 
-Jobs are read as JSON and only :data:`backend.jobs.JOB_FUNCTIONS` run (:class:`backend.jobs.GsamJob`).
+Jobs are read as JSON and only :data:`backend.queue.jobs.JOB_FUNCTIONS` run (:class:`backend.queue.jobs.GsamJob`).
 
 CPU threads: several workers on one host each get torch's default thread pool (one thread per core)
 and OpenMP threads that spin while waiting, so they fight for the cores (a 6 ms job took 3 s with two
@@ -26,10 +26,10 @@ import uuid
 import redis
 from rq import SimpleWorker
 
-from backend import jobs
-from backend.pipeline import Pipeline
+from backend.queue import jobs
+from backend.pipeline.predict import Pipeline
 from backend.settings import Settings
-from backend.supervisor import adopt_orphaned_runs
+from backend.bulk.supervisor import adopt_orphaned_runs
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,8 @@ class GsamWorker(SimpleWorker):
 def limit_cpu_threads(threads: int) -> None:
     """Give this process ``threads`` torch/OpenMP/BLAS threads and a passive OpenMP wait policy.
 
-    The environment part only works before torch is imported (checked: ``backend.worker`` and
-    ``backend.pipeline`` do not import it); values already in the environment win, so an operator
+    The environment part only works before torch is imported (checked: ``backend.queue.worker`` and
+    ``backend.pipeline.predict`` do not import it); values already in the environment win, so an operator
     can still choose e.g. ``OMP_WAIT_POLICY=ACTIVE``.
     """
     if threads < 1:

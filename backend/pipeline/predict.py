@@ -14,15 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from backend.imagedecode import DECODE_BUDGET
-from backend.images import FetchSettings, ImageError, ImageLoader, LoadedImage
+from backend.images.decode import DECODE_BUDGET
+from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
-from backend.regions import build_prediction, empty_prediction
+from backend.ls.regions import build_prediction, empty_prediction
 from backend.settings import Settings
-from backend.refine import refine_image
-from backend.smartprompt import parse_smart_prompt
-from backend.tasks import (PredictRequest, PromptLimits, TaskPlan, asks_for_nothing, check_smart_prompt, plan_tasks,
-                           prompt_text)
+from backend.pipeline.refine import refine_image
+from backend.ls.smartprompt import parse_smart_prompt
+from backend.ls.tasks import (PredictRequest, PromptLimits, TaskPlan, asks_for_nothing, check_smart_prompt, plan_tasks)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class Pipeline:
         DECODE_BUDGET.set_capacity(int(settings.decode_budget_mp * 1_000_000))
 
     def _default_engine(self):
-        from backend.engine import Engine  # torch is imported only by the process that runs models
+        from backend.engine.engine import Engine  # torch is imported only by the process that runs models
 
         return Engine.from_settings(self.settings, self.metrics)
 
@@ -237,7 +236,7 @@ class Pipeline:
 
     def _refine_all(self, plans: list[TaskPlan], request: PredictRequest, smart) -> list[TaskOutcome]:
         """Smart-tool clicks/boxes (with the text prompt's detections when the context has text)."""
-        text = prompt_text(request.context, request.config)
+        text = request.prompt_text()
         with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(plans)) or 1) as loaders:
             loaded = list(loaders.map(self._load, plans))
         outcomes = []

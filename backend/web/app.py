@@ -7,7 +7,7 @@ here touches torch.
 
 Bounds enforced here: bodies up to 64 MB, JSON nested at most :data:`MAX_JSON_DEPTH` levels (checked
 before parsing, so hostile nesting is a 400, never a RecursionError), the per-request caps of
-:mod:`backend.tasks` (413/400). The bulk routes act in LS with the backend's own API key, so they
+:mod:`backend.ls.tasks` (413/400). The bulk routes act in LS with the backend's own API key, so they
 need basic auth, or ``ALLOW_UNAUTHENTICATED_BULK=true``; without either they answer 403.
 """
 
@@ -27,17 +27,17 @@ from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, NotFound
 
-from backend.jobs import QueueClient, QueueError
-from backend.labelconfig import LabelConfigError, parse_label_config
-from backend.lsclient import LabelStudioApiError
+from backend.queue.jobs import QueueClient, QueueError
+from backend.ls.labelconfig import LabelConfigError, parse_label_config
+from backend.ls.client import LabelStudioApiError
 from backend.metrics import Metrics
-from backend.pipeline import Pipeline, model_version, prompt_limits
-from backend.prelabel import PrelabelError
-from backend.regions import empty_prediction
-from backend.runstore import MemoryRunStore, RedisRunStore
+from backend.pipeline.predict import Pipeline, model_version, prompt_limits
+from backend.bulk.prelabel import PrelabelError
+from backend.ls.regions import empty_prediction
+from backend.bulk.runstore import MemoryRunStore, RedisRunStore
 from backend.settings import Settings
-from backend.supervisor import cancel_run, start_prelabel_in_background
-from backend.tasks import RequestError, RequestTooLarge, asks_for_nothing, parse_predict_request, plan_tasks
+from backend.bulk.supervisor import cancel_run, start_prelabel_in_background
+from backend.ls.tasks import RequestError, RequestTooLarge, asks_for_nothing, parse_predict_request, plan_tasks
 from model import GroundedSAM
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             plan_tasks(parsed, limits)  # a bad prompt is a 400 here, not a failed job
             predictions = queue.predict(body)
         else:
-            model = GroundedSAM(body["label_config"], pipeline, project=parsed.project)
+            model = GroundedSAM(body["label_config"], pipeline)
             predictions = model.predict(parsed.tasks, context=parsed.context)
         log.info("predict: %d tasks, %d regions, %.2f s", len(parsed.tasks),
                  sum(len(p["result"]) for p in predictions), time.perf_counter() - started)

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from backend.labelconfig import LabelConfig, LabelConfigError, normalize_phrase, parse_label_config
-from backend.smartprompt import SmartPrompt, parse_smart_prompt
+from backend.ls.labelconfig import LabelConfig, LabelConfigError, normalize_phrase, parse_label_config
+from backend.ls.smartprompt import SmartPrompt, parse_smart_prompt
 
 _SEPARATORS = re.compile(r"[.,]")
 
@@ -52,10 +52,21 @@ class TaskPlan:
 
 @dataclass(frozen=True)
 class PredictRequest:
+    """A validated predict call. ``tasks`` are LS task dicts (``id``, ``data``); ``context`` is the
+    interactive context LS sends (None for batch calls); ``prompt`` is a prompt given directly (bulk
+    runs), used when the context holds no prompt text."""
+
     tasks: list[dict]
     config: LabelConfig
     context: dict | None
-    project: str | None
+    prompt: str | None = None
+
+    def prompt_text(self) -> str | None:
+        """The prompt text: the context's TextArea text, else :attr:`prompt`, else None (labels)."""
+        text = prompt_text(self.context, self.config)
+        if text is None and self.prompt and self.prompt.strip():
+            return self.prompt
+        return text
 
 
 def split_prompt(text: str, limits: PromptLimits) -> list[str]:
@@ -107,9 +118,7 @@ def parse_predict_request(body: Any, limits: PromptLimits) -> PredictRequest:
     context = params.get("context") if isinstance(params.get("context"), dict) else None
     if context is None and isinstance(body.get("context"), dict):
         context = body["context"]  # label-studio-ml 2.x also accepts a top-level context
-    project = body.get("project")
-    request = PredictRequest(tasks=tasks, config=config, context=context,
-                             project=str(project) if project is not None else None)
+    request = PredictRequest(tasks=tasks, config=config, context=context)
     check_smart_prompt(request, parse_smart_prompt(context, config), limits)
     return request
 
@@ -132,13 +141,12 @@ def asks_for_nothing(request: PredictRequest) -> bool:
     at once. No context at all (LS's batch and task-open calls) is not this: labels are the prompt."""
     if not isinstance(request.context, dict):
         return False
-    return prompt_text(request.context, request.config) is None and not parse_smart_prompt(request.context,
-                                                                                          request.config)
+    return request.prompt_text() is None and not parse_smart_prompt(request.context, request.config)
 
 
 def plan_tasks(request: PredictRequest, limits: PromptLimits) -> list[TaskPlan]:
     """One plan per task, in task order. The prompt is shared: LS sends one context per call."""
-    text = prompt_text(request.context, request.config)
+    text = request.prompt_text()
     phrases = split_prompt(text, limits) if text else []
     phrases = tuple(phrases or request.config.default_phrases())
     plans = []

@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from backend.results import CompactMask, ImageResult
-from backend.labelconfig import LabelConfig
+from backend.engine.results import CompactMask, ImageResult
+from backend.ls.labelconfig import LabelConfig
 from backend.rle import band_to_rle
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 A *run* labels the tasks of one project with one model version:
 
 1. **plan** (:func:`plan_prelabel`): list the project's tasks with the model versions of their
-   predictions (one cheap paginated Data Manager query, see :mod:`backend.lsclient`) and keep those
+   predictions (one cheap paginated Data Manager query, see :mod:`backend.ls.client`) and keep those
    without a prediction of the current ``model_version`` (all of them with ``redo``);
 2. **process** (:func:`process_chunk`, what a ``prelabel`` RQ job runs), chunk by chunk and, within
    a chunk, one engine batch at a time: run the pipeline on the batch, then write each task's
@@ -11,11 +11,11 @@ A *run* labels the tasks of one project with one model version:
    e.g. by its job timeout, keeps what it finished) and record the task as done, or as failed with
    its reason when its image could not be used (a *poison* task fails alone; it gets no prediction,
    so a later run retries it);
-3. **supervise** (:mod:`backend.supervisor`): run the chunks in this process or as RQ jobs, and
+3. **supervise** (:mod:`backend.bulk.supervisor`): run the chunks in this process or as RQ jobs, and
    follow the run to its end.
 
 Run records (status, done and failed tasks, write locks) live in a
-:class:`~backend.runstore.RunStore` (:mod:`backend.runstore`).
+:class:`~backend.bulk.runstore.RunStore` (:mod:`backend.bulk.runstore`).
 
 **Idempotent write-back.** A task gets at most one prediction per model version, even when a chunk
 runs twice (an RQ retry after a lost worker, a supervisor re-enqueue) or two workers race on it:
@@ -35,24 +35,17 @@ This module never imports torch: :func:`process_chunk` runs on the pipeline it i
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass
 
-from backend.labelconfig import LabelConfigError, parse_label_config
-from backend.lsclient import LabelStudioApi, LabelStudioApiError, LabelStudioUnavailable
-from backend.runstore import RUNNING, RunStore, WriteLock, WriteLockTimeout, retry_redis
-from backend.tasks import PredictRequest, RequestError
+from backend.ls.labelconfig import LabelConfigError, parse_label_config
+from backend.ls.client import LabelStudioApi, LabelStudioApiError, LabelStudioUnavailable
+from backend.bulk.request import PrelabelError
+from backend.bulk.runstore import RUNNING, RunStore, WriteLock, WriteLockTimeout, retry_redis
+from backend.ls.tasks import PredictRequest, RequestError
 
 log = logging.getLogger(__name__)
-
-_PROMPT_FROM_NAME = "__prelabel_prompt__"
-
-
-class PrelabelError(RuntimeError):
-    """The run cannot start as asked (bad project config, bad prompt, bad chunk size); the message
-    says what to fix (an HTTP 400 for ``POST /prelabel``)."""
 
 
 # ================================================================================== spec
@@ -110,17 +103,9 @@ def plan_tasks_to_label(api: LabelStudioApi, project: int, model_version: str, r
 # ================================================================================== processing
 
 def build_request(spec: PrelabelSpec, tasks: list[dict]) -> PredictRequest:
-    """The pipeline request for a chunk: the prompt as a TextArea result of the config's prompt tag
-    (a synthetic one when the config has no TextArea), or no context so the labels are the prompt."""
-    config = parse_label_config(spec.label_config)
-    context = None
-    if spec.prompt and spec.prompt.strip():
-        if not config.prompt_name:
-            config = dataclasses.replace(config, prompt_name=_PROMPT_FROM_NAME)
-        context = {"result": [{"from_name": config.prompt_name, "to_name": config.image_name, "type": "textarea",
-                               "value": {"text": [spec.prompt]}}]}
-    return PredictRequest(tasks=[{"id": t["id"], "data": t.get("data") or {}} for t in tasks], config=config,
-                          context=context, project=str(spec.project))
+    """The pipeline request for a chunk: the run's prompt, or none so the labels are the prompt."""
+    return PredictRequest(tasks=[{"id": t["id"], "data": t.get("data") or {}} for t in tasks],
+                          config=parse_label_config(spec.label_config), context=None, prompt=spec.prompt)
 
 
 def write_prediction(api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec, task_id: int,

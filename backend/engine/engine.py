@@ -1,0 +1,143 @@
+"""The GPU stage: Grounding DINO turns phrases into boxes, SAM turns boxes into masks.
+
+All coordinates that enter or leave the engine are in the pixel frame of the EXIF-transposed
+image (the image Label Studio displays): boxes are ``(N, 4)`` float32 XYXY pixels, masks are
+:class:`CompactMask` (crops of full-size bool masks). Model-specific frames (DINO's normalized
+cxcywh, SAM's 1024-pixel padded square) never leave the engine. Modules:
+
+- ``detector``: Grounding DINO; ``segmenter``: SAM; ``masks``: mask upsampling on the device;
+- ``device``: device, dtype, TF32 and BATCH_SIZE=auto; ``compiling``: COMPILE=1 and shape buckets.
+
+Every model has a CPU half, ``prepare(image)`` (resize, normalize, pad: thread-safe, run ahead of
+the GPU by the pipeline's thread pool), and a device half that runs batches of prepared images.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from backend.engine.embedcache import EmbeddingCache
+from backend.engine.detector import DinoInput, GroundingDinoDetector, nms
+from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, resolve_dtype
+from backend.engine.segmenter import ImageEmbedding, SamInput, SamSegmenter
+from backend.engine.results import CompactMask, Detections, ImageResult, MaskPrompt
+
+__all__ = ["Engine", "PreparedImage", "GroundingDinoDetector", "SamSegmenter", "ImageEmbedding", "DinoInput",
+           "SamInput", "nms", "resolve_device", "resolve_dtype"]
+
+log = logging.getLogger(__name__)
+
+
+class Detector(Protocol):
+    def detect(self, inputs: Sequence[Any], phrases: Sequence[Sequence[str]]) -> list[Detections]: ...
+
+
+class Segmenter(Protocol):
+    def segment(self, inputs: Sequence[Any], boxes: Sequence[np.ndarray],
+                keys: Sequence[str | None] | None = None) -> list[list[CompactMask]]: ...
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image with its model inputs already computed on the CPU (None for a model without a
+    ``prepare``, such as a test stub, which then gets the PIL image itself)."""
+
+    image: Image.Image
+    dino: DinoInput | None
+    sam: SamInput | None
+
+    def for_detector(self):
+        return self.dino if self.dino is not None else self.image
+
+    def for_segmenter(self):
+        return self.sam if self.sam is not None else self.image
+
+
+class Engine:
+    """Detector + segmenter behind one lock: request threads share the models, one batch at a time.
+
+    ``prepare(image)`` needs no lock (CPU work, run it in threads ahead of ``run``);
+    ``run(images, phrases)`` → one :class:`ImageResult` per image, in the pixel frame of each image.
+    """
+
+    def __init__(self, detector: Detector, segmenter: Segmenter):
+        self.detector, self.segmenter = detector, segmenter
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings, metrics=None) -> "Engine":
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        enable_tf32(device)
+        batch_size = settings.batch_size or 1  # auto: probed below once the models are loaded
+        log.info("loading models on %s (%s%s): %s, %s", device, dtype, ", compiled" if settings.compile else "",
+                 settings.grounding_dino_model, settings.sam_model)
+        detector = GroundingDinoDetector(
+            settings.grounding_dino_model, device, dtype, box_threshold=settings.box_threshold,
+            text_threshold=settings.text_threshold, nms_threshold=settings.nms_threshold,
+            max_detections=settings.max_detections, batch_size=batch_size, compile=settings.compile)
+        hooks = {} if metrics is None else dict(on_hit=metrics.embedding_cache_hits.inc,
+                                                on_miss=metrics.embedding_cache_misses.inc,
+                                                on_size=metrics.embedding_cache_bytes.set)
+        cache = EmbeddingCache(int(settings.embedding_cache_mb * 2**20), **hooks)
+        segmenter = SamSegmenter(settings.sam_model, device, dtype, batch_size=batch_size, cache=cache,
+                                 compile=settings.compile)
+        engine = cls(detector, segmenter)
+        if settings.batch_size is None:
+            engine.set_batch_size(auto_batch_size(device, engine.probe))
+        return engine
+
+    @property
+    def batch_size(self) -> int:
+        return getattr(self.detector, "batch_size", 8)
+
+    def set_batch_size(self, batch_size: int) -> None:
+        self.detector.batch_size = self.segmenter.batch_size = batch_size
+
+    def probe(self, batch_size: int) -> None:
+        """Run ``batch_size`` blank landscape images (DINO's largest canvas) through both models,
+        five boxes each: the peak memory of a real batch, for BATCH_SIZE=auto."""
+        detector: GroundingDinoDetector = self.detector  # type: ignore[assignment]
+        height, width = detector.canvas_for(2, 1)
+        image = Image.new("RGB", (width, height))
+        prepared = [self.prepare(image)] * batch_size
+        saved = self.batch_size
+        self.set_batch_size(batch_size)
+        try:
+            self.detector.detect([p.for_detector() for p in prepared], [["object"]] * batch_size)
+            boxes = np.tile(np.array([[0, 0, width / 2, height / 2]], np.float32), (5, 1))
+            self.segmenter.segment([p.for_segmenter() for p in prepared], [boxes] * batch_size)
+        finally:
+            self.set_batch_size(saved)
+
+    def prepare(self, image: Image.Image) -> PreparedImage:
+        """The CPU half of both models for one image (thread-safe; no lock, no device work)."""
+        dino = self.detector.prepare(image) if hasattr(self.detector, "prepare") else None
+        sam = self.segmenter.prepare(image) if hasattr(self.segmenter, "prepare") else None
+        return PreparedImage(image, dino, sam)
+
+    def run(self, images: Sequence[Image.Image | PreparedImage], phrases: Sequence[Sequence[str]],
+            keys: Sequence[str] | None = None) -> list[ImageResult]:
+        """Text → boxes → masks. With ``keys`` (content hashes) SAM embeddings are cached for clicks."""
+        prepared = [item if isinstance(item, PreparedImage) else self.prepare(item) for item in images]
+        with self._lock:
+            detections = self.detector.detect([p.for_detector() for p in prepared], phrases)
+            masks = self.segmenter.segment([p.for_segmenter() for p in prepared], [d.boxes for d in detections], keys)
+        return [ImageResult(width=p.image.width, height=p.image.height, detections=d, masks=tuple(m))
+                for p, d, m in zip(prepared, detections, masks)]
+
+    def detect(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]]) -> list[Detections]:
+        with self._lock:
+            return self.detector.detect(images, phrases)
+
+    def refine(self, image: Image.Image, key: str | None, prompts: Sequence[MaskPrompt]) -> list[tuple[CompactMask, float]]:
+        """Clicks/boxes → masks on one image, reusing its cached SAM embedding when there is one."""
+        with self._lock:
+            return self.segmenter.refine(image, key, prompts)
+
