@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from backend.ls.labelconfig import LabelConfigError, parse_label_config
 from backend.ls.client import LabelStudioApi, LabelStudioApiError, LabelStudioUnavailable
 from backend.bulk.request import PrelabelError
-from backend.bulk.runstore import RUNNING, RunStore, WriteLock, WriteLockTimeout, retry_redis
+from backend.bulk.runstore import RUNNING, RunStore, WriteLock, WriteLockTimeout
+from backend.queue.connection import retry_redis
 from backend.ls.tasks import PredictRequest, RequestError
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,6 @@ ACTIVE_TTL_S = 24 * 3600  # a planning/running run's record, refreshed while it 
 #: run whose lease expired (its supervisor died: see :mod:`backend.bulk.supervisor`).
 LEASE_TTL_S = 20.0
 FAILURES_SHOWN = 100
-REDIS_RETRY_S = 60.0  # how long a worker-side store call waits out a Redis restart
 
 
 
@@ -625,30 +624,5 @@ class RedisRunStore(RunStore):
                 log.warning("could not release the write lock of task %s (%s)", task_id, type(exc).__name__)
 
 
-def transient_redis_errors() -> tuple[type[BaseException], ...]:
-    try:
-        import redis
-    except ImportError:  # embedded installs without redis-py
-        return ()
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
-
-
-def retry_redis(fn: Callable[[], Any], what: str, patience_s: float = REDIS_RETRY_S) -> Any:
-    """``fn()``, waiting out a Redis restart for up to ``patience_s`` (then the error propagates)."""
-    transient = transient_redis_errors()
-    deadline = time.monotonic() + patience_s
-    pause = 0.5
-    while True:
-        try:
-            return fn()
-        except transient as exc:
-            if time.monotonic() + pause > deadline:
-                raise
-            log.warning("%s: Redis unreachable (%s); retrying in %.1f s", what, type(exc).__name__, pause)
-            time.sleep(pause)
-            pause = min(pause * 2, 5.0)
-
-
 __all__ = ["ACTIVE_TTL_S", "CANCELLED", "DONE", "FAILED", "FINAL", "LEASE_TTL_S", "PLANNING", "RUNNING", "MemoryRunStore",
-           "RedisRunStore", "RunStatus", "RunStore", "WriteLock", "WriteLockTimeout", "jobs_key", "lease_key", "retry_redis",
-           "transient_redis_errors"]
+           "RedisRunStore", "RunStatus", "RunStore", "WriteLock", "WriteLockTimeout", "jobs_key", "lease_key"]

@@ -45,7 +45,8 @@ from backend.ls.client import LabelStudioApi, LabelStudioApiError
 from backend.pipeline.predict import model_version as settings_model_version, prompt_limits
 from backend.bulk.prelabel import PrelabelError, PrelabelPlan, PrelabelSpec, plan_prelabel, process_chunk
 from backend.bulk.runstore import (CANCELLED, FAILED, FINAL, LEASE_TTL_S, PLANNING, RUNNING, MemoryRunStore, RedisRunStore,
-                              RunStatus, RunStore, retry_redis, transient_redis_errors)
+                              RunStatus, RunStore)
+from backend.queue.connection import retry_redis, transient_redis_errors
 from backend.settings import Settings
 from backend.ls.tasks import RequestError, split_prompt
 

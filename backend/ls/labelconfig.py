@@ -47,6 +47,7 @@ class LabelConfig:
     brush: ControlSpec | None
     labels: tuple[str, ...]  # union of both controls' labels, in config order
     aliases: dict[str, str] = field(default_factory=dict)  # normalized predicted_value -> label
+    xml: str = field(default="", repr=False, compare=False)  # the config as LS sent it (for queue payloads)
 
     def default_phrases(self) -> list[str]:
         """The prompt used when the request carries none: every label, then every alias."""
@@ -147,4 +148,5 @@ def parse_label_config(xml: str) -> LabelConfig:
         brush=brush,
         labels=labels,
         aliases=_aliases(controls),
+        xml=xml,
     )

@@ -1,0 +1,64 @@
+"""Every Redis key this backend writes, named in one place (as rq does in its own modules).
+
+``<id>`` is a bulk run id (16 lowercase hex characters). Every key expires; the TTLs live with the
+code that writes the key, the names live here::
+
+    gsam:workers                 sorted set worker name -> when its liveness expires
+    gsam:worker-versions         hash worker name -> the model version it serves
+    gsam:reaper-lock             which worker runs the housekeeping round (SET NX PX)
+    gsam:run:<id>                hash: the run's record (status, spec, chunk, timestamps, error)
+    gsam:run:<id>:tasks          set of the run's task ids
+    gsam:run:<id>:done           set of task ids written back (or found already labeled)
+    gsam:run:<id>:failed         hash task id -> reason
+    gsam:run:<id>:jobs           set of the run's RQ job ids
+    gsam:run:<id>:lease          the run's supervisor: its owner token (SET PX)
+    gsam:run-index               sorted set run id -> when its record expires
+    gsam:lock:<project>:<task>:<sha1(model_version)[:16]>   write-back lock (SET NX PX)
+
+RQ's own keys (``rq:job:*``, ``rq:queue:*``, registries) are RQ's; jobs are given TTLs when enqueued.
+Imports nothing of the backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+WORKERS = "gsam:workers"
+WORKER_VERSIONS = "gsam:worker-versions"
+REAPER_LOCK = "gsam:reaper-lock"
+RUN_PREFIX = "gsam:run:"
+RUN_INDEX = "gsam:run-index"
+LOCK_PREFIX = "gsam:lock:"
+
+
+def run_key(run_id: str) -> str:
+    """The run's record (hash)."""
+    return f"{RUN_PREFIX}{run_id}"
+
+
+def run_tasks_key(run_id: str) -> str:
+    return f"{RUN_PREFIX}{run_id}:tasks"
+
+
+def run_done_key(run_id: str) -> str:
+    return f"{RUN_PREFIX}{run_id}:done"
+
+
+def run_failed_key(run_id: str) -> str:
+    return f"{RUN_PREFIX}{run_id}:failed"
+
+
+def jobs_key(run_id: str) -> str:
+    """The set of a run's RQ job ids."""
+    return f"{RUN_PREFIX}{run_id}:jobs"
+
+
+def lease_key(run_id: str) -> str:
+    """Who supervises the run (owner token, expires unless refreshed)."""
+    return f"{RUN_PREFIX}{run_id}:lease"
+
+
+def write_lock_key(project: int, task_id: int, model_version: str) -> str:
+    """The lock a writer holds while it writes one task's prediction of one model version."""
+    digest = hashlib.sha1(model_version.encode()).hexdigest()[:16]
+    return f"{LOCK_PREFIX}{project}:{task_id}:{digest}"
