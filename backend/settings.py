@@ -12,6 +12,8 @@ from typing import Mapping
 
 DEFAULT_GROUNDING_DINO_MODEL = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SAM_MODEL = "facebook/sam-vit-huge"
+#: Images per engine batch when BATCH_SIZE is unset, and while BATCH_SIZE=auto is not resolved yet.
+DEFAULT_BATCH_SIZE = 8
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -58,7 +60,7 @@ def _batch_size(env: Mapping[str, str]) -> int | None:
     raw = (env.get("BATCH_SIZE") or "8").strip().lower()
     if raw == "auto":
         return None
-    return _number({"BATCH_SIZE": raw}, "BATCH_SIZE", 8, int, 1, 256)
+    return _number({"BATCH_SIZE": raw}, "BATCH_SIZE", DEFAULT_BATCH_SIZE, int, 1, 256)
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class Settings:
     text_threshold: float = 0.25
     nms_threshold: float = 0.7
     max_detections: int = 100
-    batch_size: int | None = 8  # None = auto: from free GPU memory (8 on the CPU)
+    batch_size: int | None = DEFAULT_BATCH_SIZE  # None = auto: from free GPU memory (8 on the CPU)
     compile: bool = False  # torch.compile the encoders, with shape buckets (slow first batches)
     label_studio_url: str | None = None
     label_studio_api_key: str | None = field(default=None, repr=False)
@@ -97,6 +99,11 @@ class Settings:
     log_level: str = "INFO"
     port: int = 9090
     model_version: str | None = None  # None = derived from the two model ids
+
+    @property
+    def has_label_studio_credentials(self) -> bool:
+        """Both LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are set (bulk runs and adoption need them)."""
+        return bool(self.label_studio_url and self.label_studio_api_key)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":

@@ -179,7 +179,7 @@ def process_chunk(pipeline, api: LabelStudioApi, store: RunStore, run_id: str, s
         return
     counts: dict[str, int] = {}
     owner = uuid.uuid4().hex  # this attempt's locks: its own retries may take them over
-    size = _batch_size(pipeline)
+    size = pipeline.batch_size()
     for start in range(0, len(todo), size):
         batch = todo[start:start + size]
         if start and retry_redis(lambda: store.state(run_id), f"run {run_id}") != RUNNING:
@@ -189,14 +189,6 @@ def process_chunk(pipeline, api: LabelStudioApi, store: RunStore, run_id: str, s
             return
     log.info("run %s: chunk of %d tasks: %s", run_id, len(todo),
              ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing to do")
-
-
-def _batch_size(pipeline) -> int:
-    """Tasks per sub-batch of a chunk: the engine's batch (so a chunk cut short by its job timeout
-    keeps every finished batch). ``_batch_size`` is the pipeline's own (BATCH_SIZE=auto resolved)."""
-    size = getattr(pipeline, "_batch_size", None)
-    value = size() if callable(size) else getattr(getattr(pipeline, "settings", None), "batch_size", None)
-    return value if isinstance(value, int) and value > 0 else 8
 
 
 def _label_batch(pipeline, api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec,

@@ -12,14 +12,10 @@ from transformers import AutoTokenizer, GroundingDinoForObjectDetection
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
+from backend.batching import chunks
 from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
 from backend.engine.results import Detections
-
-
-def chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:

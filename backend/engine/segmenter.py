@@ -11,9 +11,9 @@ from PIL import Image
 from transformers import SamModel, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
+from backend.batching import chunks
 from backend.engine.embedcache import EmbeddingCache
 from backend.engine.compiling import batch_bucket, maybe_compile
-from backend.engine.detector import chunks
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
 from backend.engine.masks import DEFAULT_BUDGET_BYTES, upsample_masks
 from backend.engine.results import CompactMask, MaskPrompt

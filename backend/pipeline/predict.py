@@ -18,7 +18,7 @@ from backend.images.decode import DECODE_BUDGET
 from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
 from backend.ls.regions import build_prediction, empty_prediction
-from backend.settings import Settings
+from backend.settings import DEFAULT_BATCH_SIZE, Settings
 from backend.pipeline.refine import refine_image
 from backend.ls.smartprompt import parse_smart_prompt
 from backend.ls.tasks import (PredictRequest, PromptLimits, TaskPlan, asks_for_nothing, check_smart_prompt, plan_tasks)
@@ -144,7 +144,7 @@ class Pipeline:
         cache_embeddings = request.context is not None
         with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="gsam-load") as loaders, \
                 ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="gsam-encode") as encoders:
-            batch_size = self._batch_size()
+            batch_size = self.batch_size()
             pending = deque()  # (plan index, future of ReadyImage | ImageFailure)
             encoded = []  # (plan index, future of TaskOutcome)
             batch: list[tuple[int, ReadyImage]] = []
@@ -165,16 +165,17 @@ class Pipeline:
                     for failed_index, reason in failed:
                         outcomes[failed_index] = self._failed(plans[failed_index], reason)
                     batch = []
-                    batch_size = self._batch_size()
+                    batch_size = self.batch_size()
             for index, future in encoded:
                 outcomes[index] = future.result()
         return outcomes  # type: ignore[return-value]
 
-    def _batch_size(self) -> int:
-        """The engine's batch size once it is loaded (BATCH_SIZE=auto), else the configured one."""
+    def batch_size(self) -> int:
+        """Images per engine batch: the engine's once it is loaded (BATCH_SIZE=auto resolved), else
+        the configured one (``DEFAULT_BATCH_SIZE`` while auto is not resolved yet)."""
         if self._engine is not None:
-            return getattr(self._engine, "batch_size", None) or 8
-        return self.settings.batch_size or 8
+            return getattr(self._engine, "batch_size", None) or DEFAULT_BATCH_SIZE
+        return self.settings.batch_size or DEFAULT_BATCH_SIZE
 
     def _load_and_prepare(self, plan: TaskPlan) -> ReadyImage | ImageFailure:
         """The plan's image loaded and prepared, or why it has none. A model that cannot load is
