@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from backend.bulk.request import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK
+
 log = logging.getLogger("backend")
 
 # Distinct, readable colors for overlays (RGB).
@@ -107,10 +109,12 @@ def cmd_make_tiny_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    os.environ["PORT"] = str(args.port)
-    import _wsgi
+    from backend.settings import Settings
+    from backend.web.app import create_app
 
-    _wsgi.main(["--port", str(args.port), "--host", args.host])
+    settings = Settings.from_env()
+    create_app(settings, preload=settings.preload_models).run(host=args.host, port=args.port or settings.port,
+                                                              threaded=True, use_reloader=False)
     return 0
 
 
@@ -132,19 +136,19 @@ def cmd_worker(args) -> int:
 
 
 def cmd_prelabel(args) -> int:
+    from backend.bulk.request import PrelabelError, RunRequest
+    from backend.ls.client import LabelStudioApiError
+    from backend.modes.factory import build_backend
     from backend.settings import Settings
-    from backend.bulk.supervisor import run_prelabel
 
     settings = Settings.from_env()
-    if not settings.label_studio_url or not settings.label_studio_api_key:
-        print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to pre-label a project", file=sys.stderr)
+    if not settings.has_label_studio_credentials:
+        print(f"error: {Settings.LS_CREDENTIALS_NEEDED}", file=sys.stderr)
         return 2
-    from backend.ls.client import LabelStudioApiError
-    from backend.bulk.prelabel import PrelabelError
-
     try:
-        status = run_prelabel(settings, args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo,
-                              model_version=args.model_version)
+        run = RunRequest(project=args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo,
+                         model_version=args.model_version)
+        status = build_backend(settings).runs.run(run, progress=True)
     except (PrelabelError, LabelStudioApiError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -185,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel = commands.add_parser("prelabel", help="pre-label a whole LS project (queue mode with REDIS_URL)")
     prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
     prelabel.add_argument("--prompt", default=None, help="phrases; default: the project's labels")
-    prelabel.add_argument("--chunk", type=int, default=64,
-                          help="tasks per job (64: several engine batches, so loading overlaps the GPU)")
+    prelabel.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                          help=f"tasks per job, {MIN_CHUNK} to {MAX_CHUNK} (default {DEFAULT_CHUNK}: several engine "
+                               "batches, so loading overlaps the GPU)")
     prelabel.add_argument("--redo", action="store_true", help="also tasks that have a prediction of this version")
     prelabel.add_argument("--model-version", default=None,
                           help="queue mode: the version to label with when the live workers serve several "
@@ -194,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.set_defaults(func=cmd_prelabel)
 
     serve = commands.add_parser("serve", help="serve the LS ML-backend API (development server)")
-    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", 9090)))
+    serve.add_argument("--port", type=int, default=None, help="default PORT or 9090")
     serve.add_argument("--host", default="0.0.0.0")
     serve.set_defaults(func=cmd_serve)
     return parser

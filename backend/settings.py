@@ -98,7 +98,11 @@ class Settings:
     allow_unauthenticated_bulk: bool = False
     log_level: str = "INFO"
     port: int = 9090
+    preload_models: bool = True  # the web process starts loading the models at start (embedded mode)
     model_version: str | None = None  # None = derived from the two model ids
+
+    #: What to do when a bulk run is asked for without LS credentials.
+    LS_CREDENTIALS_NEEDED = "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend to pre-label projects"
 
     @property
     def has_label_studio_credentials(self) -> bool:
@@ -151,5 +155,6 @@ class Settings:
             allow_unauthenticated_bulk=_bool(env, "ALLOW_UNAUTHENTICATED_BULK", False),
             log_level=log_level,
             port=_number(env, "PORT", 9090, int, 1, 65535),
+            preload_models=_bool(env, "PRELOAD_MODELS", True),
             model_version=_text(env, "MODEL_VERSION", None),
         )

@@ -1,0 +1,51 @@
+"""The interface every mode implements.
+
+The web layer (:mod:`backend.web.app`) and the CLI (:mod:`backend.cli`) hold one :class:`Backend`,
+built once by :func:`backend.modes.factory.build_backend`, and never ask which mode they are in. Tests inject a fake
+:class:`Backend` instead of patching module globals.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # type names only: importing them here would pull torch-free but heavy modules early
+    from backend.bulk.runs import Runs
+    from backend.ls.tasks import PredictRequest, PromptLimits
+    from backend.metrics import Metrics
+
+#: The LS-facing model class (``model.py``), as /health names it to Label Studio.
+MODEL_CLASS = "GroundedSAM"
+
+
+class Mode(enum.StrEnum):
+    """Where the models run: in this process (``embedded``) or in RQ workers (``queue``)."""
+
+    EMBEDDED = "embedded"
+    QUEUE = "queue"
+
+
+class Backend(Protocol):
+    """A deployment as the web layer and the CLI see it.
+
+    ``predict`` answers exactly one prediction per task, in task order (a task that fails gets an
+    empty one); it raises :class:`backend.ls.tasks.RequestError` for a request no task can be
+    served for, and :class:`backend.queue.client.QueueError` subclasses in queue mode.
+    """
+
+    mode: Mode
+    model_version: str
+    limits: PromptLimits
+    metrics: Metrics
+    runs: Runs
+
+    def predict(self, request: PredictRequest) -> list[dict]: ...
+
+    def health(self) -> dict:
+        """The /health body: ``status`` (UP or DEGRADED), ``model_class``, ``model_version``, ``mode``, ..."""
+        ...
+
+    def preload(self) -> None:
+        """Start loading the models in the background, if this process runs them."""
+        ...

@@ -1,0 +1,35 @@
+"""Embedded mode (no ``REDIS_URL``): the pipeline, its models and bulk runs live in this process."""
+
+from __future__ import annotations
+
+import threading
+
+from backend.bulk.runs import EmbeddedRuns
+from backend.ls.tasks import PredictRequest
+from backend.modes.base import MODEL_CLASS, Mode
+from backend.pipeline.predict import Pipeline
+from backend.settings import Settings
+
+
+class EmbeddedBackend:
+    """Predictions run on this process's :class:`Pipeline` (models loaded on first use, or by
+    :meth:`preload`); bulk runs go chunk after chunk in a thread of this process."""
+
+    mode = Mode.EMBEDDED
+
+    def __init__(self, settings: Settings, pipeline: Pipeline | None = None):
+        self.pipeline = pipeline or Pipeline(settings)
+        self.model_version = self.pipeline.model_version
+        self.limits = self.pipeline.limits
+        self.metrics = self.pipeline.metrics
+        self.runs = EmbeddedRuns(settings, self.pipeline)
+
+    def predict(self, request: PredictRequest) -> list[dict]:
+        return self.pipeline.predict(request)
+
+    def health(self) -> dict:
+        return {"status": "UP", "model_class": MODEL_CLASS, "model_version": self.model_version,
+                "mode": self.mode.value}
+
+    def preload(self) -> None:
+        threading.Thread(target=self.pipeline.engine, name="preload-models", daemon=True).start()

@@ -1,0 +1,79 @@
+"""JSON request bodies, parsed with a nesting bound checked before parsing.
+
+Hostile nesting (``"[" * 10**6``) is a 400 with a message, never a RecursionError: the depth is
+counted at C speed (a regex and numpy) and with no recursion before ``json.loads`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import numpy as np
+from flask import Request
+from flask.json.provider import DefaultJSONProvider
+
+from backend.ls.tasks import RequestError
+
+MAX_JSON_DEPTH = 100  # LS bodies nest ~10 levels (task → annotations → result → value → points)
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal (linear time, no backtracking)
+_DEPTH_CHUNK = 2**20
+
+
+class JsonTooDeep(ValueError):
+    """A JSON text nests deeper than :data:`MAX_JSON_DEPTH` (a ValueError, as json's own errors)."""
+
+
+def json_depth(data: bytes) -> int:
+    """How deep ``data``'s brackets nest, outside string literals, without parsing it.
+
+    Exact for valid JSON; for invalid JSON it is some number, and the parser rejects the text anyway.
+    """
+    codes = np.frombuffer(_JSON_STRING.sub(b'""', data), np.uint8)
+    depth = peak = 0
+    for start in range(0, len(codes), _DEPTH_CHUNK):  # chunks bound the int32 temporaries
+        part = codes[start:start + _DEPTH_CHUNK]
+        steps = ((part == ord("[")) | (part == ord("{"))).astype(np.int32) - ((part == ord("]")) | (part == ord("}")))
+        running = np.cumsum(steps) + depth
+        peak, depth = max(peak, int(running.max(initial=depth))), int(running[-1]) if len(running) else depth
+    return peak
+
+
+def loads_bounded(data: bytes | str) -> Any:
+    """``json.loads`` that refuses nesting deeper than :data:`MAX_JSON_DEPTH` before parsing.
+
+    Raises :class:`JsonTooDeep` or ``json.JSONDecodeError`` (both ValueErrors, with a message)."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise JsonTooDeep(f"the JSON body nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
+    return json.loads(raw)
+
+
+class BoundedJSONProvider(DefaultJSONProvider):
+    """Flask's JSON with the depth bound, so any ``request.get_json`` is bounded too."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return loads_bounded(s)
+
+
+def json_value(request: Request) -> Any:
+    """The request's JSON body, parsed with the depth bound. Raises RequestError (400) saying why."""
+    if not request.is_json:
+        raise RequestError("the request body must be JSON (Content-Type: application/json)")
+    try:
+        return loads_bounded(request.get_data(cache=True))  # bounded by MAX_CONTENT_LENGTH
+    except JsonTooDeep as exc:
+        raise RequestError(str(exc)) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: the message says where
+        raise RequestError(f"the request body is not valid JSON ({exc})") from None
+
+
+def json_object(request: Request) -> dict:
+    """:func:`json_value`, which must be a JSON object."""
+    body = json_value(request)
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
