@@ -1,5 +1,10 @@
 """What the engine takes and returns, as plain numpy dataclasses (no torch), so the web process,
-regions.py and refine.py can use them without importing the models' stack."""
+regions.py and refine.py can use them without importing the models' stack.
+
+Text prompts give :class:`ImageResult` (detections, each with the phrase it was grounded to, and
+their masks); smart-tool prompts give :class:`LabeledMasks` (one :class:`PromptedMask` per
+click/box prompt, each with the config label it is written under). Imports numpy only.
+"""
 
 from __future__ import annotations
 
@@ -116,3 +121,32 @@ class MaskPrompt:
     box: np.ndarray | None
     points: np.ndarray
     point_labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class PromptedMask:
+    """One SAM mask made from one smart-tool prompt (:class:`MaskPrompt`).
+
+    label: the config label the region is written under (the smart region's own label or, with a
+           text prompt, the phrase of the detection it refines, mapped to the config's labels).
+    mask:  non-empty, in pixels of the EXIF-transposed image.
+    score: SAM's predicted IoU for the mask, clipped to [0, 1].
+    """
+
+    label: str
+    mask: CompactMask
+    score: float
+
+    @property
+    def box(self) -> np.ndarray:
+        """(4,) float32 XYXY pixel bounds of the mask: the rectangle written next to the brush."""
+        return self.mask.box()
+
+
+@dataclass(frozen=True)
+class LabeledMasks:
+    """The smart-tool masks of one ``width x height`` image, best score first."""
+
+    width: int
+    height: int
+    masks: tuple[PromptedMask, ...]
