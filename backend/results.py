@@ -1,9 +1,13 @@
-"""What the engine takes and returns, as plain numpy dataclasses (no torch), so the web process,
-regions.py and refine.py can use them without importing the models' stack.
+"""The types that cross the engine's boundary, as plain numpy dataclasses (no torch): what the
+engine takes (:class:`MaskPrompt`) and returns (:class:`Detections`, :class:`CompactMask`,
+:class:`ImageResult`; :class:`PromptedMask` / :class:`LabeledMasks` for smart tools). A foundation
+module, so both the engine, which makes them, and ``ls/regions.py``, which turns them into LS JSON,
+can read them, and the web process never imports the models' stack. Imports numpy only.
 
 Text prompts give :class:`ImageResult` (detections, each with the phrase it was grounded to, and
 their masks); smart-tool prompts give :class:`LabeledMasks` (one :class:`PromptedMask` per
-click/box prompt, each with the config label it is written under). Imports numpy only.
+click/box prompt, each with the config label it is written under). Every coordinate is in pixels of
+the EXIF-transposed image.
 """
 
 from __future__ import annotations

@@ -10,9 +10,8 @@ import torch
 from backend.engine.embedcache import EmbeddingCache
 from backend.ls.labelconfig import parse_label_config
 from backend.pipeline.predict import Pipeline
-from backend.engine.results import CompactMask
+from backend.results import CompactMask, MaskPrompt
 from backend.rle import rle_to_mask
-from backend.engine.results import MaskPrompt
 from backend.ls.smartprompt import parse_smart_prompt
 from backend.ls.tasks import PredictRequest
 from tests.test_protocol import png
@@ -213,7 +212,7 @@ def test_best_of_three_masks_by_predicted_iou(pipeline):
 
 def test_text_plus_clicks_gives_each_detection_only_the_clicks_inside_its_box():
     from backend.pipeline.refine import plan_prompts
-    from backend.engine.results import Detections
+    from backend.results import Detections
     from backend.ls.smartprompt import Click, SmartPrompt
 
     detections = Detections(boxes=np.array([[0, 0, 32, 24], [32, 24, 64, 48]], np.float32),

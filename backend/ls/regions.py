@@ -6,8 +6,8 @@ percent of that same image (converted by ``geometry.py``) and brush masks as RLE
 detection's phrase is mapped to a config label here) and :class:`LabeledMasks` (smart tools: each
 mask already carries its label).
 
-May import: ``labelconfig`` and ``geometry`` of this package, ``backend.rle``, and
-``backend.engine.results`` (the one engine module, torch-free).
+May import: ``labelconfig`` and ``geometry`` of this package, and the foundation modules
+``backend.rle`` and ``backend.results`` (the engine's torch-free result types).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from backend.engine.results import CompactMask, ImageResult, LabeledMasks
 from backend.ls.geometry import PercentRect
 from backend.ls.labelconfig import LabelConfig
+from backend.results import CompactMask, ImageResult, LabeledMasks
 from backend.rle import band_to_rle
 
 log = logging.getLogger(__name__)

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from backend.engine.results import Detections, LabeledMasks, MaskPrompt, PromptedMask
 from backend.images.fetch import LoadedImage
 from backend.ls.geometry import percent_to_pixels
 from backend.ls.labelconfig import LabelConfig
 from backend.ls.regions import RegionStats, build_mask_prediction
 from backend.ls.smartprompt import Click, SmartPrompt
+from backend.results import Detections, LabeledMasks, MaskPrompt, PromptedMask
 
 if TYPE_CHECKING:
     from backend.engine.engine import Engine
