@@ -33,6 +33,7 @@ def draw_overlay(image, prediction: dict):
     """The image with each region drawn: masks tinted, boxes outlined, labels written."""
     from PIL import Image, ImageDraw
 
+    from backend.ls.geometry import PercentRect
     from backend.rle import rle_to_mask
 
     canvas = image.convert("RGBA")
@@ -52,10 +53,11 @@ def draw_overlay(image, prediction: dict):
         if region["type"] != "rectanglelabels":
             continue
         value, w, h = region["value"], region["original_width"], region["original_height"]
-        x0, y0 = value["x"] * w / 100, value["y"] * h / 100
-        x1, y1 = x0 + value["width"] * w / 100, y0 + value["height"] * h / 100
+        rect = PercentRect(value["x"], value["y"], value["width"], value["height"], value.get("rotation", 0))
+        corners = rect.corners(w, h)
         label = value["rectanglelabels"][0]
-        draw.rectangle([x0, y0, x1, y1], outline=color[label] + (255,), width=max(2, w // 400))
+        draw.polygon(corners, outline=color[label] + (255,), width=max(2, w // 400))
+        x0, y0 = corners[0]  # the label sits at the rectangle's own top-left corner
         draw.text((x0 + 3, y0 + 2), f"{label} {region['score']:.2f}", fill=color[label] + (255,))
     del draw_tint
     return canvas.convert("RGB")

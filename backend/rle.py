@@ -21,8 +21,8 @@ byte for byte: every channel of a pixel holds 0 or 255, each run of equal values
 becomes repeat tokens (a run of n values uses the narrowest field that holds n - 1;
 runs longer than 256 use the 16-bit field, split into chunks of 65536).
 ``band_to_rle`` gives the same bytes for a mask that is background outside a band of
-rows, at a cost proportional to the band (for masks handed over cropped to their rows);
-``masks_to_rle`` encodes a batch of such bands. All three share ``_encode_runs``.
+rows, at a cost proportional to the band (for masks handed over cropped to their rows).
+Both share ``_encode_runs``.
 ``rle_to_mask`` decodes any valid stream (including the literal tokens the LS frontend
 writes) and returns the alpha channel as a bool mask.
 """
@@ -30,12 +30,10 @@ writes) and returns the alpha channel as a bool mask.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["band_to_rle", "mask_to_rle", "masks_to_rle", "rle_to_mask"]
+__all__ = ["band_to_rle", "mask_to_rle", "rle_to_mask"]
 
 _HEADER_BITS = 53
 _WORD_BITS = 8
@@ -45,8 +43,6 @@ _FIELD_LIMITS = np.array([8, 16, 256], dtype=np.int64)
 # Word size and the four field widths, each stored minus one: 5 + 4 * 4 = 21 bits.
 _HEADER_TAIL = (_WORD_BITS - 1) << 16 | (3 - 1) << 12 | (4 - 1) << 8 | (8 - 1) << 4 | (16 - 1)
 _MAX_CHUNK = 1 << 16
-# masks_to_rle uses one more thread per this many band pixels in the batch.
-_PARALLEL_MIN_PIXELS = 1 << 21
 _ONE = np.uint64(1)
 _BIT_SHIFTS = np.arange(8, dtype=np.uint64)
 # Bit positions scanned per pass of the decoder; bounds its memory (8 bytes per
@@ -108,84 +104,6 @@ def band_to_rle(band: np.ndarray, top: int, height: int) -> list[int]:
     if starts.size and starts[-1] == n:  # band ends at the last row with foreground
         starts = starts[:-1]
     return _encode_runs(starts, first_on, n)
-
-
-def masks_to_rle(
-    bands: Iterable[tuple[np.ndarray, int, int]], workers: int | None = None
-) -> list[list[int]]:
-    """Encode many masks; item i of the result is ``band_to_rle(*bands[i])``.
-
-    ``bands``: (band, top, height) triples as taken by ``band_to_rle``; a whole
-    (H, W) mask is ``(mask, 0, H)``. ``workers``: None (default) or 1 encodes in
-    the calling thread; k >= 2 opts in to up to k threads of a per-call
-    ``ThreadPoolExecutor`` (one contiguous slice of the batch each), still using one
-    thread when the batch has fewer than ``_PARALLEL_MIN_PIXELS`` band pixels per
-    extra thread. Errors are those of ``band_to_rle``, prefixed with ``bands[i]: ``.
-
-    Why serial by default (bench/rle_bench.py; 40 masks of 1920x1080, each with an
-    ellipse of 5% of the image; 2-core VM, 3 runs, median time of the serial loop
-    divided by the variant's, so < 1 is slower; see bench/RESULTS.md):
-
-    ==============================  ==============  =====================
-    variant                         whole masks     row bands (24% rows)
-    ==============================  ==============  =====================
-    masks_to_rle() (serial)         0.95-1.01x      0.98-1.03x (noise)
-    threads, workers=2              0.81-0.93x      0.91-0.94x
-    warm 2-process pool             0.06-0.07x      0.32-0.37x
-    ==============================  ==============  =====================
-
-    Threads lose here because a good part of each call holds the GIL: about
-    0.14 ms of numpy dispatch per call whatever the size, against ~0.25 ms for a
-    whole band_to_rle of such a band and ~0.45 ms for a whole 1080p mask. So by
-    Amdahl a 16-core machine could at best get ~1.7x on bands and ~2.8x on whole
-    masks, before the costs that already ate the gain on 2 cores: GIL hand-offs,
-    and the >128 KiB temporaries, which glibc serves with mmap/munmap once several
-    threads allocate (~250 us a call under strace on this VM; two threads copying
-    a 2 MB array in a loop ran 14-29x slower than one). Processes lose on any core
-    count: the parent pickles every mask, serially (a 1080p bool mask is 2 MB; a
-    pickle round trip takes ~2 ms, more than encoding it). So ``workers`` is
-    opt-in, for a host where ``bench/rle_bench.py --workers N`` shows a gain. The
-    pool is created per call (~0.3 ms, 1-3% of such a batch), not kept at module
-    level: rq forks a work horse per job, and a ThreadPoolExecutor inherited over
-    fork() has no threads behind it.
-    """
-    items = list(bands)
-    for i, item in enumerate(items):
-        if not isinstance(item, tuple) or len(item) != 3:
-            got = f"tuple of length {len(item)}" if isinstance(item, tuple) else type(item).__name__
-            raise TypeError(
-                f"bands[{i}] must be a (band, top, height) tuple, got {got}; "
-                "pass (mask, 0, mask.shape[0]) for a whole mask"
-            )
-    threads = _thread_count(workers, items)
-    if threads <= 1:
-        return _encode_items(items, 0)
-    # Contiguous slices keep the order and cost one task per thread.
-    bounds = np.linspace(0, len(items), threads + 1).astype(int)
-    with ThreadPoolExecutor(threads, thread_name_prefix="rle") as pool:
-        slices = [items[a:b] for a, b in zip(bounds, bounds[1:])]
-        parts = pool.map(_encode_items, slices, bounds[:-1])
-        return [rle for part in parts for rle in part]
-
-
-def _thread_count(workers, items) -> int:
-    if workers is None:
-        return 1
-    workers = _index(workers, "workers", minimum=1)
-    pixels = sum(int(np.size(item[0])) for item in items)
-    return max(1, min(workers, len(items), 1 + pixels // _PARALLEL_MIN_PIXELS))
-
-
-def _encode_items(items, first: int) -> list[list[int]]:
-    out = []
-    for i, (band, top, height) in enumerate(items, first):
-        try:
-            out.append(band_to_rle(band, top, height))
-        except (TypeError, ValueError) as exc:
-            if type(exc) not in (TypeError, ValueError):
-                raise
-            raise type(exc)(f"bands[{i}]: {exc}") from exc
-    return out
 
 
 def _encode_runs(run_starts: np.ndarray, first_on: bool, n: int) -> list[int]:

@@ -20,7 +20,7 @@ from backend.engine.engine import GroundingDinoDetector
 from backend.images.decode import decode_image
 from backend.ls.labelconfig import LabelConfig
 from backend.ls.regions import build_prediction
-from backend.engine.results import CompactMask, ImageResult
+from backend.results import CompactMask, ImageResult
 from backend.settings import Settings
 
 

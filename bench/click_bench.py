@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.engine.embedcache import EmbeddingCache  # noqa: E402
 from backend.engine.engine import SamSegmenter  # noqa: E402
-from backend.engine.results import MaskPrompt  # noqa: E402
+from backend.results import MaskPrompt  # noqa: E402
 from backend.engine.tiny import SAM_VISION_SIZES, build_real_size_sam  # noqa: E402
 
 def photo(seed: int) -> Image.Image:

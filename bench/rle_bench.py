@@ -1,7 +1,6 @@
 """Benchmark backend.rle against label_studio_sdk's brush RLE.
 
     python bench/rle_bench.py [--repeat N] [--sdk-repeat M] [--large] [--json OUT]
-                              [--batch K] [--batch-repeat R] [--workers W]
 
 Builds a realistic brush mask (a few filled, partly overlapping ellipses, one with a
 hole) at 1920x1080 (and 4000x3000 with --large), checks that ``mask_to_rle`` is
@@ -11,20 +10,14 @@ sample, and prints best and median per implementation. The SDK is timed on its
 ready-made uint8 input, so its mask conversion is not counted against it.
 
 Then, in the same run, ours against ours (each output checked against the SDK first):
-
-- band: a 1920x1080 mask whose object covers ~5% of the rows, encoded whole with
-  ``mask_to_rle`` vs as its row band with ``band_to_rle``;
-- batch: K (default 40) 1920x1080 masks, each with an ellipse of ~5% of the image at
-  a random place, encoded one by one with ``band_to_rle`` vs ``masks_to_rle`` (default
-  and with W threads, W = CPU count by default) vs a warm 2-process pool, both as
-  whole masks and as row bands. The variants are timed interleaved (one call of each
-  per round, in random order) so that load from other jobs hits them alike.
+a 1920x1080 mask whose object covers ~5% of the rows, encoded whole with
+``mask_to_rle`` vs as its row band with ``band_to_rle``. The two are timed interleaved
+(one call of each per round, in random order) so that load from other jobs hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import platform
@@ -39,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from label_studio_sdk.converter import brush  # noqa: E402
 
-from backend.rle import band_to_rle, mask_to_rle, masks_to_rle, rle_to_mask  # noqa: E402
+from backend.rle import band_to_rle, mask_to_rle, rle_to_mask  # noqa: E402
 
 
 def realistic_mask(height: int, width: int) -> np.ndarray:
@@ -138,9 +131,9 @@ def sample_interleaved(fns: dict, repeat: int) -> dict[str, list[float]]:
     """Times each function ``repeat`` times, one call of each per round.
 
     Each round runs the variants in a fresh random order (fixed seed): the call
-    after a heavy variant (the process pool pickles ~80 MB) pays for re-warming
-    caches and the allocator, which with a fixed or rotating order showed up as a
-    10-15% gap between two calls of the very same code.
+    after a heavy variant pays for re-warming caches and the allocator, which with
+    a fixed or rotating order showed up as a 10-15% gap between two calls of the
+    very same code.
     """
     for fn in fns.values():
         fn()  # warm-up
@@ -192,48 +185,6 @@ def run_band_case(repeat: int) -> dict:
     }
 
 
-def run_batch_case(count: int, repeat: int, workers: int) -> dict:
-    """Serial vs masks_to_rle vs a process pool on ``count`` 1080p masks."""
-    height, width = 1080, 1920
-    rng = np.random.default_rng(0)
-    masks = []
-    for _ in range(count):  # an ellipse of 5% of the image at a random place
-        ry = rng.uniform(100, 160)
-        rx = 0.05 * height * width / (np.pi * ry)
-        cy, cx = rng.uniform(ry, height - ry), rng.uniform(rx, width - rx)
-        masks.append(ellipse_mask(height, width, cy, cx, ry, rx))
-    sdk = [brush.mask2rle(m.astype(np.uint8) * 255) for m in masks]
-    whole = [(m, 0, height) for m in masks]
-    bands = [row_band(m) for m in masks]
-    out = {
-        "count": count,
-        "size": f"{width}x{height}",
-        "foreground": round(float(np.mean([m.mean() for m in masks])), 4),
-        "band_rows_share": round(float(np.mean([b[0].shape[0] for b in bands])) / height, 4),
-        "workers": workers,
-        "repeat": repeat,
-    }
-    with concurrent.futures.ProcessPoolExecutor(2) as procs:
-        for kind, items in (("whole", whole), ("band", bands)):
-            def serial(items=items):
-                return [band_to_rle(*item) for item in items]
-
-            def by_process(items=items):
-                return list(procs.map(band_to_rle, *zip(*items), chunksize=-(-len(items) // 2)))
-
-            fns = {
-                "serial loop": serial,
-                "masks_to_rle()": lambda items=items: masks_to_rle(items),
-                f"masks_to_rle(workers={workers})": (
-                    lambda items=items: masks_to_rle(items, workers=workers)
-                ),
-                "2-process pool (warm)": by_process,
-            }
-            out[kind + "_identical"] = all(fn() == sdk for fn in fns.values())
-            out[kind] = summarise(sample_interleaved(fns, repeat), "serial loop")
-    return out
-
-
 def print_ratio_table(title: str, rows: list[dict]) -> None:
     key = next(k for k in rows[0] if k.startswith("ratio_vs_"))
     print(f"| {title} | best ms | median ms | ratio (median) vs {key[len('ratio_vs_'):]} |")
@@ -263,16 +214,9 @@ def main() -> int:
     parser.add_argument("--sdk-repeat", type=int, default=10, help="timed calls of the SDK functions")
     parser.add_argument("--large", action="store_true", help="also run 4000x3000")
     parser.add_argument("--json", type=Path, help="write the rows and machine info here")
-    parser.add_argument("--batch", type=int, default=40, help="masks in the masks_to_rle batch")
-    parser.add_argument("--batch-repeat", type=int, default=30, help="timed rounds of the batch")
-    parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="workers= for masks_to_rle"
-    )
     args = parser.parse_args()
     if args.repeat < 1 or args.sdk_repeat < 1:
         parser.error("--repeat and --sdk-repeat must be >= 1")
-    if args.batch < 1 or args.batch_repeat < 1 or args.workers < 1:
-        parser.error("--batch, --batch-repeat and --workers must be >= 1")
 
     sizes = [(1080, 1920)] + ([(3000, 4000)] if args.large else [])
     rows = [row for h, w in sizes for row in run_case(h, w, args.repeat, args.sdk_repeat)]
@@ -295,22 +239,10 @@ def main() -> int:
     )
     print_ratio_table("band vs whole mask", band["rows"])
 
-    batch = run_batch_case(args.batch, args.batch_repeat, args.workers)
-    for kind in ("whole", "band"):
-        share = batch["band_rows_share"]
-        what = "whole masks" if kind == "whole" else f"row bands ({share:.1%} of rows)"
-        print(
-            f"\n# batch of {batch['count']} {batch['size']} masks as {what}"
-            f", foreground {batch['foreground']:.1%}, {batch['repeat']} rounds, "
-            f"bit-identical to SDK: {batch[kind + '_identical']}"
-        )
-        print_ratio_table(f"{batch['count']} masks, {kind}", batch[kind])
-
     if args.json:
-        payload = {"machine": info, "rows": rows, "band": band, "batch": batch}
+        payload = {"machine": info, "rows": rows, "band": band}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    ok = all(r["identical"] for r in rows) and band["identical"]
-    return 0 if ok and batch["whole_identical"] and batch["band_identical"] else 1
+    return 0 if all(r["identical"] for r in rows) and band["identical"] else 1
 
 
 if __name__ == "__main__":

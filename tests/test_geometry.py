@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from backend.engine.engine import Engine, SamSegmenter
-from backend.engine.results import CompactMask, Detections
+from backend.results import CompactMask, Detections
 from backend.ls.labelconfig import parse_label_config
 from backend.pipeline.predict import Pipeline
 from backend.rle import rle_to_mask
@@ -143,3 +143,125 @@ def _cpu_fp32():
     import torch
 
     return torch.device("cpu"), torch.float32
+
+
+# ------------------------------------------------------------------ LS percent <-> pixels (ls/geometry.py)
+# A 400x100 image: one percent is 4 px along x and 1 px along y, so rotating in percent (mixing the
+# two units) puts a rotated rectangle somewhere else; LS rotates about the top-left corner, in pixels.
+
+SMART_CONFIG = ('<View><Image name="image" value="$image"/>'
+                '<RectangleLabels name="box" toName="image" smart="true"><Label value="marker"/></RectangleLabels>'
+                '<BrushLabels name="mask" toName="image"><Label value="marker"/></BrushLabels></View>')
+
+# x 25% = 100 px, y 20% = 20 px, width 20% = 80 px, height 40% = 40 px; cos 30° = √3/2, sin 30° = 1/2
+ROOT3 = 3 ** 0.5
+ROTATED_30 = dict(x=25, y=20, width=20, height=40, rotation=30)
+CORNERS_30 = [(100, 20), (100 + 40 * ROOT3, 20 + 40),  # top-left, top-right = TL + 80·(cos, sin)
+              (100 + 40 * ROOT3 - 20, 20 + 40 + 20 * ROOT3),  # bottom-right = TR + 40·(-sin, cos)
+              (100 - 20, 20 + 20 * ROOT3)]  # bottom-left = TL + 40·(-sin, cos)
+# width 10% = 40 px, height 40% = 40 px, rotated 90°: the top edge points down, the left edge left
+ROTATED_90 = dict(x=25, y=20, width=10, height=40, rotation=90)
+CORNERS_90 = [(100, 20), (100, 60), (60, 60), (60, 20)]
+
+
+def smart_rectangle(rect):
+    return {"from_name": "box", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
+            "original_width": 400, "original_height": 100, "image_rotation": 0,
+            "value": {**rect, "rectanglelabels": ["marker"]}}
+
+
+@pytest.mark.parametrize("rect, corners", [(ROTATED_30, CORNERS_30), (ROTATED_90, CORNERS_90)])
+def test_rotated_rectangle_corners_and_box_in_pixels_on_a_non_square_image(rect, corners):
+    from backend.ls.geometry import PercentRect
+
+    got = PercentRect(**rect).corners(400, 100)
+    assert [c for corner in got for c in corner] == pytest.approx([c for corner in corners for c in corner])
+    xs, ys = zip(*corners)
+    assert PercentRect(**rect).pixel_box(400, 100) == pytest.approx((min(xs), min(ys), max(xs), max(ys)))
+
+
+def test_rectangle_percent_round_trip_and_keypoints():
+    from backend.ls.geometry import PercentRect, percent_to_pixels
+
+    rect = PercentRect.from_pixel_box((40, 10, 120, 90), 400, 100)
+    assert (rect.x, rect.y, rect.width, rect.height, rect.rotation) == (10, 10, 20, 80, 0)
+    assert rect.pixel_box(400, 100) == pytest.approx((40, 10, 120, 90))
+    assert rect.value() == {"x": 10, "y": 10, "width": 20, "height": 80, "rotation": 0}
+    assert percent_to_pixels(25, 50, 400, 100) == (100, 50)
+
+
+class RecordingStubSegmenter(BoxFillStubSegmenter):
+    """Stub SAM for smart tools: records the prompts; each mask is its prompt's box filled."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def refine(self, image, key, prompts):
+        self.prompts += prompts
+        out = []
+        for prompt in prompts:
+            x0, y0, x1, y1 = np.round(prompt.box).astype(int)
+            mask = np.zeros((image.height, image.width), bool)
+            mask[y0:y1, x0:x1] = True
+            out.append((CompactMask.from_full(mask), 0.9))
+        return out
+
+
+@pytest.mark.parametrize("rect, corners", [(ROTATED_30, CORNERS_30), (ROTATED_90, CORNERS_90)])
+def test_rotated_smart_rectangle_prompts_sam_with_its_pixel_box(tiny_settings, rect, corners):
+    segmenter = RecordingStubSegmenter()
+    pipeline = Pipeline(tiny_settings, engine_factory=lambda: Engine(MarkerStubDetector(), segmenter))
+    # a click at pixel (90, 50): inside the rotated rectangle's pixel box in both cases, but outside
+    # the box the old percent-space rotation gave the 90° one (x -15..25 %, y 20..30 %)
+    click = {"from_name": "box", "to_name": "image", "type": "keypointlabels", "is_positive": True,
+             "value": {"x": 22.5, "y": 50, "keypointlabels": ["marker"]}}
+    request = PredictRequest(tasks=[{"id": 1, "data": {"image": data_uri(Image.new("RGB", (400, 100)), "PNG")}}],
+                             config=parse_label_config(SMART_CONFIG),
+                             context={"result": [smart_rectangle(rect), click]})
+    prediction = pipeline.predict(request)[0]
+    xs, ys = zip(*corners)
+    box = (min(xs), min(ys), max(xs), max(ys))
+    prompt, = segmenter.prompts
+    assert prompt.box.tolist() == pytest.approx(box)
+    assert prompt.points.tolist() == [[90, 50]] and prompt.point_labels.tolist() == [1]
+    rect_region = next(r for r in prediction["result"] if r["type"] == "rectanglelabels")
+    x0, y0, x1, y1 = np.round(box)  # the stub's mask is the rounded box: the region is its bounds
+    assert_rectangle_on(rect_region, (x0, y0, x1, y1), 400, 100)
+
+
+def painted(image):
+    """(H, W) bool: the pixels an overlay changed on a black image."""
+    return np.asarray(image.convert("RGB")).any(axis=2)
+
+
+def near(mask, point, radius=2):
+    x, y = (int(round(v)) for v in point)
+    return mask[max(y - radius, 0):y + radius + 1, max(x - radius, 0):x + radius + 1].any()
+
+
+def test_overlay_draws_a_rotated_rectangle_at_its_pixel_corners():
+    from backend.cli import draw_overlay
+
+    region = {"type": "rectanglelabels", "original_width": 400, "original_height": 100, "score": 0.5,
+              "value": {**ROTATED_30, "rectanglelabels": ["marker"]}}
+    drawn = painted(draw_overlay(Image.new("RGB", (400, 100)), {"result": [region]}))
+    for (ax, ay), (bx, by) in zip(CORNERS_30, CORNERS_30[1:] + CORNERS_30[:1]):
+        for t in (0.0, 0.5, 1.0):  # every corner and the middle of every edge is drawn
+            assert near(drawn, (ax + t * (bx - ax), ay + t * (by - ay)))
+    assert not near(drawn, (180, 20)) and not near(drawn, (100, 60))  # the unrotated corners are not
+    assert not drawn[:, 175:].any() and not drawn[:, :75].any()
+
+
+def test_overlay_draws_a_prediction_rectangle_on_its_pixel_box():
+    from backend.cli import draw_overlay
+    from backend.results import ImageResult
+    from backend.ls.regions import build_prediction
+
+    box = np.array([[40, 10, 120, 90]], np.float32)
+    result = ImageResult(400, 100, Detections(box, np.array([0.9], np.float32), ("marker",)),
+                         (CompactMask.empty(100, 400),))
+    prediction, _ = build_prediction(result, parse_label_config(SMART_CONFIG.replace(' smart="true"', "")), "v")
+    prediction["result"] = [r for r in prediction["result"] if r["type"] == "rectanglelabels"]
+    drawn = painted(draw_overlay(Image.new("RGB", (400, 100)), prediction))
+    ys, xs = np.nonzero(drawn)
+    assert (xs.min(), ys.min(), xs.max(), ys.max()) == (40, 10, 120, 90)

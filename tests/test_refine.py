@@ -10,9 +10,8 @@ import torch
 from backend.engine.embedcache import EmbeddingCache
 from backend.ls.labelconfig import parse_label_config
 from backend.pipeline.predict import Pipeline
-from backend.engine.results import CompactMask
+from backend.results import CompactMask, MaskPrompt
 from backend.rle import rle_to_mask
-from backend.engine.results import MaskPrompt
 from backend.ls.smartprompt import parse_smart_prompt
 from backend.ls.tasks import PredictRequest
 from tests.test_protocol import png
@@ -59,9 +58,10 @@ def test_rectangles_including_rotated_and_rotated_image_fields():
     smart = parse_smart_prompt({"result": [rectangle(10, 20, 30, 40), rectangle(50, 50, 10, 20, rotation=90)]},
                                parse_label_config(CONFIG))
     first, rotated = smart.boxes
-    assert (first.x0, first.y0, first.x1, first.y1, first.label) == (10, 20, 40, 60, "dog")
+    # on a 100x100 image a pixel is a percent on both axes (non-square images: tests/test_geometry.py)
+    assert (*first.pixel_box(100, 100), first.label) == (10, 20, 40, 60, "dog")
     # rotated 90° clockwise about its top-left corner: it now extends left of x and down from y
-    assert (rotated.x0, rotated.y0, rotated.x1, rotated.y1) == pytest.approx((30, 50, 50, 60))
+    assert rotated.pixel_box(100, 100) == pytest.approx((30, 50, 50, 60))
 
 
 def test_text_plus_keypoint_and_junk_is_ignored():
@@ -212,7 +212,7 @@ def test_best_of_three_masks_by_predicted_iou(pipeline):
 
 def test_text_plus_clicks_gives_each_detection_only_the_clicks_inside_its_box():
     from backend.pipeline.refine import plan_prompts
-    from backend.engine.results import Detections
+    from backend.results import Detections
     from backend.ls.smartprompt import Click, SmartPrompt
 
     detections = Detections(boxes=np.array([[0, 0, 32, 24], [32, 24, 64, 48]], np.float32),

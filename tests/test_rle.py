@@ -5,7 +5,7 @@ import pytest
 from label_studio_sdk.converter import brush
 
 import backend.rle as rle
-from backend.rle import band_to_rle, mask_to_rle, masks_to_rle, rle_to_mask
+from backend.rle import band_to_rle, mask_to_rle, rle_to_mask
 
 
 def _ellipses(h, w, shapes):
@@ -297,107 +297,6 @@ def test_band_numeric_and_non_contiguous(band):
 def test_band_rejects_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         band_to_rle(*args)
-
-
-# --- masks_to_rle: many masks at once ---
-
-
-def _batch(count, seed):
-    """``count`` distinct (band, top, height) items of mixed sizes, empty ones included."""
-    rng = np.random.default_rng(seed)
-    items = []
-    for i in range(count):
-        height, width = int(rng.integers(1, 90)), int(rng.integers(1, 120))
-        h = 0 if i % 7 == 3 else int(rng.integers(1, height + 1))
-        top = int(rng.integers(0, height - h + 1))
-        items.append((rng.random((h, width)) < rng.uniform(0.05, 0.95), top, height))
-    return items
-
-
-@pytest.mark.parametrize("workers", [None, 1, 2, 3, 64])
-def test_masks_to_rle_matches_each_mask_in_order(workers, monkeypatch):
-    items = _batch(23, seed=5)
-    expected = [_sdk_encode(_full(*item)) for item in items]
-    assert masks_to_rle(items, workers=workers) == expected
-    # The same with the threshold at 1 pixel, so that the thread pool really runs.
-    monkeypatch.setattr(rle, "_PARALLEL_MIN_PIXELS", 1)
-    assert masks_to_rle(items, workers=workers) == expected
-    assert masks_to_rle(items[::-1], workers=workers) == expected[::-1]
-
-
-def test_masks_to_rle_uses_threads_only_when_asked_and_worth_it(monkeypatch):
-    import threading
-
-    seen, barrier = [], None
-
-    def spy(band, top, height):
-        seen.append(threading.current_thread().name)
-        if barrier is not None:  # returns only once 4 threads encode at the same time
-            barrier.wait(timeout=30)
-        return [top]
-
-    monkeypatch.setattr(rle, "band_to_rle", spy)
-    items = [(np.zeros((1, 1), dtype=bool), i, 99) for i in range(12)]
-    assert masks_to_rle(items) == [[i] for i in range(12)]
-    assert masks_to_rle(items, workers=4) == [[i] for i in range(12)]  # too few pixels
-    assert set(seen) == {threading.current_thread().name}
-    seen.clear()
-    monkeypatch.setattr(rle, "_PARALLEL_MIN_PIXELS", 1)
-    barrier = threading.Barrier(4)
-    assert masks_to_rle(items, workers=4) == [[i] for i in range(12)]
-    assert len(set(seen)) == 4 and all(name.startswith("rle") for name in seen)
-
-
-def test_masks_to_rle_accepts_whole_masks_tuples_and_empty_input():
-    masks = [MASKS["301x199"], MASKS["noise_10pct"], MASKS["empty"]]
-    items = tuple((m, 0, m.shape[0]) for m in masks)
-    assert masks_to_rle(items) == [mask_to_rle(m) for m in masks]
-    assert masks_to_rle(iter(items), workers=2) == [mask_to_rle(m) for m in masks]
-    assert masks_to_rle([]) == [] and masks_to_rle([], workers=4) == []
-
-
-@pytest.mark.parametrize("threshold", [1 << 40, 1])
-def test_masks_to_rle_names_the_bad_item(threshold, monkeypatch):
-    monkeypatch.setattr(rle, "_PARALLEL_MIN_PIXELS", threshold)
-    good = (np.ones((2, 3), dtype=bool), 0, 5)
-    with pytest.raises(ValueError, match=r"^bands\[2\]: band rows \[4, 6\)"):
-        masks_to_rle([good, good, (np.ones((2, 3), dtype=bool), 4, 5), good], workers=2)
-    with pytest.raises(TypeError, match=r"^bands\[1\]: top must be an int"):
-        masks_to_rle([good, (np.ones((2, 3), dtype=bool), 0.5, 5)], workers=2)
-
-
-@pytest.mark.parametrize(
-    "items, match",
-    [
-        (
-            [np.ones((2, 3), dtype=bool)],
-            r"bands\[0\] must be a \(band, top, height\) tuple, got ndarray",
-        ),
-        (
-            [(np.ones((2, 3), dtype=bool), 0, 2), (np.ones((2, 3), dtype=bool), 0)],
-            r"bands\[1\].*tuple of length 2",
-        ),
-        ([[np.ones((2, 3), dtype=bool), 0, 2]], r"bands\[0\].*got list"),
-    ],
-)
-def test_masks_to_rle_rejects_bad_items(items, match):
-    with pytest.raises(TypeError, match=match):
-        masks_to_rle(items)
-
-
-@pytest.mark.parametrize(
-    "workers, error, match",
-    [
-        (0, ValueError, ">= 1"),
-        (-2, ValueError, ">= 1"),
-        (1.5, TypeError, "int"),
-        ("2", TypeError, "int"),
-        (True, TypeError, "bool"),
-    ],
-)
-def test_masks_to_rle_rejects_bad_workers(workers, error, match):
-    with pytest.raises(error, match=f"workers.*{match}"):
-        masks_to_rle([(np.ones((2, 3), dtype=bool), 0, 2)], workers=workers)
 
 
 # --- streams the SDK's mask2rle never writes (literal blocks, other field widths) ---

@@ -18,7 +18,7 @@ from backend.engine.device import CPU_BATCH_SIZE, batch_size_for_memory
 from backend.engine.masks import chunk_size, upsample_masks
 from backend.ls.labelconfig import parse_label_config
 from backend.pipeline.predict import Pipeline
-from backend.engine.results import CompactMask
+from backend.results import CompactMask
 from backend.settings import Settings
 from bench.anchor import AnchorPath
 from bench.pipeline import CONFIG, PHRASES, MemoryLoader, agreement, jpeg, request_for

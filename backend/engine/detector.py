@@ -15,7 +15,7 @@ from transformers.models.grounding_dino.image_processing_pil_grounding_dino impo
 from backend.batching import chunks
 from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
-from backend.engine.results import Detections
+from backend.results import Detections
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:

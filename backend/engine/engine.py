@@ -26,7 +26,7 @@ from backend.engine.embedcache import EmbeddingCache
 from backend.engine.detector import DinoInput, GroundingDinoDetector, nms
 from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, resolve_dtype
 from backend.engine.segmenter import ImageEmbedding, SamInput, SamSegmenter
-from backend.engine.results import CompactMask, Detections, ImageResult, MaskPrompt
+from backend.results import CompactMask, Detections, ImageResult, MaskPrompt
 
 __all__ = ["Engine", "PreparedImage", "GroundingDinoDetector", "SamSegmenter", "ImageEmbedding", "DinoInput",
            "SamInput", "nms", "resolve_device", "resolve_dtype"]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.engine.results import CompactMask
+from backend.results import CompactMask
 
 # Upsampling buffers of one chunk stay under this: 41 masks at 1080p, 4 at 24 MP.
 DEFAULT_BUDGET_BYTES = 512 * 2**20

@@ -16,7 +16,7 @@ from backend.engine.embedcache import EmbeddingCache
 from backend.engine.compiling import batch_bucket, maybe_compile
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
 from backend.engine.masks import DEFAULT_BUDGET_BYTES, upsample_masks
-from backend.engine.results import CompactMask, MaskPrompt
+from backend.results import CompactMask, MaskPrompt
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,6 +84,14 @@ def is_personal_access_token(key: str) -> bool:
     return bool(payload) and payload.get("token_type") == "refresh" and _exp_of(payload) is not None
 
 
+class AuthKind(str, Enum):
+    """Which credentials a :class:`LabelStudioAuth` holds (a ``str`` enum: equal to its value)."""
+
+    NONE = "none"  # no key: no header is sent
+    LEGACY = "legacy"  # a legacy token: ``Authorization: Token ...``
+    PAT = "pat"  # a personal access token, exchanged for Bearer access tokens
+
+
 class LabelStudioAuth:
     """Authorization headers for requests to one Label Studio instance.
 
@@ -120,39 +129,28 @@ class LabelStudioAuth:
         self._lock = threading.Lock()
         self._access: str | None = None
         self._access_refresh_at = 0.0
-        self._refresh_count = 0
         if self._key is None:
-            self._kind = "none"
+            self._kind = AuthKind.NONE
         elif is_personal_access_token(self._key):
-            self._kind = "pat"
+            self._kind = AuthKind.PAT
         else:
-            self._kind = "legacy"
+            self._kind = AuthKind.LEGACY
 
     # -- public -----------------------------------------------------------------------------------
 
     @property
-    def base_url(self) -> str:
-        """The LS base URL without a trailing slash."""
-        return self._base_url
-
-    @property
-    def kind(self) -> str:
-        """``"none"``, ``"legacy"`` or ``"pat"``."""
+    def kind(self) -> AuthKind:
+        """Which credentials this instance holds (fixed at construction)."""
         return self._kind
-
-    @property
-    def refresh_count(self) -> int:
-        """How many access tokens have been obtained so far (PAT only; for metrics and tests)."""
-        return self._refresh_count
 
     def headers(self) -> dict[str, str]:
         """The ``Authorization`` header to send to LS (empty dict when no key is configured).
 
         Raises :class:`LabelStudioAuthError` when a PAT cannot be exchanged for an access token.
         """
-        if self._kind == "none":
+        if self._kind is AuthKind.NONE:
             return {}
-        if self._kind == "legacy":
+        if self._kind is AuthKind.LEGACY:
             return {"Authorization": f"Token {self._key}"}
         with self._lock:
             if self._access is None or self._clock() >= self._access_refresh_at:
@@ -169,7 +167,7 @@ class LabelStudioAuth:
             self._access_refresh_at = 0.0
 
     def __repr__(self) -> str:
-        return f"LabelStudioAuth(base_url={self._base_url!r}, kind={self._kind!r})"
+        return f"LabelStudioAuth(base_url={self._base_url!r}, kind={self._kind.value!r})"
 
     __str__ = __repr__
 
@@ -232,5 +230,4 @@ class LabelStudioAuth:
         margin = min(self._refresh_margin, max(0.0, (exp - now) / 2.0))
         self._access = access
         self._access_refresh_at = exp - margin
-        self._refresh_count += 1
         log.info("obtained a Label Studio access token (valid for %.0f s)", max(0.0, exp - now))

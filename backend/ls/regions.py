@@ -1,8 +1,13 @@
 """Engine results → Label Studio prediction JSON.
 
-This is the only place that converts pixels to LS percent. Input boxes and masks are in the pixel
-frame of the EXIF-transposed image; LS stores rectangles in percent of that same image and brush
-masks as RLE of exactly ``original_height x original_width``.
+Input boxes and masks are in the pixel frame of the EXIF-transposed image; LS stores rectangles in
+percent of that same image (converted by ``geometry.py``) and brush masks as RLE of exactly
+``original_height x original_width``. Two inputs: :class:`ImageResult` (text prompt: each
+detection's phrase is mapped to a config label here) and :class:`LabeledMasks` (smart tools: each
+mask already carries its label).
+
+May import: ``labelconfig`` and ``geometry`` of this package, and the foundation modules
+``backend.rle`` and ``backend.results`` (the engine's torch-free result types).
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from backend.engine.results import CompactMask, ImageResult
+from backend.ls.geometry import PercentRect
 from backend.ls.labelconfig import LabelConfig
+from backend.results import CompactMask, ImageResult, LabeledMasks
 from backend.rle import band_to_rle
 
 log = logging.getLogger(__name__)
@@ -39,14 +45,11 @@ def empty_prediction(model_version: str) -> dict:
 
 
 def _rectangle(config: LabelConfig, label: str, box: np.ndarray, score: float, width: int, height: int) -> dict:
-    x0, y0, x1, y1 = (float(v) for v in box)
     return {
         "id": region_id(), "from_name": config.rectangle.name, "to_name": config.rectangle.to_name,
         "type": "rectanglelabels", "original_width": width, "original_height": height,
         "image_rotation": 0, "score": score,
-        "value": {"x": 100.0 * x0 / width, "y": 100.0 * y0 / height,
-                  "width": 100.0 * (x1 - x0) / width, "height": 100.0 * (y1 - y0) / height,
-                  "rotation": 0, "rectanglelabels": [label]},
+        "value": {**PercentRect.from_pixel_box(box, width, height).value(), "rectanglelabels": [label]},
     }
 
 
@@ -64,9 +67,19 @@ def _brush(config: LabelConfig, label: str, rle: list[int], score: float, width:
     }
 
 
-def percent_to_pixels(x: float, y: float, width: int, height: int) -> tuple[float, float]:
-    """A point in LS percent of an image → pixels of that image (the inverse of the rectangles above)."""
-    return x * width / 100.0, y * height / 100.0
+def _regions(config: LabelConfig, label: str, box: np.ndarray, mask: CompactMask, score: float, width: int,
+             height: int, encode_mask: Callable[[CompactMask], list[int]]) -> list[dict]:
+    """The rectangle and/or brush region of one labeled mask: one per control that has the label."""
+    regions = []
+    if config.rectangle and label in config.rectangle.labels:
+        regions.append(_rectangle(config, label, box, score, width, height))
+    if config.brush and label in config.brush.labels:
+        regions.append(_brush(config, label, encode_mask(mask), score, width, height))
+    return regions
+
+
+def _prediction(regions: list[dict], scores: list[float], model_version: str) -> dict:
+    return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0, "model_version": model_version}
 
 
 def build_prediction(result: ImageResult, config: LabelConfig, model_version: str,
@@ -87,12 +100,19 @@ def build_prediction(result: ImageResult, config: LabelConfig, model_version: st
             stats.dropped_phrases[phrase] = stats.dropped_phrases.get(phrase, 0) + 1
             continue
         score = float(detections.scores[index])
-        if config.rectangle and label in config.rectangle.labels:
-            regions.append(_rectangle(config, label, detections.boxes[index], score, result.width, result.height))
-        if config.brush and label in config.brush.labels:
-            regions.append(_brush(config, label, encode_mask(result.masks[index]), score, result.width,
-                                      result.height))
+        regions += _regions(config, label, detections.boxes[index], result.masks[index], score, result.width,
+                            result.height, encode_mask)
         scores.append(score)
     stats.regions = len(regions)
-    return {"result": regions, "score": float(np.mean(scores)) if scores else 0.0,
-            "model_version": model_version}, stats
+    return _prediction(regions, scores, model_version), stats
+
+
+def build_mask_prediction(result: LabeledMasks, config: LabelConfig, model_version: str) -> dict:
+    """One LS prediction for one image from its smart-tool masks: a brush region per mask and, when
+    the config has ``RectangleLabels`` with the mask's label, the mask's bounding rectangle."""
+    regions, scores = [], []
+    for item in result.masks:
+        regions += _regions(config, item.label, item.box, item.mask, item.score, result.width, result.height,
+                            compact_mask_rle)
+        scores.append(item.score)
+    return _prediction(regions, scores, model_version)

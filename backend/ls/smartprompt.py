@@ -5,8 +5,11 @@ Label Studio sends the annotator's smart-tool regions in ``context.result``: ``k
 the image LS displays, each with its own label. A click without ``is_positive`` counts as positive
 (LS omits the flag when the smart tool has no negative mode). ``image_rotation`` is only how the
 annotator rotated the view; region coordinates stay in the image's own frame, so it is ignored.
-A rotated rectangle (``value.rotation``, degrees clockwise about its top-left corner) is replaced by
-its axis-aligned bounding box. Coordinates stay in percent here; ``regions.py`` converts them.
+A rectangle keeps its LS fields, rotation included (:class:`PercentRect`); coordinates stay in
+percent here, and only ``geometry.py`` turns them into pixels once the image's size is known (a
+rotated rectangle becomes the axis-aligned pixel box around it).
+
+May import: ``labelconfig`` and ``geometry`` of this package.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from backend.ls.geometry import PercentRect, PixelBox
 from backend.ls.labelconfig import LabelConfig
 
 
@@ -27,16 +31,14 @@ class Click:
 
 @dataclass(frozen=True)
 class BoxPrompt:
-    """Axis-aligned box in percent: (x0, y0, x1, y1)."""
+    """A smart rectangle as LS sent it (percent, possibly rotated) and its label."""
 
-    x0: float
-    y0: float
-    x1: float
-    y1: float
+    rect: PercentRect
     label: str | None
 
-    def contains(self, click: Click) -> bool:
-        return self.x0 <= click.x <= self.x1 and self.y0 <= click.y <= self.y1
+    def pixel_box(self, width: int, height: int) -> PixelBox:
+        """Its axis-aligned (x0, y0, x1, y1) pixel bounds on a ``width x height`` image (unclipped)."""
+        return self.rect.pixel_box(width, height)
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,8 @@ def _box(item: dict) -> BoxPrompt | None:
     x, y, w, h = (_number(value.get(k)) for k in ("x", "y", "width", "height"))
     if None in (x, y, w, h) or w <= 0 or h <= 0:
         return None
-    angle = math.radians(_number(value.get("rotation")) or 0.0)
-    cos, sin = math.cos(angle), math.sin(angle)
-    corners = [(x + dx * cos - dy * sin, y + dx * sin + dy * cos) for dx, dy in ((0, 0), (w, 0), (0, h), (w, h))]
-    xs, ys = [c[0] for c in corners], [c[1] for c in corners]
-    return BoxPrompt(x0=min(xs), y0=min(ys), x1=max(xs), y1=max(ys), label=_label(value, "rectanglelabels"))
+    rect = PercentRect(x=x, y=y, width=w, height=h, rotation=_number(value.get("rotation")) or 0.0)
+    return BoxPrompt(rect=rect, label=_label(value, "rectanglelabels"))
 
 
 def parse_smart_prompt(context: dict | None, config: LabelConfig) -> SmartPrompt:

@@ -4,9 +4,10 @@
 - Clicks outside every box: one mask from all of them (positive and negative together).
 - Text + clicks: the text prompt's detections, each refined by the clicks inside its box.
 Each region keeps the label of the smart region that made it (a click's or box's own label; with
-text, the detection's phrase). SAM's best of three candidate masks by predicted IoU is returned as
-``brushlabels`` plus, when the config has ``RectangleLabels``, the mask's bounding rectangle.
-Empty masks are dropped; no mask at all is an empty result, not an error.
+text, the detection's phrase), mapped to a config label. SAM's best of three candidate masks by
+predicted IoU is returned as ``brushlabels`` plus, when the config has ``RectangleLabels``, the
+mask's bounding rectangle. Empty masks are dropped; no mask at all is an empty result, not an error.
+Percent → pixels goes through ``backend.ls.geometry``; masks travel as :class:`LabeledMasks`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from backend.images.fetch import LoadedImage
+from backend.ls.geometry import percent_to_pixels
 from backend.ls.labelconfig import LabelConfig
-from backend.ls.regions import RegionStats, build_prediction, percent_to_pixels
-from backend.engine.results import Detections, ImageResult, MaskPrompt
-from backend.ls.smartprompt import BoxPrompt, Click, SmartPrompt
+from backend.ls.regions import RegionStats, build_mask_prediction
+from backend.ls.smartprompt import Click, SmartPrompt
+from backend.results import Detections, LabeledMasks, MaskPrompt, PromptedMask
 
 if TYPE_CHECKING:
     from backend.engine.engine import Engine
@@ -30,35 +32,37 @@ def _points(clicks: list[Click], width: int, height: int) -> tuple[np.ndarray, n
     return points, np.array([1 if c.positive else 0 for c in clicks], np.int64)
 
 
-def _box_pixels(box: BoxPrompt, width: int, height: int) -> np.ndarray:
-    x0, y0 = percent_to_pixels(box.x0, box.y0, width, height)
-    x1, y1 = percent_to_pixels(box.x1, box.y1, width, height)
-    return np.clip(np.array([x0, y0, x1, y1], np.float64), 0, [width, height, width, height])
+def _inside(points: np.ndarray, box) -> np.ndarray:
+    """(K,) bool: which (K, 2) pixel points lie in the (x0, y0, x1, y1) pixel box, edges included."""
+    x0, y0, x1, y1 = box
+    return (points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1)
 
 
 def plan_prompts(smart: SmartPrompt, detections: Detections | None, width: int, height: int,
                  fallback_label: str) -> tuple[list[MaskPrompt], list[str]]:
-    """The SAM prompts for one image and the label of each."""
-    prompts, labels = [], []
+    """The SAM prompts for one ``width x height`` image, in pixels, and the name of each: the smart
+    region's label (``fallback_label`` when it has none) or, with ``detections``, the phrase."""
+    prompts, names = [], []
+    points, point_labels = _points(list(smart.clicks), width, height)
     if detections is not None:  # text + clicks: each detection takes the clicks inside its pixel box
-        points, point_labels = _points(list(smart.clicks), width, height)
-        for (x0, y0, x1, y1), phrase in zip(detections.boxes, detections.phrases):
-            inside = ((points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1))
-            prompts.append(MaskPrompt(np.array([x0, y0, x1, y1], np.float64), points[inside], point_labels[inside]))
-            labels.append(phrase)
-        return prompts, labels
-    used: set[int] = set()
-    for box in smart.boxes:
-        inside = [i for i, c in enumerate(smart.clicks) if box.contains(c)]
-        used.update(inside)
-        prompts.append(MaskPrompt(_box_pixels(box, width, height),
-                                  *_points([smart.clicks[i] for i in inside], width, height)))
-        labels.append(box.label or fallback_label)
-    loose = [c for i, c in enumerate(smart.clicks) if i not in used]
+        for box, phrase in zip(detections.boxes, detections.phrases):
+            inside = _inside(points, box)
+            prompts.append(MaskPrompt(np.array(box, np.float64), points[inside], point_labels[inside]))
+            names.append(phrase)
+        return prompts, names
+    used = np.zeros(len(points), bool)
+    for box in smart.boxes:  # a rotated rectangle prompts SAM with the axis-aligned pixel box around it
+        bounds = box.pixel_box(width, height)
+        inside = _inside(points, bounds)
+        used |= inside
+        clipped = np.clip(np.array(bounds, np.float64), 0, [width, height, width, height])
+        prompts.append(MaskPrompt(clipped, points[inside], point_labels[inside]))
+        names.append(box.label or fallback_label)
+    loose = [c for c, is_used in zip(smart.clicks, used) if not is_used]
     if any(c.positive for c in loose):
-        prompts.append(MaskPrompt(None, *_points(loose, width, height)))
-        labels.append(next((c.label for c in loose if c.positive and c.label), None) or fallback_label)
-    return prompts, labels
+        prompts.append(MaskPrompt(None, points[~used], point_labels[~used]))
+        names.append(next((c.label for c in loose if c.positive and c.label), None) or fallback_label)
+    return prompts, names
 
 
 def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, smart: SmartPrompt,
@@ -67,16 +71,22 @@ def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, sma
     width, height = loaded.width, loaded.height
     detections = engine.detect([loaded.image], [phrases])[0] if phrases else None
     fallback = (config.brush or config.rectangle).labels[0]
-    prompts, labels = plan_prompts(smart, detections, width, height, fallback)
+    prompts, names = plan_prompts(smart, detections, width, height, fallback)
     outputs = engine.refine(loaded.image, loaded.sha256, prompts)
-    # SAM's IoU estimate can stray outside [0, 1]; a region score is a confidence, so clip it.
-    kept = [(mask, min(max(score, 0.0), 1.0), label) for (mask, score), label in zip(outputs, labels)
-            if not mask.is_empty]
-    kept.sort(key=lambda item: item[1], reverse=True)  # best first; stable, so ties keep prompt order
-    result = ImageResult(
-        width=width, height=height,
-        detections=Detections(boxes=np.array([mask.box() for mask, _, _ in kept], np.float32).reshape(-1, 4),
-                              scores=np.array([score for _, score, _ in kept], np.float32),
-                              phrases=tuple(label for _, _, label in kept)),
-        masks=tuple(mask for mask, _, _ in kept))
-    return build_prediction(result, config, model_version)
+    stats, kept = RegionStats(), []
+    for (mask, score), name in zip(outputs, names):
+        if mask.is_empty:
+            continue
+        # A smart region's label belongs to the smart control (KeyPointLabels/RectangleLabels), a
+        # detection's phrase to the prompt: both reach the output controls' labels the way a phrase
+        # does (alias, exact, case, word overlap), and one that reaches none is dropped.
+        label = config.map_phrase(name)
+        if label is None:
+            stats.dropped_phrases[name] = stats.dropped_phrases.get(name, 0) + 1
+            continue
+        # SAM's IoU estimate can stray outside [0, 1]; a region score is a confidence, so clip it.
+        kept.append(PromptedMask(label=label, mask=mask, score=min(max(score, 0.0), 1.0)))
+    kept.sort(key=lambda item: item.score, reverse=True)  # best first; stable, so ties keep prompt order
+    prediction = build_mask_prediction(LabeledMasks(width, height, tuple(kept)), config, model_version)
+    stats.regions = len(prediction["result"])
+    return prediction, stats

@@ -1,5 +1,14 @@
-"""What the engine takes and returns, as plain numpy dataclasses (no torch), so the web process,
-regions.py and refine.py can use them without importing the models' stack."""
+"""The types that cross the engine's boundary, as plain numpy dataclasses (no torch): what the
+engine takes (:class:`MaskPrompt`) and returns (:class:`Detections`, :class:`CompactMask`,
+:class:`ImageResult`; :class:`PromptedMask` / :class:`LabeledMasks` for smart tools). A foundation
+module, so both the engine, which makes them, and ``ls/regions.py``, which turns them into LS JSON,
+can read them, and the web process never imports the models' stack. Imports numpy only.
+
+Text prompts give :class:`ImageResult` (detections, each with the phrase it was grounded to, and
+their masks); smart-tool prompts give :class:`LabeledMasks` (one :class:`PromptedMask` per
+click/box prompt, each with the config label it is written under). Every coordinate is in pixels of
+the EXIF-transposed image.
+"""
 
 from __future__ import annotations
 
@@ -116,3 +125,32 @@ class MaskPrompt:
     box: np.ndarray | None
     points: np.ndarray
     point_labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class PromptedMask:
+    """One SAM mask made from one smart-tool prompt (:class:`MaskPrompt`).
+
+    label: the config label the region is written under (the smart region's own label or, with a
+           text prompt, the phrase of the detection it refines, mapped to the config's labels).
+    mask:  non-empty, in pixels of the EXIF-transposed image.
+    score: SAM's predicted IoU for the mask, clipped to [0, 1].
+    """
+
+    label: str
+    mask: CompactMask
+    score: float
+
+    @property
+    def box(self) -> np.ndarray:
+        """(4,) float32 XYXY pixel bounds of the mask: the rectangle written next to the brush."""
+        return self.mask.box()
+
+
+@dataclass(frozen=True)
+class LabeledMasks:
+    """The smart-tool masks of one ``width x height`` image, best score first."""
+
+    width: int
+    height: int
+    masks: tuple[PromptedMask, ...]
