@@ -31,9 +31,11 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -41,7 +43,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import ReasonError
 
-__all__ = ["ALLOWED_FORMATS", "DECODE_BUDGET", "ImageError", "PixelBudget", "decode_image", "to_rgb"]
+__all__ = [
+    "ALLOWED_FORMATS", "DECODE_BUDGET", "ImageError", "LoadedImage", "PixelBudget", "decode_image", "to_rgb",
+]
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "ICO")
 
@@ -207,6 +211,39 @@ def decode_image(data: bytes, max_image_pixels: int, budget: PixelBudget | None 
             raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels))
         with budget.reserve(width * height):
             return _decode_pixels(opened, width, height, max_image_pixels)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """A decoded task image.
+
+    ``image`` is RGB and EXIF-transposed: its size is the size LS displays, and the pixel frame all
+    model outputs refer to. ``sha256`` is the hex digest of the downloaded (encoded) bytes, ``url``
+    the task URL as given. Compared by identity (PIL images are not hashable).
+    """
+
+    image: Image.Image
+    sha256: str
+    url: str
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, url: str, max_image_pixels: int, budget: PixelBudget | None = None
+    ) -> LoadedImage:
+        """Decode ``data`` (see :func:`decode_image`) and digest it: the one way bytes become a
+        task image, for the loader, the CLI and the benchmarks alike."""
+        image = decode_image(data, max_image_pixels, budget)
+        return cls(image=image, sha256=hashlib.sha256(data).hexdigest(), url=url)
+
+    @property
+    def width(self) -> int:
+        """Width of the EXIF-transposed image, in pixels."""
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        """Height of the EXIF-transposed image, in pixels."""
+        return self.image.height
 
 
 def _decode_pixels(opened: Image.Image, width: int, height: int, max_image_pixels: int) -> Image.Image:

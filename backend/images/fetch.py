@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import http.cookiejar
 import logging
 import math
@@ -55,9 +54,8 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import requests
 import urllib3
-from PIL import Image
 
-from backend.images.decode import ALLOWED_FORMATS, ImageError, decode_image, to_rgb
+from backend.images.decode import ALLOWED_FORMATS, ImageError, LoadedImage, decode_image, to_rgb
 from backend.ls.auth import LabelStudioAuth, LabelStudioAuthError
 from backend.images.safefetch import PinnedHTTP, Target, ca_bundle_from_env, escape, parse_target
 from backend.images.urlguard import (
@@ -157,30 +155,6 @@ def _require_positive(name: str, value: object) -> None:
         or value <= 0
     ):
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-
-
-@dataclass(frozen=True, eq=False)
-class LoadedImage:
-    """A decoded task image.
-
-    ``image`` is RGB and EXIF-transposed: its size is the size LS displays, and the pixel frame all
-    model outputs refer to. ``sha256`` is the hex digest of the downloaded (encoded) bytes, ``url``
-    the task URL as given. Compared by identity (PIL images are not hashable).
-    """
-
-    image: Image.Image
-    sha256: str
-    url: str
-
-    @property
-    def width(self) -> int:
-        """Width of the EXIF-transposed image, in pixels."""
-        return self.image.width
-
-    @property
-    def height(self) -> int:
-        """Height of the EXIF-transposed image, in pixels."""
-        return self.image.height
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,12 +301,10 @@ class ImageLoader:
         failure, logged at WARNING with the reason only.
         """
         try:
-            data = self._fetch(url)
-            image = decode_image(data, self._settings.max_image_pixels)
+            return LoadedImage.from_bytes(self._fetch(url), url, self._settings.max_image_pixels)
         except ImageError as exc:
             log.warning("image load failed: %s", exc.reason)
             raise
-        return LoadedImage(image=image, sha256=hashlib.sha256(data).hexdigest(), url=url)
 
     # -- resolution -------------------------------------------------------------------------------
 
