@@ -55,7 +55,7 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 import requests
 import urllib3
 
-from backend.images.decode import ALLOWED_FORMATS, ImageError, LoadedImage, decode_image, to_rgb
+from backend.images.decode import ALLOWED_FORMATS, ImageError, LoadedImage, PixelBudget, decode_image, to_rgb
 from backend.ls.auth import LabelStudioAuth, LabelStudioAuthError
 from backend.images.safefetch import PinnedHTTP, Target, ca_bundle_from_env, escape, parse_target
 from backend.images.urlguard import (
@@ -95,6 +95,9 @@ class FetchSettings:
     ``ca_bundle`` is a CA file or directory for https image hosts; ``None`` means
     ``REQUESTS_CA_BUNDLE`` / ``SSL_CERT_FILE`` / ``CURL_CA_BUNDLE`` when set, else certifi's bundle.
 
+    ``decode_budget_pixels`` is the capacity of the loader's :class:`~backend.images.decode.PixelBudget`:
+    how many pixels its loads may decode at once (``DECODE_BUDGET_MP``).
+
     ``total_timeout`` bounds one whole :meth:`ImageLoader.load` call (all redirects and the body);
     ``None`` means ``connect_timeout + read_timeout``. It is checked before each request and between
     socket reads of the body, so a call may overrun it by at most one ``read_timeout``. Known gap: a
@@ -108,6 +111,7 @@ class FetchSettings:
     read_timeout: float = 30.0
     max_download_bytes: int = 50 * 2**20
     max_image_pixels: int = 100_000_000
+    decode_budget_pixels: int = 100_000_000
     allow_private_urls: bool = False
     local_files_root: str | None = None
     total_timeout: float | None = None
@@ -127,7 +131,7 @@ class FetchSettings:
             _require_positive(name, getattr(self, name))
         if self.total_timeout is not None:
             _require_positive("total_timeout", self.total_timeout)
-        for name in ("max_download_bytes", "max_image_pixels"):
+        for name in ("max_download_bytes", "max_image_pixels", "decode_budget_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -241,6 +245,10 @@ class ImageLoader:
     ``auth`` refreshes PATs with (images are fetched by :class:`~backend.images.safefetch.PinnedHTTP`).
     ``resolver`` (``socket.getaddrinfo``'s signature, default ``socket.getaddrinfo``) is called
     exactly once per download hop for host names.
+
+    ``budget`` bounds the pixels all loads of this loader decode at once; by default a new
+    :class:`~backend.images.decode.PixelBudget` of ``settings.decode_budget_pixels``. A process has
+    one loader (its pipeline's), so this is the per-process decoding bound.
     """
 
     def __init__(
@@ -250,8 +258,10 @@ class ImageLoader:
         auth: LabelStudioAuth | None = None,
         session: requests.Session | None = None,
         resolver: Resolver | None = None,
+        budget: PixelBudget | None = None,
     ) -> None:
         self._settings = settings
+        self.budget = budget if budget is not None else PixelBudget(settings.decode_budget_pixels)
         ca_bundle = settings.ca_bundle or ca_bundle_from_env()
         self._http = PinnedHTTP(ca_bundle)
         self._resolver = resolver
@@ -301,7 +311,9 @@ class ImageLoader:
         failure, logged at WARNING with the reason only.
         """
         try:
-            return LoadedImage.from_bytes(self._fetch(url), url, self._settings.max_image_pixels)
+            return LoadedImage.from_bytes(
+                self._fetch(url), url, self._settings.max_image_pixels, self.budget
+            )
         except ImageError as exc:
             log.warning("image load failed: %s", exc.reason)
             raise
