@@ -288,15 +288,6 @@ class ImageLoader:
                     settings.local_files_root,
                 )
 
-    @property
-    def settings(self) -> FetchSettings:
-        return self._settings
-
-    @property
-    def auth(self) -> LabelStudioAuth | None:
-        """The LS credentials used for LS-origin URLs (``None`` without ``LABEL_STUDIO_URL``)."""
-        return self._auth
-
     def close(self) -> None:
         self._http.close()
         self._session.close()
