@@ -23,15 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.images.decode import PixelBudget
-from backend.images.fetch import (
-    FetchSettings,
-    ImageError,
-    ImageLoader,
-    LoadedImage,
-    check_public_host,
-    decode_image,
-)
+from backend.images.decode import PixelBudget, decode_image
+from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
+from backend.images.urlguard import check_public_host
 from backend.ls.auth import LabelStudioAuth, LabelStudioAuthError, is_personal_access_token
 from tests.imageserver import ImageServer, make_jwt
 

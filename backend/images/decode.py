@@ -6,7 +6,12 @@ mask coordinates computed on it map straight to LS percentages.
 
 Every failure is an :class:`ImageError` whose ``reason`` says what went wrong and what to fix; it is
 safe to log and to return to a client. :class:`ImageError` is defined here, the lowest of the image
-modules, and shared by :mod:`backend.images.urlguard` and :mod:`backend.images.fetch` (which re-exports it).
+modules, and shared by all of them (:mod:`backend.images.fetch` re-exports it).
+
+:class:`LoadedImage` is a decoded task image with its digest and URL; :meth:`LoadedImage.from_bytes`
+is the one way bytes become one (the loader, the CLI and the benchmarks all use it).
+
+May import: :mod:`backend.errors` (foundation) only; no other image module.
 
 Decisions worth knowing:
 
