@@ -539,6 +539,14 @@ def test_decode_image_direct():
     assert decode_image(PNG, 40 * 30).size == (40, 30)
 
 
+def test_loaded_image_from_bytes_is_the_loaders_decode():
+    loaded = LoadedImage.from_bytes(PNG, "mem://one", 40 * 30, PixelBudget(10))
+    assert (loaded.width, loaded.height, loaded.image.mode) == (40, 30, "RGB")
+    assert loaded.sha256 == hashlib.sha256(PNG).hexdigest() and loaded.url == "mem://one"
+    with pytest.raises(ImageError, match="pixels"):
+        LoadedImage.from_bytes(PNG, "mem://one", 40 * 30 - 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # HTTP failures and limits
 

@@ -49,9 +49,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import ReasonError
 
-__all__ = [
-    "ALLOWED_FORMATS", "ImageError", "LoadedImage", "PixelBudget", "decode_image", "to_rgb",
-]
+__all__ = ["ALLOWED_FORMATS", "ImageError", "LoadedImage", "PixelBudget", "decode_image", "to_rgb"]
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "ICO")
 
