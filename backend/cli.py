@@ -64,9 +64,7 @@ def draw_overlay(image, prediction: dict):
 
 
 def cmd_predict(args) -> int:
-    import hashlib
-
-    from backend.images.fetch import ImageError, LoadedImage, decode_image
+    from backend.images.decode import ImageError, LoadedImage
     from backend.ls.labelconfig import parse_label_config
     from backend.pipeline.predict import Pipeline
     from backend.settings import Settings
@@ -78,9 +76,7 @@ def cmd_predict(args) -> int:
         print("error: --prompt has no phrases; separate them with '.' or ','", file=sys.stderr)
         return 2
     try:
-        data = Path(args.image).read_bytes()
-        image = LoadedImage(image=decode_image(data, settings.max_image_pixels),
-                            sha256=hashlib.sha256(data).hexdigest(), url=str(args.image))
+        image = LoadedImage.from_bytes(Path(args.image).read_bytes(), str(args.image), settings.max_image_pixels)
     except (OSError, ImageError) as exc:
         print(f"error: cannot read {args.image}: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ On the CPU the absolute times mean little (no bf16, few cores); report the ratio
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import platform
@@ -39,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.engine.engine import Engine  # noqa: E402
 from backend.engine.device import measure_peak_bytes  # noqa: E402
-from backend.images.decode import decode_image  # noqa: E402
-from backend.images.fetch import LoadedImage  # noqa: E402
+from backend.images.decode import LoadedImage, decode_image  # noqa: E402
 from backend.ls.labelconfig import parse_label_config  # noqa: E402
 from backend.pipeline.predict import Pipeline  # noqa: E402
 from backend.rle import rle_to_mask  # noqa: E402
@@ -80,8 +78,7 @@ class MemoryLoader:
         self.blobs, self.max_image_pixels = blobs, max_image_pixels
 
     def load(self, url: str) -> LoadedImage:
-        data = self.blobs[url]
-        return LoadedImage(decode_image(data, self.max_image_pixels), hashlib.sha256(data).hexdigest(), url)
+        return LoadedImage.from_bytes(self.blobs[url], url, self.max_image_pixels)
 
 
 def sync(device: torch.device) -> None:

@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 
 from backend.web.jsonbody import MAX_JSON_DEPTH, json_depth
-from backend.images.decode import DECODE_BUDGET, PixelBudget, decode_image
+from backend.images.decode import PixelBudget, decode_image
 from backend.ls.labelconfig import parse_label_config
 from backend.pipeline.predict import Pipeline
 from backend.settings import Settings, SettingsError
@@ -286,7 +286,7 @@ def test_pixel_budget_lets_an_oversized_image_decode_alone():
     charge = budget.acquire(1000, timeout=0)
     assert charge == 100 and budget.acquire(1, timeout=0) is None
     budget.release(charge)
-    budget.set_capacity(2000)
+    budget = PixelBudget(2000)
     assert budget.acquire(1000, timeout=0) == 1000
     with pytest.raises(ValueError):
         PixelBudget(0)
@@ -323,12 +323,8 @@ def test_decode_waits_for_the_budget_and_the_pipeline_sets_it(tiny_settings):
     budget.release(held)
     decoder.join(timeout=30)
     assert len(decoded) == 1 and budget.in_use == 0 and budget.waiting == 0
-    saved = DECODE_BUDGET.capacity
-    try:
-        Pipeline(Settings(decode_budget_mp=5.0))
-        assert DECODE_BUDGET.capacity == 5_000_000
-    finally:
-        DECODE_BUDGET.set_capacity(saved)
+    pipeline = Pipeline(Settings(decode_budget_mp=5.0))
+    assert pipeline.loader.budget.capacity == 5_000_000
 
 
 # ------------------------------------------------------------------------------ settings

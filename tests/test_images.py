@@ -23,14 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.images.fetch import (
-    FetchSettings,
-    ImageError,
-    ImageLoader,
-    LoadedImage,
-    check_public_host,
-    decode_image,
-)
+from backend.images.decode import PixelBudget, decode_image
+from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
+from backend.images.urlguard import check_public_host
 from backend.ls.auth import LabelStudioAuth, LabelStudioAuthError, is_personal_access_token
 from tests.imageserver import ImageServer, make_jwt
 
@@ -544,6 +539,14 @@ def test_decode_image_direct():
     assert decode_image(PNG, 40 * 30).size == (40, 30)
 
 
+def test_loaded_image_from_bytes_is_the_loaders_decode():
+    loaded = LoadedImage.from_bytes(PNG, "mem://one", 40 * 30, PixelBudget(10))
+    assert (loaded.width, loaded.height, loaded.image.mode) == (40, 30, "RGB")
+    assert loaded.sha256 == hashlib.sha256(PNG).hexdigest() and loaded.url == "mem://one"
+    with pytest.raises(ImageError, match="pixels"):
+        LoadedImage.from_bytes(PNG, "mem://one", 40 * 30 - 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # HTTP failures and limits
 
@@ -728,6 +731,7 @@ def test_check_public_host_unresolvable(monkeypatch):
         {"total_timeout": 0},
         {"max_download_bytes": 0},
         {"max_image_pixels": 1.5},
+        {"decode_budget_pixels": 0},
         {"label_studio_url": "localhost:8080"},
         {"label_studio_url": "ftp://ls"},
     ],
@@ -736,6 +740,15 @@ def test_settings_validation(kw):
     params = {"label_studio_url": "http://127.0.0.1:8080", "api_key": None, **kw}
     with pytest.raises(ValueError):
         FetchSettings(**params)
+
+
+def test_a_loader_decodes_within_its_own_budget(server):
+    budget = PixelBudget(10_000)
+    loader = ImageLoader(FetchSettings(label_studio_url=server.base, api_key=LEGACY, **FAST), budget=budget)
+    assert loader.load("/data/upload/1/img.png").width == 40
+    assert budget.peak == 40 * 30 and budget.in_use == 0
+    sized = FetchSettings(label_studio_url=None, api_key=None, decode_budget_pixels=1234)
+    assert ImageLoader(sized).budget.capacity == 1234, "by default a budget of decode_budget_pixels"
 
 
 def test_failures_are_logged_without_tokens(server, loader_for, caplog):

@@ -1,1 +1,21 @@
-"""images"""
+"""Task image URL → RGB image in the EXIF-transposed frame (the frame every model output refers to).
+
+Owns the URL policy (which task URLs are accepted and where their bytes come from), the SSRF guard,
+the pinned fetch (one checked address per hop, redirects, deadlines, size limits, LS credentials
+only to the LS origin), and decoding with its format, pixel and memory (pixel budget) limits.
+
+Modules, lowest first:
+
+* ``decode``    ``ImageError``, ``PixelBudget``, ``decode_image`` (bytes → RGB, EXIF-transposed),
+                ``LoadedImage`` (+ ``LoadedImage.from_bytes``).
+* ``urlguard``  which addresses a host has, and whether they are public (SSRF guard).
+* ``safefetch`` URL parsing into one ``Target``; ``PinnedHTTP``, a GET to an already checked address.
+* ``sources``   task URL resolution: LS-relative paths, local files, data: URIs; log-safe URLs.
+* ``config``    ``FetchSettings``: every limit, validated once.
+* ``download``  ``Downloader``: the pinned download of one http(s) URL and its redirect chain.
+* ``fetch``     ``ImageLoader``: ties them together (the package's entry point).
+
+May import: the foundation modules (``backend.errors``, ``backend.settings``, ...) and
+``backend.ls.auth`` for the LS token; nothing above (no pipeline, engine, queue, bulk, web).
+This ``__init__`` imports nothing, so importing one module does not load the others.
+"""

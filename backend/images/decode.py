@@ -6,7 +6,12 @@ mask coordinates computed on it map straight to LS percentages.
 
 Every failure is an :class:`ImageError` whose ``reason`` says what went wrong and what to fix; it is
 safe to log and to return to a client. :class:`ImageError` is defined here, the lowest of the image
-modules, and shared by :mod:`backend.images.urlguard` and :mod:`backend.images.fetch` (which re-exports it).
+modules, and shared by all of them (:mod:`backend.images.fetch` re-exports it).
+
+:class:`LoadedImage` is a decoded task image with its digest and URL; :meth:`LoadedImage.from_bytes`
+is the one way bytes become one (the loader, the CLI and the benchmarks all use it).
+
+May import: :mod:`backend.errors` (foundation) only; no other image module.
 
 Decisions worth knowing:
 
@@ -22,18 +27,21 @@ Decisions worth knowing:
   ``min(max_image_pixels, 2 * Image.MAX_IMAGE_PIXELS)``; raise Pillow's limit once at start-up if
   larger images are ever needed. Between ``Image.MAX_IMAGE_PIXELS`` and twice that Pillow emits a
   ``DecompressionBombWarning`` (not an error unless warnings are configured as errors).
-* Decoding memory is bounded per process by :data:`DECODE_BUDGET` (a :class:`PixelBudget`,
-  ``DECODE_BUDGET_MP``): a decode reserves its image's pixel count from the header check until
-  the RGB image is built, so the pipeline's many loader threads (and concurrent requests) never
-  decode more than the budget at once. Decoding peaks at about 3-8 bytes per pixel (decoded
+* Decoding memory is bounded by a :class:`PixelBudget` (``DECODE_BUDGET_MP``) that the caller
+  passes in: the :class:`~backend.images.fetch.ImageLoader` owns one, and a process has one loader
+  (its pipeline's). A decode reserves its image's pixel count from the header check until the RGB
+  image is built, so the pipeline's many loader threads (and concurrent requests) never decode
+  more than the budget at once. Decoding peaks at about 3-8 bytes per pixel (decoded
   buffer, EXIF transpose copy, RGBA → RGB), so 100 MP in flight is roughly 0.3-0.8 GB.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -41,7 +49,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import ReasonError
 
-__all__ = ["ALLOWED_FORMATS", "DECODE_BUDGET", "ImageError", "PixelBudget", "decode_image", "to_rgb"]
+__all__ = ["ALLOWED_FORMATS", "ImageError", "LoadedImage", "PixelBudget", "decode_image", "to_rgb"]
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "ICO")
 
@@ -50,73 +58,45 @@ class ImageError(ReasonError):
     """An image could not be resolved, downloaded or decoded (``reason``: see ReasonError)."""
 
 
-def _checked_capacity(capacity: int) -> int:
-    if capacity < 1:
-        raise ValueError(f"a pixel budget needs a capacity of at least 1 pixel, got {capacity}")
-    return capacity
-
-
 class PixelBudget:
-    """A counting semaphore in pixels: how many pixels this process may be decoding at once.
+    """A counting semaphore in pixels: how many pixels may be decoded at once.
 
     :meth:`acquire` waits until the pixels fit in what is left and returns the amount charged; an
     image larger than the whole capacity is charged the capacity, so it waits for the budget to be
     empty and then decodes alone (one image always fits). :meth:`release` gives the charge back.
-    ``peak`` is the most ever held at once (for tests and diagnostics).
+
+    ``capacity`` is fixed at construction. ``in_use`` (pixels charged now), ``peak`` (the most ever
+    charged at once) and ``waiting`` (callers waiting for pixels now) are read-only counters for
+    tests and diagnostics: only this class changes them, under its lock.
     """
 
     def __init__(self, capacity: int):
-        self._capacity = _checked_capacity(capacity)
-        self._in_use = 0
-        self._peak = 0
-        self._waiting = 0
+        if capacity < 1:
+            raise ValueError(f"a pixel budget needs a capacity of at least 1 pixel, got {capacity!r}")
+        self.capacity = capacity
+        self.in_use = 0
+        self.peak = 0
+        self.waiting = 0
         self._changed = threading.Condition()
-
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def in_use(self) -> int:
-        return self._in_use
-
-    @property
-    def peak(self) -> int:
-        return self._peak
-
-    @property
-    def waiting(self) -> int:
-        """How many callers are waiting for pixels to be released right now."""
-        return self._waiting
-
-    def set_capacity(self, capacity: int) -> None:
-        """Resize (charges already held stay held and are released as they were charged)."""
-        capacity = _checked_capacity(capacity)
-        with self._changed:
-            self._capacity = capacity
-            self._changed.notify_all()
 
     def acquire(self, pixels: int, timeout: float | None = None) -> int | None:
         """Wait until ``pixels`` fit; the charge to pass to :meth:`release`, or None on timeout
         (``timeout=0``: do not wait)."""
+        charge = min(pixels, self.capacity)
         with self._changed:
-            def fits() -> bool:
-                return self._in_use + min(pixels, self._capacity) <= self._capacity
-
-            self._waiting += 1
+            self.waiting += 1
             try:
-                if not self._changed.wait_for(fits, timeout):
+                if not self._changed.wait_for(lambda: self.in_use + charge <= self.capacity, timeout):
                     return None
             finally:
-                self._waiting -= 1
-            charge = min(pixels, self._capacity)
-            self._in_use += charge
-            self._peak = max(self._peak, self._in_use)
+                self.waiting -= 1
+            self.in_use += charge
+            self.peak = max(self.peak, self.in_use)
             return charge
 
     def release(self, charge: int) -> None:
         with self._changed:
-            self._in_use -= charge
+            self.in_use -= charge
             self._changed.notify_all()
 
     @contextmanager
@@ -128,9 +108,6 @@ class PixelBudget:
             yield charge
         finally:
             self.release(charge)
-
-
-DECODE_BUDGET = PixelBudget(100_000_000)  # per process; the pipeline sets it from DECODE_BUDGET_MP
 
 
 def _not_an_image_reason(data: bytes) -> str:
@@ -183,10 +160,10 @@ def decode_image(data: bytes, max_image_pixels: int, budget: PixelBudget | None 
     """Decode ``data`` into an RGB, EXIF-transposed image, refusing more than ``max_image_pixels``.
 
     The pixel count is checked from the header before any pixel data is decoded; the decode then
-    waits for that many pixels of ``budget`` (default :data:`DECODE_BUDGET`). Every failure
-    (empty, corrupt, truncated, not an image, too large, unsupported mode) is an :class:`ImageError`.
+    waits for that many pixels of ``budget`` (``None``: no budget, the caller decodes one image at a
+    time, like the CLI). Every failure (empty, corrupt, truncated, not an image, too large,
+    unsupported mode) is an :class:`ImageError`.
     """
-    budget = DECODE_BUDGET if budget is None else budget
     if not data:
         raise ImageError("the image is empty (0 bytes)")
     try:
@@ -205,8 +182,43 @@ def decode_image(data: bytes, max_image_pixels: int, budget: PixelBudget | None 
             raise ImageError(f"the image has an invalid size {width}x{height}")
         if width * height > max_image_pixels:
             raise ImageError(_too_many_pixels_reason((width, height), max_image_pixels))
+        if budget is None:
+            return _decode_pixels(opened, width, height, max_image_pixels)
         with budget.reserve(width * height):
             return _decode_pixels(opened, width, height, max_image_pixels)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """A decoded task image.
+
+    ``image`` is RGB and EXIF-transposed: its size is the size LS displays, and the pixel frame all
+    model outputs refer to. ``sha256`` is the hex digest of the downloaded (encoded) bytes, ``url``
+    the task URL as given. Compared by identity (PIL images are not hashable).
+    """
+
+    image: Image.Image
+    sha256: str
+    url: str
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, url: str, max_image_pixels: int, budget: PixelBudget | None = None
+    ) -> LoadedImage:
+        """Decode ``data`` (see :func:`decode_image`) and digest it: the one way bytes become a
+        task image, for the loader, the CLI and the benchmarks alike."""
+        image = decode_image(data, max_image_pixels, budget)
+        return cls(image=image, sha256=hashlib.sha256(data).hexdigest(), url=url)
+
+    @property
+    def width(self) -> int:
+        """Width of the EXIF-transposed image, in pixels."""
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        """Height of the EXIF-transposed image, in pixels."""
+        return self.image.height
 
 
 def _decode_pixels(opened: Image.Image, width: int, height: int, max_image_pixels: int) -> Image.Image:

@@ -17,6 +17,8 @@ Environment proxies (``HTTP(S)_PROXY``) are *not* used: a proxy resolves the nam
 address we checked would not be the one fetched from. CA certificates come from
 ``FetchSettings.ca_bundle``, else ``REQUESTS_CA_BUNDLE`` / ``SSL_CERT_FILE`` / ``CURL_CA_BUNDLE``
 when set (a file or a directory), else certifi's bundle.
+
+May import: :mod:`backend.images.decode` (``ImageError``) and :mod:`backend.images.urlguard`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """SSRF guard: which addresses an image host has, and whether they are public.
 
-:class:`backend.images.fetch.ImageLoader` resolves each hop's host *once* with :func:`resolve_host`,
+:class:`backend.images.download.Downloader` resolves each hop's host *once* with :func:`resolve_host`,
 checks those very addresses with :func:`require_public` (unless the hop is on the Label Studio
 origin or ``ALLOW_PRIVATE_URLS`` is set) and then connects to one of them
 (:mod:`backend.images.safefetch`), so a DNS-rebinding host cannot answer a public address to the check
@@ -12,8 +12,9 @@ forms other than four decimal numbers (``2130706433``, ``0177.0.0.1``, ``127.1``
 ``0``), which ``inet_aton`` and ``ipaddress`` disagree on. ``localhost`` and ``*.localhost`` (with
 or without a trailing dot) count as loopback without a lookup (RFC 6761).
 
-Every failure raises :class:`~backend.images.decode.ImageError` (re-exported by
-:mod:`backend.images.fetch`) with a single-line reason.
+Every failure raises :class:`~backend.images.decode.ImageError` with a single-line reason.
+
+May import: :mod:`backend.images.decode` (``ImageError``) only.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-from backend.images.decode import DECODE_BUDGET
 from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
 from backend.ls.regions import build_prediction, empty_prediction
@@ -51,7 +50,8 @@ def fetch_settings(settings: Settings) -> FetchSettings:
         label_studio_url=settings.label_studio_url, api_key=settings.label_studio_api_key,
         connect_timeout=settings.download_connect_timeout, read_timeout=settings.download_read_timeout,
         max_download_bytes=int(settings.max_download_mb * 2**20), max_image_pixels=settings.max_image_pixels,
-        allow_private_urls=settings.allow_private_urls, local_files_root=settings.local_files_root)
+        allow_private_urls=settings.allow_private_urls, local_files_root=settings.local_files_root,
+        decode_budget_pixels=int(settings.decode_budget_mp * 1_000_000))
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,6 @@ class Pipeline:
         self._engine_factory = engine_factory or self._default_engine
         self._engine = None
         self._engine_lock = threading.Lock()
-        # Decoding memory is per process, so is its budget: the last pipeline built sets it.
-        DECODE_BUDGET.set_capacity(int(settings.decode_budget_mp * 1_000_000))
 
     def _default_engine(self):
         from backend.engine.engine import Engine  # torch is imported only by the process that runs models
