@@ -1,4 +1,8 @@
-"""The one error shape shared by the modules that talk to the outside (images, LS auth, LS API)."""
+"""The one error shape shared by the modules that talk to the outside (images, LS auth, LS API).
+
+Foundation module: imports nothing of the backend. ``ImageError`` lives here, not in ``images``,
+because the engine raises it too (an image too thin for the models) and must not import ``images``.
+"""
 
 from __future__ import annotations
 
@@ -16,3 +20,8 @@ class ReasonError(Exception):
 
     def __str__(self) -> str:
         return self.reason
+
+
+class ImageError(ReasonError):
+    """An image could not be resolved, downloaded or decoded, or the models cannot take it
+    (``reason``: see ReasonError); it fails its own task only."""

@@ -80,7 +80,7 @@ class Settings:
     local_files_root: str | None = None
     allow_private_urls: bool = False
     max_image_pixels: int = 40_000_000  # 120 MB as RGB (3 bytes/pixel)
-    decode_budget_mp: float = 100.0  # megapixels decoded at once per process (see imagedecode.PixelBudget)
+    decode_budget_mp: float = 100.0  # megapixels decoded at once per process (see backend.images.decode.PixelBudget)
     max_download_mb: float = 50.0
     download_connect_timeout: float = 5.0
     download_read_timeout: float = 30.0

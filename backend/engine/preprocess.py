@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backend.images.decode import ImageError
+from backend.errors import ImageError
 
 
 @dataclass(frozen=True)

@@ -47,15 +47,11 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from backend.errors import ReasonError
+from backend.errors import ImageError
 
 __all__ = ["ALLOWED_FORMATS", "ImageError", "LoadedImage", "PixelBudget", "decode_image", "to_rgb"]
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "ICO")
-
-
-class ImageError(ReasonError):
-    """An image could not be resolved, downloaded or decoded (``reason``: see ReasonError)."""
 
 
 class PixelBudget:

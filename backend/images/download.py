@@ -39,7 +39,7 @@ from backend.images.decode import ImageError
 from backend.images.safefetch import PinnedHTTP, Target, parse_target
 from backend.images.sources import describe, too_big_reason
 from backend.images.urlguard import IPAddress, Resolver, refuse_localhost_name, require_public, resolve_host
-from backend.ls.auth import LabelStudioAuth, LabelStudioAuthError
+from backend.ls.auth import AuthKind, LabelStudioAuth, LabelStudioAuthError
 
 __all__ = ["MAX_REDIRECTS", "Downloader", "auth_session"]
 
@@ -145,7 +145,7 @@ class Downloader:
                     status == 401
                     and send_auth
                     and self._auth is not None
-                    and self._auth.kind == "pat"
+                    and self._auth.kind is AuthKind.PAT
                     and not retried_auth
                 ):
                     # the access token may have expired early (clock skew, revocation): once more
@@ -239,7 +239,7 @@ class Downloader:
 
     def _status_reason(self, status: int, desc: str, authenticated_ls: bool) -> str:
         if authenticated_ls and status in (401, 403):
-            if self._auth is None or self._auth.kind == "none":
+            if self._auth is None or self._auth.kind is AuthKind.NONE:
                 hint = "set LABEL_STUDIO_API_KEY to a legacy token or a personal access token"
             else:
                 hint = (
