@@ -133,18 +133,27 @@ def cmd_worker(args) -> int:
 
 def cmd_prelabel(args) -> int:
     from backend.settings import Settings
-    from backend.bulk.supervisor import run_prelabel
 
     settings = Settings.from_env()
-    if not settings.label_studio_url or not settings.label_studio_api_key:
+    if not settings.has_label_studio_credentials:
         print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to pre-label a project", file=sys.stderr)
         return 2
+    from backend.bulk.request import PrelabelError, RunRequest
+    from backend.bulk.runs import EmbeddedRuns, QueueRuns
     from backend.ls.client import LabelStudioApiError
-    from backend.bulk.prelabel import PrelabelError
 
     try:
-        status = run_prelabel(settings, args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo,
-                              model_version=args.model_version)
+        request = RunRequest(project=args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo,
+                             model_version=args.model_version)
+        if settings.redis_url:
+            from backend.queue.connection import connect
+
+            runs = QueueRuns(settings, connect(settings.redis_url))
+        else:
+            from backend.pipeline.predict import Pipeline
+
+            runs = EmbeddedRuns(settings, Pipeline(settings))
+        status = runs.run(request)
     except (PrelabelError, LabelStudioApiError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

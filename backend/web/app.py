@@ -32,11 +32,10 @@ from backend.ls.labelconfig import LabelConfigError, parse_label_config
 from backend.ls.client import LabelStudioApiError
 from backend.metrics import Metrics
 from backend.pipeline.predict import Pipeline, model_version, prompt_limits
-from backend.bulk.prelabel import PrelabelError
+from backend.bulk.request import PrelabelError, RunRequest
 from backend.ls.regions import empty_prediction
-from backend.bulk.runstore import MemoryRunStore, RedisRunStore
+from backend.bulk.runs import EmbeddedRuns, QueueRuns
 from backend.settings import Settings
-from backend.bulk.supervisor import cancel_run, start_prelabel_in_background
 from backend.ls.tasks import RequestError, RequestTooLarge, asks_for_nothing, parse_predict_request, plan_tasks
 from model import GroundedSAM
 
@@ -137,7 +136,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         version, limits, metrics = pipeline.model_version, pipeline.limits, pipeline.metrics
         if preload:
             threading.Thread(target=pipeline.engine, name="preload-models", daemon=True).start()
-    runs = RedisRunStore(queue.connection) if queue else MemoryRunStore()  # bulk runs of /prelabel
+    runs = QueueRuns(settings, queue.connection) if queue else EmbeddedRuns(settings, pipeline)  # bulk runs
     app = Flask(__name__)
     app.json = BoundedJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
@@ -256,12 +255,10 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             raise RequestError("'model_version' must be a non-empty string (default: the live workers' version)")
         if not settings.label_studio_url or not settings.label_studio_api_key:
             raise RequestError("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend to pre-label projects")
-        run_id = start_prelabel_in_background(
-            settings, project, prompt=prompt, chunk=chunk, redo=redo, store=runs,
-            connection=queue.connection if queue else None, pipeline=None if queue else pipeline,
-            model_version=wanted_version)
-        log.info("prelabel run %s started for project %s", run_id, project)
-        return jsonify(runs.status(run_id).to_json()), 202
+        status = runs.start(RunRequest(project=project, prompt=prompt, chunk=chunk, redo=redo,
+                                       model_version=wanted_version))
+        log.info("prelabel run %s started for project %s", status.id, project)
+        return jsonify(status.to_json()), 202
 
     @app.get("/jobs/<run_id>")
     def run_status(run_id: str):
@@ -274,10 +271,10 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     @app.delete("/jobs/<run_id>")
     def cancel(run_id: str):
         _check_run_id(run_id)
-        if runs.status(run_id) is None:
+        status = runs.cancel(run_id)
+        if status is None:
             return _error(404, f"no bulk run {run_id!r}")
-        cancel_run(runs, run_id, queue.connection if queue else None)
-        return jsonify(runs.status(run_id).to_json())
+        return jsonify(status.to_json())
 
     @app.post("/webhook")
     def webhook():
