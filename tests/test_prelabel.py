@@ -1,5 +1,5 @@
-"""Bulk pre-labeling (backend/bulk/: prelabel, the run stores, runs, supervisor, adopt; backend/ls/client.py) against a real
-Label Studio 1.23.
+"""Bulk pre-labeling (backend/bulk/: prelabel, the run stores, runs, supervisor, adopt; backend/ls/client.py)
+against a real Label Studio 1.23.
 
 The session's LS server (the ``label_studio`` fixture of tests/conftest.py, shared with the other
 LS-backed modules: every test makes projects of its own), the tiny models, and a redis-server of the

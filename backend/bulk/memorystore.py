@@ -41,9 +41,9 @@ class MemoryRunStore(RunStore):
         run_id = run_id or new_run_id()
         now = time.time()
         with self._lock:
-            self._runs[run_id] = _MemoryRun(spec=spec, state=RunState.PLANNING if task_ids is None else RunState.RUNNING,
-                                            tasks={int(t) for t in task_ids or ()}, skipped=skipped,
-                                            created=created or now, updated=now)
+            state = RunState.PLANNING if task_ids is None else RunState.RUNNING
+            self._runs[run_id] = _MemoryRun(spec=spec, state=state, tasks={int(t) for t in task_ids or ()},
+                                            skipped=skipped, created=created or now, updated=now)
         return run_id
 
     def set_tasks(self, run_id, task_ids, *, skipped=0):
