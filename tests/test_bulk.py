@@ -14,7 +14,7 @@ import pytest
 import redis as redis_py
 import requests
 
-from backend.bulk.runstore import RedisRunStore
+from backend.bulk.redisstore import RedisRunStore
 from tests.conftest import REPO, RedisServer, free_port
 from tests.test_http import CONFIG
 from tests.test_protocol import png

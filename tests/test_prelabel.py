@@ -1,13 +1,13 @@
-"""Bulk pre-labeling (backend/prelabel.py, runstore.py, supervisor.py, lsclient.py) against a real
-Label Studio 1.23.
+"""Bulk pre-labeling (backend/bulk/: prelabel, the run stores, runs, supervisor, adopt; backend/ls/client.py)
+against a real Label Studio 1.23.
 
 The session's LS server (the ``label_studio`` fixture of tests/conftest.py, shared with the other
 LS-backed modules: every test makes projects of its own), the tiny models, and a redis-server of the
 test's own (the ``redis_server`` fixture of tests/conftest.py). Images are small generated PNGs
 imported as ``data:`` URIs; a *poison* task carries bytes that are no image.
 
-Queue-mode supervision is tested twice: with an in-process stand-in for the RQ queue (lost jobs,
-a Redis restart, Ctrl-C: deterministic and fast), and end to end with a real
+Queue-mode supervision is tested twice: with an in-process stand-in for the RQ queue injected as
+the runs' ``ChunkQueue`` (lost jobs, a Redis restart, Ctrl-C: deterministic and fast), and end to end with a real
 ``python -m backend worker`` through a Redis restart.
 """
 
@@ -18,6 +18,8 @@ import dataclasses
 import io
 import json
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -26,16 +28,26 @@ import pytest
 import redis
 from PIL import Image, ImageDraw
 
-from backend.queue import jobs
+from backend.bulk.adopt import adopt_orphaned_runs
+from backend.bulk.memorystore import MemoryRunStore
+from backend.bulk.prelabel import plan_prelabel, plan_tasks_to_label, process_chunk
+from backend.bulk.redisstore import RedisRunStore
+from backend.bulk.request import RunRequest
+from backend.bulk.runs import EmbeddedRuns, QueueRuns
+from backend.bulk.spec import BulkTask, PrelabelSpec
+from backend.bulk.status import RunState
+from backend.bulk.writelock import WriteLockTimeout
 from backend.ls.client import LabelStudioApi, LabelStudioApiError, parse_model_versions
 from backend.pipeline.predict import Pipeline, TaskOutcome
-from backend.bulk.prelabel import PrelabelSpec, plan_prelabel, plan_tasks_to_label, process_chunk
-from backend.bulk.runstore import CANCELLED, DONE, PLANNING, RUNNING, MemoryRunStore, RedisRunStore, WriteLockTimeout
-from backend.bulk.supervisor import _Supervisor, adopt_orphaned_runs, cancel_run, run_prelabel, start_prelabel_in_background
+from backend.queue import keys
+from backend.queue.connection import connect
+from backend.settings import DEFAULT_BATCH_SIZE
+from tests.conftest import REPO
 from tests.test_e2e_label_studio import LABEL_CONFIG
 
 pytestmark = pytest.mark.e2e
 
+CANCELLED, DONE, PLANNING, RUNNING = RunState.CANCELLED, RunState.DONE, RunState.PLANNING, RunState.RUNNING
 CONFIG = LABEL_CONFIG  # the README's project config (dog has the aliases "puppy, hound")
 
 POISON = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n but the rest is garbage").decode()
@@ -111,6 +123,11 @@ def assert_one_each(ls, good, poison, model_version):
 
 
 # ---------------------------------------------------------------------------------------- embedded
+def run_embedded(settings, pipeline, project: int, *, progress: bool = False, **request):
+    """``python -m backend prelabel`` without REDIS_URL, on the test's pipeline."""
+    return EmbeddedRuns(settings, pipeline).run(RunRequest(project=project, **request), progress=progress)
+
+
 def test_embedded_run_labels_each_task_once_isolates_poison_and_resumes(ls, settings, pipeline, capsys):
     pid, good, poison = make_project(ls, "prelabel embedded", n_good=28, n_poison=2)
     mv = pipeline.model_version
@@ -118,7 +135,7 @@ def test_embedded_run_labels_each_task_once_isolates_poison_and_resumes(ls, sett
     ls.post(f"/api/projects/{pid}/import/predictions",
             json=[{"task": good[0], "result": [], "score": 0.1, "model_version": "someone-else"}])
 
-    first = run_prelabel(settings, pid, chunk=8, progress=True, pipeline=pipeline)
+    first = run_embedded(settings, pipeline, pid, chunk=8, progress=True)
     assert (first.status, first.total, first.done, first.failed, first.skipped) == (DONE, 30, 28, 2, 0), first
     assert first.remaining == 0 and first.eta_seconds == 0.0 and first.images_per_second > 0
     assert sorted(first.failures) == sorted(poison)
@@ -133,13 +150,13 @@ def test_embedded_run_labels_each_task_once_isolates_poison_and_resumes(ls, sett
     before = prediction_ids(ls, good, mv)
 
     # running again resumes: only the two poison tasks are tried again, nothing new is written
-    second = run_prelabel(settings, pid, chunk=8, progress=False, pipeline=pipeline)
+    second = run_embedded(settings, pipeline, pid, chunk=8, progress=False)
     assert (second.status, second.total, second.done, second.failed, second.skipped) == (DONE, 2, 0, 2, 28)
     assert prediction_ids(ls, good, mv) == before
     assert_one_each(ls, good, poison, mv)
 
     # --redo replaces: still exactly one prediction of this version per task, a new one
-    redo = run_prelabel(settings, pid, prompt="cat . puppy", chunk=16, redo=True, progress=False, pipeline=pipeline)
+    redo = run_embedded(settings, pipeline, pid, prompt="cat . puppy", chunk=16, redo=True, progress=False)
     assert (redo.status, redo.total, redo.done, redo.failed, redo.skipped) == (DONE, 30, 28, 2, 0)
     after = prediction_ids(ls, good, mv)
     assert all(set(after[t]).isdisjoint(before[t]) for t in good), (before, after)
@@ -153,6 +170,9 @@ class ScriptedPipeline:
     def __init__(self, model_version: str, parties: int = 1):
         self.model_version = model_version
         self.barrier = threading.Barrier(parties)
+
+    def batch_size(self) -> int:
+        return DEFAULT_BATCH_SIZE
 
     def predict_outcomes(self, request):
         self.barrier.wait(timeout=30)
@@ -182,7 +202,7 @@ def test_write_back_is_idempotent_when_chunks_repeat_or_race(ls, api, settings, 
     mv = pipeline.model_version
     spec = PrelabelSpec(project=pid, label_config=CONFIG, prompt=None, model_version=mv, redo=False)
     chunk = plan_tasks_to_label(api, pid, mv, redo=False)
-    assert [t["id"] for t in chunk] == good
+    assert [t.id for t in chunk] == good
 
     # the same chunk twice in one run (an RQ retry): one prediction each, counted once
     memory = MemoryRunStore()
@@ -324,7 +344,7 @@ def test_write_lock_is_exclusive(store):
             with pytest.raises(WriteLockTimeout):
                 lock.refresh()
     if isinstance(store, RedisRunStore):  # a holder that died: its lock expires after the TTL
-        store.r.set(store.lock_key(7, 2, "mv-1"), "dead-worker", px=300)
+        store.connection.set(keys.write_lock_key(7, 2, "mv-1"), "dead-worker", px=300)
         started = time.monotonic()
         with store.write_lock(7, 2, "mv-1", wait=5):
             assert time.monotonic() - started >= 0.2
@@ -367,9 +387,9 @@ def test_iter_tasks_pages_by_id_without_prediction_results(ls, api):
     assert refs[0].has_version("a,b") is None  # split by LS's comma-joining: the planner asks LS
 
     plan = plan_prelabel(api, pid, "v1", redo=False, page_size=100)
-    assert [t["id"] for t in plan.tasks] == [t for i, t in enumerate(ids) if i % 3] and plan.skipped == 84
+    assert [t.id for t in plan.tasks] == [t for i, t in enumerate(ids) if i % 3] and plan.skipped == 84
     plan = plan_prelabel(api, pid, "a,b", redo=False, page_size=100)
-    assert [t["id"] for t in plan.tasks] == [t for i, t in enumerate(ids) if i % 7] and plan.skipped == 36
+    assert [t.id for t in plan.tasks] == [t for i, t in enumerate(ids) if i % 7] and plan.skipped == 36
     assert len(plan_prelabel(api, pid, "v1", redo=True).tasks) == 250
 
 
@@ -397,6 +417,21 @@ def test_credentials_legacy_token_and_personal_access_token(ls, label_studio, la
     assert pat not in repr(LabelStudioApi(label_studio.url, pat))
 
 
+def test_embedded_runs_import_neither_redis_nor_rq_nor_torch():
+    """Embedded mode works on installs without redis-py/RQ, and no bulk module loads the models."""
+    probe = ("import sys, backend.bulk.runs, backend.bulk.adopt; "
+             "print(sorted(m for m in ('redis', 'rq', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout
+    assert out.strip() == "[]"
+
+
+def test_run_state_values_are_the_wire_strings():
+    """JSON bodies and the Redis hash hold the same strings as before the enum."""
+    assert [s.value for s in RunState] == ["planning", "running", "done", "cancelled", "failed"]
+    assert json.dumps({"status": RunState.DONE}) == '{"status": "done"}' and f"{RunState.DONE}" == "done"
+
+
 def test_parse_model_versions():
     assert parse_model_versions("") == (frozenset(), False)
     assert parse_model_versions(None) == (frozenset(), False)
@@ -407,37 +442,52 @@ def test_parse_model_versions():
 
 # ---------------------------------------------------------------------------------------- queue mode
 class FakeQueue:
-    """Stands in for the RQ ``prelabel`` queue and one worker (a thread calling process_chunk), so
-    the supervisor's logic runs against a real Redis and LS without RQ. ``lose`` jobs vanish."""
+    """A ``ChunkQueue`` standing in for the RQ ``prelabel`` queue and one worker (a thread calling
+    process_chunk), so the supervisor's logic runs against a real Redis and LS without RQ. ``lose``
+    jobs vanish; ``ctrl_c`` makes the next look at the workers raise KeyboardInterrupt (what Ctrl-C
+    does to the CLI while it follows the run)."""
 
     def __init__(self, redis_url: str, pipeline, api, lose: int = 0):
         self.items: queue.Queue = queue.Queue()
-        self.busy = 0
+        self.busy: list[list[int]] = []
         self.lose = lose
         self.enqueued = 0
         self.cancelled = 0
+        self.ctrl_c = False
         self.stop = threading.Event()
         self.store = RedisRunStore(redis.Redis.from_url(redis_url, socket_timeout=5))
         self.pipeline, self.api = pipeline, api
         self.thread = threading.Thread(target=self._work, daemon=True)
         self.thread.start()
 
-    def enqueue(self, connection, run_id, spec, tasks):
+    def enqueue(self, run_id, spec, tasks):
         self.enqueued += 1
         if self.lose > 0:
             self.lose -= 1
             return "lost"
-        self.items.put((run_id, spec.to_dict(), tasks))
+        self.items.put((run_id, spec.to_dict(), [t.to_json() for t in tasks]))  # JSON, as RQ carries it
         return f"job-{self.enqueued}"
 
-    def in_flight(self, connection, run_id):
-        return self.items.qsize() + self.busy
+    def in_flight(self, run_id):
+        return self.items.qsize() + len(self.busy)
 
-    def cancel(self, connection, run_id):
+    def tasks_in_flight(self, run_id):
+        queued = [tasks for _, _, tasks in list(self.items.queue)]
+        return {t["id"] for tasks in queued for t in tasks} | {t for ids in self.busy for t in ids}
+
+    def cancel(self, run_id):
         while not self.items.empty():
             self.items.get_nowait()
             self.cancelled += 1
         return self.cancelled
+
+    def live_workers(self):
+        if self.ctrl_c:
+            raise KeyboardInterrupt
+        return 1
+
+    def live_model_versions(self):
+        return {} if self.stop.is_set() else {self.pipeline.model_version: ["fake-worker"]}
 
     def _work(self):
         while not self.stop.is_set():
@@ -445,24 +495,18 @@ class FakeQueue:
                 run_id, spec, tasks = self.items.get(timeout=0.1)
             except queue.Empty:
                 continue
-            self.busy += 1
+            ids = [t["id"] for t in tasks]
+            self.busy.append(ids)
             try:
-                process_chunk(self.pipeline, self.api, self.store, run_id, PrelabelSpec.from_dict(spec), tasks)
+                process_chunk(self.pipeline, self.api, self.store, run_id, PrelabelSpec.from_dict(spec),
+                              [BulkTask.from_json(t) for t in tasks])
             finally:
-                self.busy -= 1
-
-    def install(self, monkeypatch):
-        monkeypatch.setattr(jobs, "enqueue_prelabel_chunk", self.enqueue)
-        monkeypatch.setattr(jobs, "run_jobs_in_flight", self.in_flight)
-        monkeypatch.setattr(jobs, "cancel_run_jobs", self.cancel)
-        monkeypatch.setattr(jobs, "live_workers", lambda connection: 1)
-        return self
+                self.busy.remove(ids)
 
 
-def test_supervisor_requeues_lost_work_and_rides_out_a_redis_restart(ls, api, settings, pipeline, redis_server,
-                                                                     monkeypatch):
+def test_supervisor_requeues_lost_work_and_rides_out_a_redis_restart(ls, api, settings, pipeline, redis_server):
     pid, good, poison = make_project(ls, "prelabel supervisor", n_good=12, n_poison=1)
-    fake = FakeQueue(redis_server.url, pipeline, api, lose=2).install(monkeypatch)
+    fake = FakeQueue(redis_server.url, pipeline, api, lose=2)
     queue_settings = dataclasses.replace(settings, redis_url=redis_server.url)
     restarted = threading.Event()
 
@@ -475,8 +519,8 @@ def test_supervisor_requeues_lost_work_and_rides_out_a_redis_restart(ls, api, se
 
     threading.Thread(target=restart_redis_when_started, daemon=True).start()
     try:
-        status = run_prelabel(queue_settings, pid, chunk=4, progress=False, poll_s=0.1, stall_s=1.0,
-                              model_version=pipeline.model_version)
+        runs = QueueRuns(queue_settings, connect(redis_server.url), chunks=fake, poll_s=0.1, stall_s=1.0)
+        status = runs.run(RunRequest(project=pid, chunk=4, model_version=pipeline.model_version), progress=False)
     finally:
         fake.stop.set()
     assert restarted.is_set()
@@ -485,69 +529,63 @@ def test_supervisor_requeues_lost_work_and_rides_out_a_redis_restart(ls, api, se
     assert_one_each(ls, good, poison, pipeline.model_version)
 
 
-def test_ctrl_c_cancels_the_run_and_its_queued_jobs(ls, api, settings, pipeline, redis_server, monkeypatch):
+def test_ctrl_c_cancels_the_run_and_its_queued_jobs(ls, api, settings, pipeline, redis_server):
     pid, good, _ = make_project(ls, "prelabel cancel", n_good=6)
-    fake = FakeQueue(redis_server.url, pipeline, api).install(monkeypatch)
+    fake = FakeQueue(redis_server.url, pipeline, api)
     fake.stop.set()  # no worker: the jobs stay queued
-    original = _Supervisor.step
-
-    def step_then_ctrl_c(self):
-        original(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(_Supervisor, "step", step_then_ctrl_c)
+    fake.ctrl_c = True  # after the first supervision round (which enqueues the chunks)
     queue_settings = dataclasses.replace(settings, redis_url=redis_server.url)
-    status = run_prelabel(queue_settings, pid, chunk=2, progress=False, model_version=pipeline.model_version)
+    runs = QueueRuns(queue_settings, connect(redis_server.url), chunks=fake)
+    status = runs.run(RunRequest(project=pid, chunk=2, model_version=pipeline.model_version), progress=False)
     assert status.status == CANCELLED and status.remaining == 6
     assert fake.cancelled == 3
     store = RedisRunStore(redis.Redis.from_url(redis_server.url))
     spec = store.spec(status.id)
-    process_chunk(pipeline, api, store, status.id, spec, [{"id": t, "data": {}} for t in good])  # a late job
+    process_chunk(pipeline, api, store, status.id, spec, [BulkTask(id=t, data={}) for t in good])  # a late job
     assert store.status(status.id).done == 0 and versions_by_task(ls, good) == {t: Counter() for t in good}
 
 
-def test_background_runs_for_post_prelabel(ls, api, settings, pipeline, redis_server, monkeypatch):
+def test_background_runs_for_post_prelabel(ls, api, settings, pipeline, redis_server):
     pid, good, _ = make_project(ls, "prelabel background", n_good=3)
     # embedded web process: processed in a thread on the app's pipeline, status in the app's memory store
     store = MemoryRunStore()
-    run_id = start_prelabel_in_background(settings, pid, chunk=2, store=store, pipeline=pipeline, poll_s=0.1)
+    run_id = EmbeddedRuns(settings, pipeline, store).start(RunRequest(project=pid, chunk=2)).id
     assert store.status(run_id) is not None
     status = wait_final(store, run_id)
     assert (status.status, status.done, status.total) == (DONE, 3, 3)
 
     # queue mode: the supervisor thread enqueues and follows; DELETE /jobs/<id> cancels
-    fake = FakeQueue(redis_server.url, pipeline, api).install(monkeypatch)
+    fake = FakeQueue(redis_server.url, pipeline, api)
     queue_settings = dataclasses.replace(settings, redis_url=redis_server.url)
     connection = redis.Redis.from_url(redis_server.url)
-    run_id = start_prelabel_in_background(queue_settings, pid, chunk=2, redo=True, store=RedisRunStore(connection),
-                                          connection=connection, poll_s=0.1, model_version=pipeline.model_version)
+    runs = QueueRuns(queue_settings, connection, RedisRunStore(connection), chunks=fake, poll_s=0.1)
+    run_id = runs.start(RunRequest(project=pid, chunk=2, redo=True, model_version=pipeline.model_version)).id
     status = wait_final(RedisRunStore(connection), run_id)
     fake.stop.set()
     assert (status.status, status.done, status.total) == (DONE, 3, 3)
     assert_one_each(ls, good, [], pipeline.model_version)
 
-    run_id = start_prelabel_in_background(queue_settings, pid, redo=True, store=RedisRunStore(connection),
-                                          connection=connection, poll_s=0.1, model_version=pipeline.model_version)
-    assert cancel_run(RedisRunStore(connection), run_id, connection)
+    run_id = runs.start(RunRequest(project=pid, redo=True, model_version=pipeline.model_version)).id
+    assert runs.cancel(run_id).status == CANCELLED  # it was planning or running
     assert wait_final(RedisRunStore(connection), run_id).status == CANCELLED
 
 
 def test_a_run_whose_supervisor_died_while_planning_is_adopted_and_planned_again(ls, api, settings, pipeline,
-                                                                                redis_server, monkeypatch):
+                                                                                redis_server):
     pid, good, poison = make_project(ls, "prelabel adopted", n_good=5, n_poison=1)
-    fake = FakeQueue(redis_server.url, pipeline, api).install(monkeypatch)
+    fake = FakeQueue(redis_server.url, pipeline, api)
     queue_settings = dataclasses.replace(settings, redis_url=redis_server.url)
     connection = redis.Redis.from_url(redis_server.url, socket_timeout=5)
     store = RedisRunStore(connection)
     spec = PrelabelSpec(project=pid, label_config=CONFIG, prompt=None, model_version=pipeline.model_version)
     run_id = store.create(spec, None, chunk=2)  # POST /prelabel answered, then its web process died
     assert store.take_lease(run_id, "the-dead-web-process", ttl=1.0)
-    assert run_id not in adopt_orphaned_runs(connection, queue_settings)  # its lease is still live
+    assert run_id not in adopt_orphaned_runs(queue_settings, connection, chunks=fake)  # its lease is still live
     deadline = time.monotonic() + 10
     while store.lease_holder(run_id) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert run_id in adopt_orphaned_runs(connection, queue_settings)
-    assert run_id not in adopt_orphaned_runs(connection, queue_settings)  # one supervisor per run
+    assert run_id in adopt_orphaned_runs(queue_settings, connection, chunks=fake)
+    assert run_id not in adopt_orphaned_runs(queue_settings, connection, chunks=fake)  # one supervisor per run
     status = wait_final(store, run_id)
     fake.stop.set()
     assert (status.status, status.total, status.done, status.failed) == (DONE, 6, 5, 1), status
@@ -587,8 +625,8 @@ def test_queue_mode_with_a_real_worker_survives_a_redis_restart(ls, settings, re
         redis_server.restart(down_s=1.0)
 
     threading.Thread(target=restart_redis_mid_run, daemon=True).start()
-    status = run_prelabel(queue_settings, pid, chunk=4, progress=False, connection=connection, poll_s=0.2,
-                          stall_s=3.0)
+    runs = QueueRuns(queue_settings, connection, poll_s=0.2, stall_s=3.0)
+    status = runs.run(RunRequest(project=pid, chunk=4), progress=False)
     assert (status.status, status.total, status.done, status.failed) == (DONE, 17, 16, 1), status
     assert list(status.failures) == poison
     assert_one_each(ls, good, poison, Pipeline(settings).model_version)

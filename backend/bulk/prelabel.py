@@ -11,11 +11,12 @@ A *run* labels the tasks of one project with one model version:
    e.g. by its job timeout, keeps what it finished) and record the task as done, or as failed with
    its reason when its image could not be used (a *poison* task fails alone; it gets no prediction,
    so a later run retries it);
-3. **supervise** (:mod:`backend.bulk.supervisor`): run the chunks in this process or as RQ jobs, and
-   follow the run to its end.
+3. **drive** (:mod:`backend.bulk.runs`): run the chunks in this process or as RQ jobs
+   (:mod:`backend.bulk.chunkjob`, followed by :mod:`backend.bulk.supervisor`) to the run's end.
 
 Run records (status, done and failed tasks, write locks) live in a
-:class:`~backend.bulk.runstore.RunStore` (:mod:`backend.bulk.runstore`).
+:class:`~backend.bulk.runstore.RunStore`. A task's failure is a value (:class:`Failed`), recorded
+with its reason; the write's outcome is a :class:`WriteOutcome`.
 
 **Idempotent write-back.** A task gets at most one prediction per model version, even when a chunk
 runs twice (an RQ retry after a lost worker, a supervisor re-enqueue) or two workers race on it:
@@ -30,59 +31,73 @@ untouched). Creating before deleting means a task never goes without a predictio
 between leaves two that the next attempt collapses to one again. A chunk that runs twice in the
 same run replaces nothing twice: the second copy finds the task done in the run's store.
 
-This module never imports torch: :func:`process_chunk` runs on the pipeline it is given.
+Imports the bulk value and store modules, :mod:`backend.ls` and :mod:`backend.queue.connection`;
+never torch (:func:`process_chunk` runs on the pipeline it is given) nor redis-py.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-from backend.ls.labelconfig import LabelConfigError, parse_label_config
+from backend.bulk.runstore import RunStore
+from backend.bulk.spec import BulkTask, PrelabelSpec
+from backend.bulk.status import RunState
+from backend.bulk.writelock import WriteLock, WriteLockTimeout
 from backend.ls.client import LabelStudioApi, LabelStudioApiError, LabelStudioUnavailable
-from backend.bulk.request import PrelabelError
-from backend.bulk.runstore import RUNNING, RunStore, WriteLock, WriteLockTimeout
-from backend.queue.connection import retry_redis
+from backend.ls.labelconfig import LabelConfigError, parse_label_config
 from backend.ls.tasks import PredictRequest, RequestError
+from backend.queue.connection import retry_redis
+
+if TYPE_CHECKING:  # a type name only: chunks run on whatever pipeline they are given
+    from backend.pipeline.predict import TaskOutcome
 
 log = logging.getLogger(__name__)
 
 
-# ================================================================================== spec
+class WriteOutcome(enum.StrEnum):
+    """What :func:`write_prediction` did: ``created``, ``replaced`` (redo), ``kept`` (LS already had
+    one of this version) or ``already`` (this run recorded the task done, e.g. a racing copy)."""
+
+    CREATED = "created"
+    REPLACED = "replaced"
+    KEPT = "kept"
+    ALREADY = "already"
+
+
+class ChunkPipeline(Protocol):
+    """What :func:`process_chunk` needs of a :class:`backend.pipeline.predict.Pipeline`."""
+
+    model_version: str
+
+    def batch_size(self) -> int: ...
+
+    def predict_outcomes(self, request: PredictRequest) -> list[TaskOutcome]: ...
+
 
 @dataclass(frozen=True)
-class PrelabelSpec:
-    """What a run does; travels with every RQ job, so it is JSON-safe (:meth:`to_dict`)."""
+class Failed:
+    """A task that gets no prediction in this run, and why (recorded in the run's failures)."""
 
-    project: int
-    label_config: str
-    prompt: str | None
-    model_version: str
-    redo: bool = False
-
-    def to_dict(self) -> dict:
-        return {"project": self.project, "label_config": self.label_config, "prompt": self.prompt,
-                "model_version": self.model_version, "redo": self.redo}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PrelabelSpec":
-        prompt = data.get("prompt")
-        return cls(project=int(data["project"]), label_config=str(data["label_config"]),
-                   prompt=str(prompt) if prompt else None, model_version=str(data["model_version"]),
-                   redo=bool(data.get("redo", False)))
+    reason: str
 
 
 # ================================================================================== planning
 
 @dataclass
 class PrelabelPlan:
-    tasks: list[dict]  # {"id": int, "data": {...}} of the tasks to label, ascending id
+    tasks: list[BulkTask]  # the tasks to label, ascending id
     skipped: int  # tasks left out because they already have a prediction of the model version
 
 
 def plan_prelabel(api: LabelStudioApi, project: int, model_version: str, redo: bool,
                   page_size: int = 100) -> PrelabelPlan:
+    """The project's tasks without a prediction of ``model_version`` (all of them with ``redo``)."""
     tasks, skipped = [], 0
     for ref in api.iter_tasks(project, page_size=page_size):
         if not redo:
@@ -92,46 +107,44 @@ def plan_prelabel(api: LabelStudioApi, project: int, model_version: str, redo: b
             if has:
                 skipped += 1
                 continue
-        tasks.append({"id": ref.id, "data": ref.data})
+        tasks.append(BulkTask(id=ref.id, data=ref.data))
     return PrelabelPlan(tasks=tasks, skipped=skipped)
 
 
-def plan_tasks_to_label(api: LabelStudioApi, project: int, model_version: str, redo: bool) -> list[dict]:
-    """The tasks (id + data) a run labels: those without a prediction of ``model_version``, or all."""
+def plan_tasks_to_label(api: LabelStudioApi, project: int, model_version: str, redo: bool) -> list[BulkTask]:
+    """The tasks a run labels: those without a prediction of ``model_version``, or all."""
     return plan_prelabel(api, project, model_version, redo).tasks
 
 
 # ================================================================================== processing
 
-def build_request(spec: PrelabelSpec, tasks: list[dict]) -> PredictRequest:
+def build_request(spec: PrelabelSpec, tasks: Sequence[BulkTask]) -> PredictRequest:
     """The pipeline request for a chunk: the run's prompt, or none so the labels are the prompt."""
-    return PredictRequest(tasks=[{"id": t["id"], "data": t.get("data") or {}} for t in tasks],
+    return PredictRequest(tasks=[{"id": t.id, "data": t.data} for t in tasks],
                           config=parse_label_config(spec.label_config), context=None, prompt=spec.prompt)
 
 
 def write_prediction(api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec, task_id: int,
-                     prediction: dict, owner: str | None = None) -> str:
-    """Write one task's prediction idempotently and record it as done. Returns what happened:
-    ``created``, ``replaced`` (redo), ``kept`` (LS already had one of this version) or ``already``
-    (this run recorded it done, e.g. a racing copy of the chunk).
+                     prediction: dict, owner: str | None = None) -> WriteOutcome:
+    """Write one task's prediction idempotently and record it as done; says what happened.
 
     Raises :class:`LabelStudioApiError` (the task's own problem, e.g. deleted meanwhile),
     :class:`LabelStudioUnavailable` (worth retrying the chunk) or :class:`WriteLockTimeout`.
     """
     with store.write_lock(spec.project, task_id, spec.model_version, owner=owner) as lock:
         if store.is_done(run_id, task_id):
-            return "already"
+            return WriteOutcome.ALREADY
         existing = [pid for pid, version in api.predictions(task_id) if version == spec.model_version]
         if existing and not spec.redo:
             store.mark_done(run_id, task_id)
-            return "kept"
+            return WriteOutcome.KEPT
         lock.refresh()
         _create_checked(api, task_id, {**prediction, "model_version": spec.model_version}, existing, lock)
         for prediction_id in existing:
             lock.refresh()
             api.delete_prediction(prediction_id)
         store.mark_done(run_id, task_id)
-        return "replaced" if existing else "created"
+        return WriteOutcome.REPLACED if existing else WriteOutcome.CREATED
 
 
 def _create_checked(api: LabelStudioApi, task_id: int, prediction: dict, existing: list[int],
@@ -154,8 +167,13 @@ def _create_checked(api: LabelStudioApi, task_id: int, prediction: dict, existin
         return mine[0]
 
 
-def process_chunk(pipeline, api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec,
-                  tasks: list[dict]) -> None:
+def fail_tasks(store: RunStore, run_id: str, tasks: Sequence[BulkTask], reason: str) -> None:
+    """Record every task of a chunk (or batch) failed with one reason; tasks already done stay done."""
+    retry_redis(lambda: store.fail_all(run_id, [t.id for t in tasks], reason), f"run {run_id}")
+
+
+def process_chunk(pipeline: ChunkPipeline, api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec,
+                  tasks: Sequence[BulkTask]) -> None:
     """Label one chunk and write its predictions back (what a ``prelabel`` RQ job does).
 
     Skips the chunk when the run is not running (cancelled, finished, unknown) and the tasks this
@@ -164,25 +182,24 @@ def process_chunk(pipeline, api: LabelStudioApi, store: RunStore, run_id: str, s
     unreachable or the pipeline itself fails.
     """
     state = retry_redis(lambda: store.state(run_id), f"run {run_id}")
-    if state != RUNNING:
+    if state != RunState.RUNNING:
         log.info("run %s is %s: skipping a chunk of %d tasks", run_id, state or "unknown", len(tasks))
         return
-    done = retry_redis(lambda: store.done_among(run_id, [int(t["id"]) for t in tasks]), f"run {run_id}")
-    todo = [t for t in tasks if int(t["id"]) not in done]
+    done = retry_redis(lambda: store.done_among(run_id, [t.id for t in tasks]), f"run {run_id}")
+    todo = [t for t in tasks if t.id not in done]
     if not todo:
         return
     if pipeline.model_version != spec.model_version:
-        reason = (f"this worker serves model_version {pipeline.model_version!r} but the run labels with "
-                  f"{spec.model_version!r}: give workers and the prelabel command the same model settings")
-        for task in todo:
-            retry_redis(lambda: store.mark_failed(run_id, int(task["id"]), reason), f"run {run_id}")
+        fail_tasks(store, run_id, todo,
+                   f"this worker serves model_version {pipeline.model_version!r} but the run labels with "
+                   f"{spec.model_version!r}: give workers and the prelabel command the same model settings")
         return
-    counts: dict[str, int] = {}
+    counts: Counter[str] = Counter()
     owner = uuid.uuid4().hex  # this attempt's locks: its own retries may take them over
     size = pipeline.batch_size()
     for start in range(0, len(todo), size):
         batch = todo[start:start + size]
-        if start and retry_redis(lambda: store.state(run_id), f"run {run_id}") != RUNNING:
+        if start and retry_redis(lambda: store.state(run_id), f"run {run_id}") != RunState.RUNNING:
             log.info("run %s is no longer running: not labeling the rest of its chunk", run_id)
             return
         if not _label_batch(pipeline, api, store, run_id, spec, batch, owner, counts):
@@ -191,40 +208,42 @@ def process_chunk(pipeline, api: LabelStudioApi, store: RunStore, run_id: str, s
              ", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing to do")
 
 
-def _label_batch(pipeline, api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec,
-                 batch: list[dict], owner: str, counts: dict[str, int]) -> bool:
+def _label_batch(pipeline: ChunkPipeline, api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec,
+                 batch: list[BulkTask], owner: str, counts: Counter[str]) -> bool:
     """Run the pipeline on one sub-batch and write its predictions back; False when the run was
     cancelled meanwhile (the chunk stops). Raises like :func:`process_chunk`."""
     try:
         outcomes = pipeline.predict_outcomes(build_request(spec, batch))
     except (RequestError, LabelConfigError) as exc:  # the same for every task: no retry helps
-        for task in batch:
-            retry_redis(lambda: store.mark_failed(run_id, int(task["id"]), str(exc)), f"run {run_id}")
-        counts["failed"] = counts.get("failed", 0) + len(batch)
+        fail_tasks(store, run_id, batch, str(exc))
+        counts["failed"] += len(batch)
         return True
     for task, outcome in zip(batch, outcomes):
-        task_id = int(task["id"])
         if retry_redis(lambda: store.is_cancelled(run_id), f"run {run_id}"):
             log.info("run %s cancelled: not writing the rest of its chunk", run_id)
             return False
-        if outcome.error:
-            retry_redis(lambda: store.mark_failed(run_id, task_id, outcome.error), f"run {run_id}")
-            counts["failed"] = counts.get("failed", 0) + 1
-            continue
-        try:
-            what = retry_redis(
-                lambda: write_prediction(api, store, run_id, spec, task_id, outcome.prediction, owner),
-                f"run {run_id}")
-        except LabelStudioUnavailable:
-            raise
-        except (LabelStudioApiError, WriteLockTimeout) as exc:
-            retry_redis(lambda: store.mark_failed(run_id, task_id, f"write-back failed: {exc}"), f"run {run_id}")
-            counts["failed"] = counts.get("failed", 0) + 1
-            continue
-        counts[what] = counts.get(what, 0) + 1
+        result = Failed(outcome.error) if outcome.error else \
+            _write_task(api, store, run_id, spec, task.id, outcome.prediction, owner)
+        if isinstance(result, Failed):
+            retry_redis(lambda: store.mark_failed(run_id, task.id, result.reason), f"run {run_id}")
+            counts["failed"] += 1
+        else:
+            counts[result.value] += 1
     return True
 
 
+def _write_task(api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec, task_id: int,
+                prediction: dict, owner: str) -> WriteOutcome | Failed:
+    """:func:`write_prediction`, with the task's own write-back problems as a :class:`Failed`;
+    LS being unreachable still raises (the whole chunk is worth retrying)."""
+    try:
+        return retry_redis(lambda: write_prediction(api, store, run_id, spec, task_id, prediction, owner),
+                           f"run {run_id}")
+    except LabelStudioUnavailable:
+        raise
+    except (LabelStudioApiError, WriteLockTimeout) as exc:
+        return Failed(f"write-back failed: {exc}")
 
-__all__ = ["PrelabelError", "PrelabelPlan", "PrelabelSpec", "build_request", "plan_prelabel", "plan_tasks_to_label",
-           "process_chunk", "write_prediction"]
+
+__all__ = ["ChunkPipeline", "Failed", "PrelabelPlan", "WriteOutcome", "build_request", "fail_tasks", "plan_prelabel",
+           "plan_tasks_to_label", "process_chunk", "write_prediction"]

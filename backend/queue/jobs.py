@@ -224,70 +224,10 @@ def predict_job(body: dict) -> list[dict]:
     return pipeline.predict(parse_predict_request(body, pipeline.limits))
 
 
-def prelabel_chunk_job(run_id: str, spec: dict, tasks: list[dict]) -> None:
-    """Label one chunk of a bulk run and write the predictions back to LS."""
-    from rq import get_current_job
-
-    from backend.ls.client import LabelStudioApi
-    from backend.bulk.prelabel import PrelabelSpec, process_chunk
-    from backend.bulk.runstore import RedisRunStore
-    from backend.queue.worker import resident_pipeline
-
-    pipeline = resident_pipeline()
-    settings = pipeline.settings
-    with LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key) as api:
-        process_chunk(pipeline, api, RedisRunStore(get_current_job().connection), run_id,
-                      PrelabelSpec.from_dict(spec), tasks)
-
-
 #: The only functions a worker runs, by the import path RQ stores in a job's ``func_name``.
 JOB_FUNCTIONS = {f"{function.__module__}.{function.__qualname__}": function
-                 for function in (predict_job, prelabel_chunk_job)}
-
-
-# ---------------------------------------------------------------- enqueueing (web process, CLI)
-
-def enqueue_prelabel_chunk(connection: redis.Redis, run_id: str, spec, tasks: list[dict]) -> str:
-    job = queue(PRELABEL, connection).enqueue(
-        prelabel_chunk_job, run_id, spec.to_dict(), tasks, job_timeout=PRELABEL_JOB_TIMEOUT_S,
-        retry=PRELABEL_RETRY, result_ttl=RESULT_TTL_S, failure_ttl=24 * 3600, meta={"run_id": run_id},
-        description=f"prelabel run {run_id}: {len(tasks)} tasks")
-    from backend.bulk.runstore import ACTIVE_TTL_S, jobs_key
-
-    with connection.pipeline(transaction=False) as pipe:
-        pipe.sadd(jobs_key(run_id), job.id)
-        pipe.expire(jobs_key(run_id), ACTIVE_TTL_S)  # the supervisor's touch refreshes it, its end shortens it
-        pipe.execute()
-    return job.id
-
-
-def _run_jobs(connection: redis.Redis, run_id: str) -> list[Job]:
-    from backend.bulk.runstore import jobs_key
-
-    ids = [i.decode() if isinstance(i, bytes) else i for i in connection.smembers(jobs_key(run_id))]
-    return [job for job in fetch_jobs(ids, connection) if job is not None]
-
-
-def run_jobs_in_flight(connection: redis.Redis, run_id: str) -> int:
-    """Jobs of this run that are queued, waiting for a retry, or running on a live worker."""
-    waiting = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
-    count = 0
-    for job in _run_jobs(connection, run_id):
-        status = job.get_status(refresh=False)
-        if status in waiting or (status == JobStatus.STARTED and job.worker_name
-                                 and is_alive(connection, job.worker_name)):
-            count += 1
-    return count
-
-
-def cancel_run_jobs(connection: redis.Redis, run_id: str) -> int:
-    """Cancel this run's jobs that have not started; running chunks see the run's cancelled flag."""
-    cancelled = 0
-    for job in _run_jobs(connection, run_id):
-        if job.get_status(refresh=False) in {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}:
-            job.cancel()
-            cancelled += 1
-    return cancelled
+                 for function in (predict_job,)}
+#: (``backend.bulk.chunkjob.prelabel_chunk_job`` is added by the worker process: queue never imports bulk.)
 
 
 class QueueClient:
@@ -377,10 +317,9 @@ class QueueClient:
 
 
 __all__ = ["GsamJob", "INTERACTIVE", "JOB_FUNCTIONS", "PRELABEL", "QueueClient", "QueueError", "QueueTimeout",
-           "QueueUnavailable", "JobFailed", "SERIALIZER", "UnsafeJobError", "cancel_run_jobs", "connect",
-           "enqueue_prelabel_chunk", "fetch_job", "fetch_jobs", "live_workers", "mark_alive", "mark_gone",
-           "predict_job", "predict_payload", "prelabel_chunk_job", "queue", "requeue_abandoned",
-           "run_jobs_in_flight"]
+           "QueueUnavailable", "JobFailed", "SERIALIZER", "UnsafeJobError", "connect",
+           "fetch_job", "fetch_jobs", "live_workers", "mark_alive", "mark_gone",
+           "predict_job", "predict_payload", "queue", "requeue_abandoned"]
 
 
 # ---------------------------------------------------------------- model versions the live workers serve
@@ -420,16 +359,3 @@ def live_model_versions(connection: redis.Redis) -> dict[str, list[str]]:
         if version is not None:
             versions.setdefault(version.decode() if isinstance(version, bytes) else version, []).append(name)
     return versions
-
-
-def run_tasks_in_flight(connection: redis.Redis, run_id: str) -> set[int]:
-    """Ids of the tasks in this run's jobs that are queued, waiting for a retry, or running on a live
-    worker: what a supervisor that adopts the run must not enqueue again."""
-    waiting = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
-    ids: set[int] = set()
-    for job in _run_jobs(connection, run_id):
-        status = job.get_status(refresh=False)
-        if status in waiting or (status == JobStatus.STARTED and job.worker_name
-                                 and is_alive(connection, job.worker_name)):
-            ids.update(int(task["id"]) for task in job.args[2])
-    return ids

@@ -29,7 +29,11 @@ from rq import SimpleWorker
 from backend.queue import jobs
 from backend.pipeline.predict import Pipeline
 from backend.settings import Settings
-from backend.bulk.supervisor import adopt_orphaned_runs
+from backend.bulk.adopt import adopt_orphaned_runs
+from backend.bulk.chunkjob import prelabel_chunk_job
+
+# Bulk chunks run in workers too; queue/jobs.py cannot name the bulk job function (queue never imports bulk).
+jobs.JOB_FUNCTIONS[f"{prelabel_chunk_job.__module__}.{prelabel_chunk_job.__qualname__}"] = prelabel_chunk_job
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ class GsamWorker(SimpleWorker):
                 if self.connection.set("gsam:reaper-lock", self.name, nx=True, px=int(HOUSEKEEPING_EVERY_S * 900)):
                     jobs.requeue_abandoned(self.connection)
                     if _resident is not None:  # bulk runs whose supervisor died are supervised from here
-                        adopt_orphaned_runs(self.connection, _resident.settings)
+                        adopt_orphaned_runs(_resident.settings, self.connection)
             except redis.RedisError as exc:
                 log.warning("housekeeping: Redis unreachable (%s); retrying", type(exc).__name__)
             stop.wait(HOUSEKEEPING_EVERY_S)

@@ -1,0 +1,133 @@
+"""A bulk run's chunks as RQ jobs on the ``prelabel`` queue: the job function workers run, and the
+supervisor's side (enqueue, count and cancel a run's jobs) as :class:`RqChunkQueue`, the default
+:class:`~backend.bulk.supervisor.ChunkQueue`.
+
+The job's arguments cross Redis as JSON: ``prelabel_chunk_job(run_id, spec, tasks)`` with
+``spec`` = :meth:`PrelabelSpec.to_dict` and ``tasks`` = ``[BulkTask.to_json(), ...]``; this is the
+only place bulk tasks are dicts. A run's job ids are kept in ``gsam:run:<id>:jobs``
+(:func:`backend.queue.keys.jobs_key`), which expires with the run's record.
+
+Imports RQ and the queue transport (queue mode only: nothing in embedded mode imports this
+module); reaches the worker's resident pipeline only through :func:`_worker_pipeline`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+from rq import get_current_job
+from rq.job import Job, JobStatus
+
+from backend.bulk.prelabel import process_chunk
+from backend.bulk.redisstore import ACTIVE_TTL_S, RedisRunStore
+from backend.bulk.spec import BulkTask, PrelabelSpec
+from backend.ls.client import LabelStudioApi
+from backend.queue import keys
+from backend.queue.jobs import (PRELABEL, PRELABEL_JOB_TIMEOUT_S, PRELABEL_RETRY, RESULT_TTL_S, fetch_jobs, is_alive,
+                                live_model_versions, live_workers, queue)
+
+#: A job that has not started yet (cancelling it means it never runs).
+_WAITING = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
+FAILURE_TTL_S = 24 * 3600
+
+
+def _worker_pipeline():
+    """The worker process's resident pipeline (the one place a chunk job reaches it)."""
+    from backend.queue.worker import resident_pipeline
+
+    return resident_pipeline()
+
+
+# ---------------------------------------------------------------- the job (runs in a worker)
+
+def prelabel_chunk_job(run_id: str, spec: dict, tasks: list[dict]) -> None:
+    """Label one chunk of a bulk run and write the predictions back to LS."""
+    pipeline = _worker_pipeline()
+    settings = pipeline.settings
+    with LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key) as api:
+        process_chunk(pipeline, api, RedisRunStore(get_current_job().connection), run_id,
+                      PrelabelSpec.from_dict(spec), [BulkTask.from_json(t) for t in tasks])
+
+
+# ---------------------------------------------------------------- the supervisor's side
+
+def enqueue_prelabel_chunk(connection: redis.Redis, run_id: str, spec: PrelabelSpec,
+                           tasks: Sequence[BulkTask]) -> str:
+    """Enqueue one chunk on ``prelabel`` and record its job id with the run; returns the job id."""
+    job = queue(PRELABEL, connection).enqueue(
+        prelabel_chunk_job, run_id, spec.to_dict(), [t.to_json() for t in tasks],
+        job_timeout=PRELABEL_JOB_TIMEOUT_S, retry=PRELABEL_RETRY, result_ttl=RESULT_TTL_S,
+        failure_ttl=FAILURE_TTL_S, meta={"run_id": run_id}, description=f"prelabel run {run_id}: {len(tasks)} tasks")
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.sadd(keys.jobs_key(run_id), job.id)
+        pipe.expire(keys.jobs_key(run_id), ACTIVE_TTL_S)  # the supervisor's touch refreshes it, its end shortens it
+        pipe.execute()
+    return job.id
+
+
+def _run_jobs(connection: redis.Redis, run_id: str) -> list[Job]:
+    ids = [i.decode() if isinstance(i, bytes) else i for i in connection.smembers(keys.jobs_key(run_id))]
+    return [job for job in fetch_jobs(ids, connection) if job is not None]
+
+
+def _live_jobs(connection: redis.Redis, run_id: str) -> list[Job]:
+    """The run's jobs that are queued, waiting for a retry, or running on a live worker."""
+    live = []
+    for job in _run_jobs(connection, run_id):
+        status = job.get_status(refresh=False)
+        if status in _WAITING or (status == JobStatus.STARTED and job.worker_name
+                                  and is_alive(connection, job.worker_name)):
+            live.append(job)
+    return live
+
+
+def run_jobs_in_flight(connection: redis.Redis, run_id: str) -> int:
+    """Jobs of this run that are queued, waiting for a retry, or running on a live worker."""
+    return len(_live_jobs(connection, run_id))
+
+
+def run_tasks_in_flight(connection: redis.Redis, run_id: str) -> set[int]:
+    """Ids of the tasks in this run's jobs in flight: what a supervisor that adopts the run must
+    not enqueue again."""
+    return {BulkTask.from_json(task).id for job in _live_jobs(connection, run_id) for task in job.args[2]}
+
+
+def cancel_run_jobs(connection: redis.Redis, run_id: str) -> int:
+    """Cancel this run's jobs that have not started; running chunks see the run's cancelled flag."""
+    cancelled = 0
+    for job in _run_jobs(connection, run_id):
+        if job.get_status(refresh=False) in _WAITING:
+            job.cancel()
+            cancelled += 1
+    return cancelled
+
+
+class RqChunkQueue:
+    """:class:`~backend.bulk.supervisor.ChunkQueue` on RQ: the ``prelabel`` queue and the workers'
+    liveness entries of one Redis."""
+
+    def __init__(self, connection: redis.Redis):
+        self.connection = connection
+
+    def enqueue(self, run_id: str, spec: PrelabelSpec, tasks: Sequence[BulkTask]) -> str:
+        return enqueue_prelabel_chunk(self.connection, run_id, spec, tasks)
+
+    def in_flight(self, run_id: str) -> int:
+        return run_jobs_in_flight(self.connection, run_id)
+
+    def tasks_in_flight(self, run_id: str) -> set[int]:
+        return run_tasks_in_flight(self.connection, run_id)
+
+    def cancel(self, run_id: str) -> int:
+        return cancel_run_jobs(self.connection, run_id)
+
+    def live_workers(self) -> int:
+        return live_workers(self.connection)
+
+    def live_model_versions(self) -> dict[str, list[str]]:
+        return live_model_versions(self.connection)
+
+
+__all__ = ["RqChunkQueue", "cancel_run_jobs", "enqueue_prelabel_chunk", "prelabel_chunk_job", "run_jobs_in_flight",
+           "run_tasks_in_flight"]

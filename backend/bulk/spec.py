@@ -1,0 +1,54 @@
+"""What a bulk run does and what it works on: :class:`PrelabelSpec` and :class:`BulkTask`.
+
+Both travel inside RQ jobs, so both have a JSON form (``to_json`` / ``from_json``); everywhere
+else in :mod:`backend.bulk` they are these dataclasses. Imports nothing of the backend (the run
+store and the chunk processing both import it, so neither has to import the other).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PrelabelSpec:
+    """What a run does: label ``project`` with ``model_version`` (``prompt`` None: the project's
+    labels are the prompt; ``redo``: also tasks that already have a prediction of the version).
+    ``label_config`` is the project's XML, read once when the run starts."""
+
+    project: int
+    label_config: str
+    prompt: str | None
+    model_version: str
+    redo: bool = False
+
+    def to_dict(self) -> dict:
+        return {"project": self.project, "label_config": self.label_config, "prompt": self.prompt,
+                "model_version": self.model_version, "redo": self.redo}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PrelabelSpec":
+        prompt = data.get("prompt")
+        return cls(project=int(data["project"]), label_config=str(data["label_config"]),
+                   prompt=str(prompt) if prompt else None, model_version=str(data["model_version"]),
+                   redo=bool(data.get("redo", False)))
+
+
+@dataclass(frozen=True)
+class BulkTask:
+    """One LS task of a run: its id and its ``data`` (what the pipeline reads the image URL from)."""
+
+    id: int
+    data: dict[str, Any]
+
+    def to_json(self) -> dict:
+        """The RQ job argument form: ``{"id": int, "data": {...}}``."""
+        return {"id": self.id, "data": self.data}
+
+    @classmethod
+    def from_json(cls, item: dict) -> "BulkTask":
+        return cls(id=int(item["id"]), data=item.get("data") or {})
+
+
+__all__ = ["BulkTask", "PrelabelSpec"]
