@@ -27,7 +27,7 @@ from flask.json.provider import DefaultJSONProvider
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, NotFound
 
-from backend.queue.jobs import QueueClient, QueueError
+from backend.queue.client import QueueClient, QueueError
 from backend.ls.labelconfig import LabelConfigError, parse_label_config
 from backend.ls.client import LabelStudioApiError
 from backend.metrics import Metrics
@@ -232,7 +232,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
             return jsonify({"results": [empty_prediction(version) for _ in parsed.tasks], "model_version": version})
         if queue:
             plan_tasks(parsed, limits)  # a bad prompt is a 400 here, not a failed job
-            predictions = queue.predict(body)
+            predictions = queue.predict(parsed)
         else:
             model = GroundedSAM(body["label_config"], pipeline)
             predictions = model.predict(parsed.tasks, context=parsed.context)
