@@ -129,5 +129,6 @@ def requeue_abandoned(connection: redis.Redis) -> list[str]:
     return abandoned
 
 
-__all__ = ["ALIVE_TTL_S", "REGISTRY_TTL_S", "WORKERS_KEY_TTL_S", "claim_reaper_round", "is_alive", "live_model_versions",
-           "live_workers", "mark_alive", "mark_gone", "register_worker_version", "requeue_abandoned"]
+__all__ = ["ALIVE_TTL_S", "REGISTRY_TTL_S", "WORKERS_KEY_TTL_S", "claim_reaper_round", "is_alive",
+           "live_model_versions", "live_workers", "mark_alive", "mark_gone", "register_worker_version",
+           "requeue_abandoned"]
