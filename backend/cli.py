@@ -118,7 +118,7 @@ def cmd_serve(args) -> int:
 
 def cmd_worker(args) -> int:
     from backend.settings import Settings
-    from backend.queue.worker import run_worker
+    from backend.modes.worker import run_worker
 
     threads = args.threads
     if threads is None:

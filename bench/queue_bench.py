@@ -25,28 +25,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import RedisServer, free_port  # noqa: E402
+from tests.conftest import RedisServer  # noqa: E402
+from tests.processes import free_port, start_worker_process  # noqa: E402
 from tests.lsharness import LabelStudioServer, find_label_studio_bin  # noqa: E402
 from tests.test_bulk import image_uri  # noqa: E402
 from tests.test_http import CONFIG  # noqa: E402
 
 
-def start_workers(count: int, env: dict, logs: Path) -> list[subprocess.Popen]:
-    workers = []
-    for i in range(count):
-        log = open(logs / f"worker{i}-{time.time_ns()}.log", "wb")
-        workers.append(subprocess.Popen([sys.executable, "-m", "backend", "worker"], cwd=REPO, env=env,
-                                        stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 120
-        while b"serving" not in Path(log.name).read_bytes():
-            if workers[-1].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(Path(log.name).read_text()[-2000:])
-            time.sleep(0.2)
-    return workers
-
-
 def timed_run(project: int, workers: int, env: dict, logs: Path, chunk: int) -> float:
-    procs = start_workers(workers, env, logs)
+    procs = [start_worker_process(env, logs / f"worker{i}-{time.time_ns()}.log", ready_s=120) for i in range(workers)]
     try:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project), "--chunk",

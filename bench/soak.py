@@ -36,7 +36,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import RedisServer, free_port, recorded, wait_until_up  # noqa: E402
+from tests.conftest import RedisServer, recorded, wait_until_up  # noqa: E402
+from tests.processes import free_port, start_worker_process  # noqa: E402
 from tests.test_protocol import png  # noqa: E402
 
 MAX_CLIENTS, MAX_SECONDS = 64, 300  # bounds: this is a bench on a shared machine, not a load generator
@@ -106,16 +107,11 @@ def soak(url: str, clients: int, seconds: float, pairs: list[tuple[dict, dict]])
             "p50_s": round(percentile(latencies, 50), 3), "p99_s": round(percentile(latencies, 99), 3)}
 
 
-def start_process(command: list[str], env: dict, log_path: Path, ready: str | None = None) -> subprocess.Popen:
-    log = open(log_path, "wb")
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    deadline = time.monotonic() + 120
-    while ready and ready not in log_path.read_text():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{command} did not start:\n{log_path.read_text()[-2000:]}")
-        time.sleep(0.2)
-    return process
+def start_process(command: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    """``command`` in its own session, output in ``log_path``; the caller waits for it to be up."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
@@ -139,9 +135,8 @@ def run_mode(mode: str, args, env: dict, tmp: Path, pairs) -> list[dict]:
             redis_server = RedisServer(port=free_port(), data_dir=tmp).start()
             web_env["REDIS_URL"] = redis_server.url
             for i in range(args.workers):
-                processes.append(start_process(
-                    [sys.executable, "-m", "backend", "worker"],
-                    {**web_env, "WORKER_THREADS": str(args.worker_threads)}, tmp / f"worker{i}.log", ready="serving"))
+                processes.append(start_worker_process({**web_env, "WORKER_THREADS": str(args.worker_threads)},
+                                                      tmp / f"worker{i}.log", ready_s=120))
         port = free_port()
         web = start_process([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
                              "--threads", "8", "--timeout", "120", "_wsgi:app"], web_env, tmp / f"web-{mode}.log")

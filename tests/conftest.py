@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from backend.settings import Settings
+from tests.processes import free_port, start_worker_process
 
 REPO = Path(__file__).resolve().parent.parent
 # Request bodies recorded from a real LS 1.23.2 server (copied from the team's shared/ls-protocol,
@@ -27,12 +28,6 @@ PROTOCOL = REPO / "tests" / "fixtures" / "ls-protocol"
 def recorded(name: str) -> dict:
     """One recorded exchange, e.g. ``recorded("predict_batch_request.json")["body"]``."""
     return json.loads((PROTOCOL / name).read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until_up(url: str, process: subprocess.Popen, log_path: Path, deadline_s: float = 60.0) -> None:
@@ -188,16 +183,8 @@ def start_worker(tiny_env, tmp_path_factory):
         full_env = {k: v for k, v in os.environ.items() if k not in {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY"}}
         full_env.update(tiny_env, LOG_LEVEL="INFO", PYTHONUNBUFFERED="1", REDIS_URL=redis_url)
         full_env.update({k: str(v) for k, v in env.items()})
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen([sys.executable, "-m", "backend", "worker", *args], cwd=REPO, env=full_env,
-                                       stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        worker = BackendProcess(url="", process=process, log_path=log_path)
+        worker = BackendProcess(url="", process=start_worker_process(full_env, log_path, *args), log_path=log_path)
         started.append(worker)
-        deadline = time.monotonic() + 60
-        while "serving" not in log_path.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
         return worker
 
     yield start

@@ -44,7 +44,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -52,6 +51,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import requests
+
+from tests.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,12 +117,6 @@ def label_studio_bin_or_skip() -> str:
     if is_ci():
         pytest.fail("CI=true and the e2e tests cannot run: " + reason, pytrace=False)
     pytest.skip(reason)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, max_chars: int = 8000) -> str:

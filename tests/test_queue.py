@@ -7,9 +7,16 @@ import signal
 import threading
 import time
 
+import dataclasses
+
 import pytest
+import redis
 import requests
 
+from backend.ls.tasks import PromptLimits, parse_predict_request
+from backend.queue import jobs, resident
+from backend.queue.client import predict_payload
+from backend.queue.transport import GsamJob, UnsafeJobError, function_path
 from tests.conftest import RedisServer, free_port
 from tests.imageserver import ImageServer, make_jwt
 from tests.test_http import CONFIG, body
@@ -27,6 +34,55 @@ def loaded_libraries(pid: int) -> str:
     with open(f"/proc/{pid}/maps") as maps:
         return maps.read()
 
+
+def job_naming(job_class: type[GsamJob], func_name: str) -> GsamJob:
+    """A job naming ``func_name``, built in memory (``Job.create`` writes nothing to Redis)."""
+    return job_class.create(func_name, args=[{}], connection=redis.Redis(port=free_port()))
+
+
+def test_the_web_process_job_class_runs_nothing_and_a_worker_runs_only_what_it_allows():
+    with pytest.raises(UnsafeJobError, match="allowed: none"):
+        job_naming(GsamJob, function_path(jobs.predict_job)).func
+    allowing = GsamJob.allowing([function_path(jobs.predict_job)])
+    assert job_naming(allowing, "backend.queue.jobs.predict_job").func is jobs.predict_job
+    for foreign in ("os.system", "backend.queue.jobs.resident_pipeline", "backend.queue.resident.install"):
+        with pytest.raises(UnsafeJobError, match="not a job function of this backend"):
+            job_naming(allowing, foreign).func
+    assert GsamJob.allowed == frozenset()  # allowing() made a new class; the base still allows nothing
+
+
+def test_resident_pipeline_is_installed_once(monkeypatch):
+    monkeypatch.setattr(resident, "_pipeline", None)
+    with pytest.raises(RuntimeError, match="python -m backend worker"):
+        resident.resident_pipeline()
+    first = object()
+    resident.install(first)
+    resident.install(first)  # the same one again is harmless
+    with pytest.raises(RuntimeError, match="already installed"):
+        resident.install(object())
+    assert resident.resident_pipeline() is first
+
+
+def test_predict_job_parses_back_the_request_the_client_sent(monkeypatch):
+    """Payload out of a parsed request → the worker's parse: the same request, tasks cut to id/data."""
+    limits = PromptLimits()
+    request = parse_predict_request(body(IMAGES[0], IMAGES[1], prompt="cat"), limits)
+    request = dataclasses.replace(request, prompt="dog", tasks=[{**t, "annotations": [{"result": []}]}
+                                                                for t in request.tasks])
+    shared, tasks = predict_payload(request)
+    assert shared == {"label_config": CONFIG, "context": request.context, "prompt": "dog"}
+    assert tasks == [{"id": 1, "data": {"image": IMAGES[0]}}, {"id": 2, "data": {"image": IMAGES[1]}}]
+
+    class FakePipeline:
+        limits = PromptLimits()
+
+        def predict(self, parsed):
+            return [parsed]
+
+    monkeypatch.setattr(resident, "_pipeline", FakePipeline())
+    (parsed,) = jobs.predict_job({**shared, "tasks": tasks})
+    assert (parsed.tasks, parsed.context, parsed.prompt, parsed.config.xml) == (tasks, request.context, "dog", CONFIG)
+    assert parsed.prompt_text() == request.prompt_text() == "cat"
 
 
 def test_interactive_through_the_queue_equals_embedded(queue_stack, start_backend):

@@ -19,7 +19,7 @@ import pytest
 import redis
 import requests
 
-from backend.queue import jobs
+from backend.queue import keys, liveness, transport
 from tests.conftest import RedisServer, free_port
 from tests.imageserver import ImageServer, make_jwt
 from tests.test_http import CONFIG, body
@@ -58,10 +58,10 @@ def push_raw_job(connection: redis.Redis, data: bytes, **fields: str) -> str:
     return job_id
 
 
-def wait_for_end(connection: redis.Redis, job_id: str, timeout_s: float = 60) -> jobs.GsamJob:
+def wait_for_end(connection: redis.Redis, job_id: str, timeout_s: float = 60) -> transport.GsamJob:
     deadline = time.monotonic() + timeout_s
     while True:
-        job = jobs.fetch_job(job_id, connection)
+        job = transport.fetch_job(job_id, connection)
         if job.get_status() in {"failed", "finished"}:
             return job
         assert time.monotonic() < deadline, f"job {job_id} still {job.get_status()}"
@@ -152,7 +152,7 @@ def test_keys_of_served_jobs_and_liveness_expire(stack):
     assert {key: connection.ttl(key) for key in job_keys if connection.ttl(key) == -1} == {}
     for key in connection.keys("gsam:*"):
         assert connection.ttl(key) != -1 or connection.pttl(key) != -1, key
-    assert 0 < connection.ttl(jobs.WORKERS_KEY) <= jobs.WORKERS_KEY_TTL_S
+    assert 0 < connection.ttl(keys.WORKERS) <= liveness.WORKERS_KEY_TTL_S
 
 
 def test_timed_out_predict_leaves_no_key_without_expiry_and_a_small_payload(tmp_path_factory, start_backend):
@@ -175,7 +175,7 @@ def test_timed_out_predict_leaves_no_key_without_expiry_and_a_small_payload(tmp_
         (key,) = connection.keys("rq:job:*")
         func_name, instance, args, kwargs = json.loads(zlib.decompress(connection.hget(key, "data")))
         assert (func_name, instance, kwargs) == ("backend.queue.jobs.predict_job", None, {})
-        assert args == [{"label_config": CONFIG, "context": request["params"]["context"], "project": "1.1",
+        assert args == [{"label_config": CONFIG, "context": request["params"]["context"], "prompt": None,
                          "tasks": [{"id": 1, "data": {"image": IMAGE}}, {"id": 2, "data": {"image": IMAGE}}]}]
         assert 0 < connection.ttl(key)  # a queued interactive job expires even if the web process dies
         thread.join(timeout=60)

@@ -24,8 +24,9 @@ from backend.bulk.redisstore import ACTIVE_TTL_S, RedisRunStore
 from backend.bulk.spec import BulkTask, PrelabelSpec
 from backend.ls.client import LabelStudioApi
 from backend.queue import keys
-from backend.queue.jobs import (PRELABEL, PRELABEL_JOB_TIMEOUT_S, PRELABEL_RETRY, RESULT_TTL_S, fetch_jobs, is_alive,
-                                live_model_versions, live_workers, queue)
+from backend.queue.liveness import is_alive, live_model_versions, live_workers
+from backend.queue.resident import resident_pipeline
+from backend.queue.transport import PRELABEL, PRELABEL_JOB_TIMEOUT_S, PRELABEL_RETRY, RESULT_TTL_S, fetch_jobs, queue
 
 #: A job that has not started yet (cancelling it means it never runs).
 _WAITING = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
@@ -34,8 +35,6 @@ FAILURE_TTL_S = 24 * 3600
 
 def _worker_pipeline():
     """The worker process's resident pipeline (the one place a chunk job reaches it)."""
-    from backend.queue.worker import resident_pipeline
-
     return resident_pipeline()
 
 

@@ -1,11 +1,14 @@
 """``python -m backend worker``: an RQ worker that loads the models once and keeps them resident.
 
-RQ's default ``Worker`` forks a child per job, which would reload the models for every job and
-breaks CUDA; this one subclasses ``SimpleWorker`` (jobs run in the worker's own process). A
-daemon thread keeps the worker's liveness entry fresh and re-queues jobs of dead workers
-(see :mod:`backend.queue.jobs`). If Redis goes away the worker reconnects with backoff instead of exiting.
+A composition root like the web app: it may import bulk, queue and pipeline. It builds the pipeline,
+installs it for the job functions (:mod:`backend.queue.resident`), and gives the job class the
+functions it may run (:data:`JOB_FUNCTIONS`); jobs are read as JSON (:mod:`backend.queue.transport`).
 
-Jobs are read as JSON and only :data:`backend.queue.jobs.JOB_FUNCTIONS` run (:class:`backend.queue.jobs.GsamJob`).
+RQ's default ``Worker`` forks a child per job, which would reload the models for every job and
+breaks CUDA; this one subclasses ``SimpleWorker`` (jobs run in the worker's own process). A daemon
+thread keeps the worker's liveness entry fresh, re-queues jobs of dead workers and adopts bulk runs
+whose supervisor died (see :mod:`backend.queue.liveness`). If Redis goes away the worker reconnects
+with :func:`backend.queue.connection.backoff` instead of exiting.
 
 CPU threads: several workers on one host each get torch's default thread pool (one thread per core)
 and OpenMP threads that spin while waiting, so they fight for the cores (a 6 ms job took 3 s with two
@@ -26,35 +29,33 @@ import uuid
 import redis
 from rq import SimpleWorker
 
-from backend.queue import jobs
-from backend.pipeline.predict import Pipeline
-from backend.settings import Settings
 from backend.bulk.adopt import adopt_orphaned_runs
 from backend.bulk.chunkjob import prelabel_chunk_job
-
-# Bulk chunks run in workers too; queue/jobs.py cannot name the bulk job function (queue never imports bulk).
-jobs.JOB_FUNCTIONS[f"{prelabel_chunk_job.__module__}.{prelabel_chunk_job.__qualname__}"] = prelabel_chunk_job
+from backend.pipeline.predict import Pipeline
+from backend.queue import liveness, resident
+from backend.queue.connection import backoff, connect
+from backend.queue.jobs import predict_job
+from backend.queue.transport import QUEUES, SERIALIZER, GsamJob, function_path, queue
+from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_resident: Pipeline | None = None  # set once per worker process, before any job runs
+#: The only functions a worker runs, by the import path RQ stores in a job's ``func_name``.
+JOB_FUNCTIONS = (function_path(predict_job), function_path(prelabel_chunk_job))
 HOUSEKEEPING_EVERY_S = 5.0
 # RQ's default (600 s) is how long a surviving worker waits before taking over the scheduler lock of a
 # dead one; retries with backoff are scheduled jobs, so they would stall that long.
 MAINTENANCE_EVERY_S = 30
 
 
-def resident_pipeline() -> Pipeline:
-    """The worker process's pipeline (models loaded at worker start)."""
-    if _resident is None:
-        raise RuntimeError("no resident pipeline: job functions run inside `python -m backend worker`")
-    return _resident
-
-
 class GsamWorker(SimpleWorker):
-    """SimpleWorker plus a liveness/reaper thread for the lifetime of ``work()``."""
+    """SimpleWorker plus a liveness/reaper thread for the lifetime of ``work()``; serves ``pipeline``."""
 
     stop_signalled = False
+
+    def __init__(self, *args, pipeline: Pipeline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pipeline = pipeline
 
     def request_stop(self, signum, frame):
         # RQ stops an idle worker by raising from this handler without keeping a flag; with Redis
@@ -72,21 +73,20 @@ class GsamWorker(SimpleWorker):
             stop.set()
             thread.join(timeout=5)
             try:
-                jobs.mark_gone(self.connection, self.name)
+                liveness.mark_gone(self.connection, self.name)
             except redis.RedisError:
                 pass
 
     def _housekeeping(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                jobs.mark_alive(self.connection, self.name)
-                if _resident is not None:  # bulk runs take their model version from the live workers
-                    jobs.register_worker_version(self.connection, self.name, _resident.model_version)
-                # One reaper at a time across all workers; the lock expires before the next round.
-                if self.connection.set("gsam:reaper-lock", self.name, nx=True, px=int(HOUSEKEEPING_EVERY_S * 900)):
-                    jobs.requeue_abandoned(self.connection)
-                    if _resident is not None:  # bulk runs whose supervisor died are supervised from here
-                        adopt_orphaned_runs(_resident.settings, self.connection)
+                liveness.mark_alive(self.connection, self.name)
+                # bulk runs take their model version from the live workers
+                liveness.register_worker_version(self.connection, self.name, self.pipeline.model_version)
+                if liveness.claim_reaper_round(self.connection, self.name, hold_s=0.9 * HOUSEKEEPING_EVERY_S):
+                    liveness.requeue_abandoned(self.connection)
+                    # bulk runs whose supervisor died are supervised from here
+                    adopt_orphaned_runs(self.pipeline.settings, self.connection)
             except redis.RedisError as exc:
                 log.warning("housekeeping: Redis unreachable (%s); retrying", type(exc).__name__)
             stop.wait(HOUSEKEEPING_EVERY_S)
@@ -95,7 +95,7 @@ class GsamWorker(SimpleWorker):
 def limit_cpu_threads(threads: int) -> None:
     """Give this process ``threads`` torch/OpenMP/BLAS threads and a passive OpenMP wait policy.
 
-    The environment part only works before torch is imported (checked: ``backend.queue.worker`` and
+    The environment part only works before torch is imported (checked: ``backend.modes.worker`` and
     ``backend.pipeline.predict`` do not import it); values already in the environment win, so an operator
     can still choose e.g. ``OMP_WAIT_POLICY=ACTIVE``.
     """
@@ -117,42 +117,43 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
     times, tasks) on ``metrics_host`` (loopback unless told otherwise): in queue mode those live in
     the worker, not in the web process. ``threads``: torch/OpenMP threads (see the module doc).
     """
-    global _resident
     if not settings.redis_url:
         raise SystemExit("REDIS_URL is not set: a worker serves the queues of a Redis server")
-    unknown = [q for q in queues if q not in jobs.QUEUES]
+    unknown = [q for q in queues if q not in QUEUES]
     if unknown:
-        raise SystemExit(f"unknown queue(s) {unknown}: use {', '.join(jobs.QUEUES)}")
+        raise SystemExit(f"unknown queue(s) {unknown}: use {', '.join(QUEUES)}")
     limit_cpu_threads(threads)
     if batch_size:
         from dataclasses import replace
 
         settings = replace(settings, batch_size=batch_size)
-    _resident = Pipeline(settings)
+    pipeline = Pipeline(settings)
     if metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr=metrics_host, registry=_resident.metrics.registry)
-    _resident.engine()  # load now: the first job should not pay for it
+        start_http_server(metrics_port, addr=metrics_host, registry=pipeline.metrics.registry)
+    pipeline.engine()  # load now: the first job should not pay for it
+    resident.install(pipeline)
+    job_class = GsamJob.allowing(JOB_FUNCTIONS)
     name = f"gsam-{uuid.uuid4().hex[:12]}"
-    backoff = 1.0
+    pauses = backoff(1.0, 30.0)
     while True:
-        connection = jobs.connect(settings.redis_url)
+        connection = connect(settings.redis_url)
         worker = None
         try:
-            worker = GsamWorker([jobs.queue(q, connection) for q in queues], connection=connection,
+            worker = GsamWorker([queue(q, connection, job_class) for q in queues], connection=connection,
                                 name=name, worker_ttl=60, maintenance_interval=MAINTENANCE_EVERY_S,
-                                serializer=jobs.SERIALIZER, job_class=jobs.GsamJob)
+                                serializer=SERIALIZER, job_class=job_class, pipeline=pipeline)
             log.info("worker %s serving %s (%d CPU thread(s))", name, ", ".join(queues), threads)
             worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
             return
         except redis.RedisError as exc:
             if worker is not None and (worker.stop_signalled or worker._stop_requested):
                 return  # asked to stop (SIGTERM/SIGINT) while Redis was away: stop, do not reconnect
-            log.warning("worker %s lost Redis (%s); reconnecting in %.0f s", name, type(exc).__name__, backoff)
+            pause = next(pauses)
+            log.warning("worker %s lost Redis (%s); reconnecting in %.0f s", name, type(exc).__name__, pause)
             # RQ's signal handlers only set a flag; outside work() a stop signal must end the process.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            time.sleep(pause)
             name = f"gsam-{uuid.uuid4().hex[:12]}"  # the old registration may linger until it expires

@@ -1,0 +1,156 @@
+"""The web process's side of the queues: interactive predictions (enqueue, wait, answer) and health.
+
+:meth:`QueueClient.predict` takes the request the web process has already parsed and validated,
+cuts it into chunks of ``chunk_size`` tasks, enqueues one :func:`backend.queue.jobs.predict_job`
+per chunk on ``interactive`` and waits for all of them, in task order. Failures are
+:class:`QueueError` subclasses whose ``http_status`` is what the web layer answers.
+
+Keys: interactive jobs expire (``ttl`` while queued, ``result_ttl``/``failure_ttl`` once ended) and
+are deleted when this process stops waiting for them.
+Imports the transport, the job function (by reference: no torch), ls's request type and the
+connection helper.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from rq import Retry
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.results import Result
+
+from backend.ls.tasks import PredictRequest
+from backend.queue import keys
+from backend.queue.connection import connect
+from backend.queue.jobs import predict_job
+from backend.queue.transport import INTERACTIVE, QUEUES, queue
+
+log = logging.getLogger(__name__)
+
+_NOT_STARTED = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
+
+
+class QueueError(RuntimeError):
+    """A queue-mode failure; ``http_status`` is what the web layer answers."""
+
+    http_status = 500
+
+
+class QueueUnavailable(QueueError):
+    """Redis cannot be reached."""
+
+    http_status = 503
+
+
+class QueueTimeout(QueueError):
+    """No worker answered in time."""
+
+    http_status = 504
+
+
+class JobFailed(QueueError):
+    """A worker ran the job and it raised."""
+
+    http_status = 502
+
+
+def predict_payload(request: PredictRequest) -> tuple[dict, list[dict]]:
+    """What a ``predict_job`` needs from a parsed request: ``(shared, tasks)``.
+
+    ``shared`` = ``{"label_config", "context", "prompt"}`` (the config's XML as LS sent it); each task
+    is cut to ``{"id", "data"}`` (LS also sends its annotations, drafts and predictions, which the
+    worker never reads). A chunk's job argument is ``{**shared, "tasks": [...]}``.
+    """
+    shared = {"label_config": request.config.xml, "context": request.context, "prompt": request.prompt}
+    return shared, [{"id": task.get("id"), "data": task.get("data")} for task in request.tasks]
+
+
+class QueueClient:
+    """The web process's view of the queues: interactive predictions and health."""
+
+    def __init__(self, redis_url: str, predict_timeout_s: float, chunk_size: int):
+        self.connection = connect(redis_url)
+        self.health_connection = connect(redis_url, timeout_s=0.5)  # /health must answer within 1 s
+        self.predict_timeout_s = predict_timeout_s
+        self.chunk_size = chunk_size
+
+    def predict(self, request: PredictRequest) -> list[dict]:
+        """Enqueue the request's tasks in chunks on ``interactive`` and wait for all of them, in task order.
+
+        Each job carries only what a worker needs (see :func:`predict_payload`). When the wait ends
+        without an answer, the jobs no worker has started are deleted; started ones end with their
+        ``result_ttl``/``failure_ttl``.
+        """
+        shared, tasks = predict_payload(request)
+        deadline = time.monotonic() + self.predict_timeout_s
+        jobs: list[Job] = []
+        try:
+            interactive = queue(INTERACTIVE, self.connection)
+            for i in range(0, len(tasks), self.chunk_size):
+                jobs.append(interactive.enqueue(
+                    predict_job, {**shared, "tasks": tasks[i:i + self.chunk_size]},
+                    job_timeout=int(self.predict_timeout_s) + 30, retry=Retry(max=1),
+                    # ttl: a queued job nobody waits for any more expires even if this process dies
+                    ttl=int(self.predict_timeout_s) + 60, result_ttl=60, failure_ttl=3600,
+                    description=f"predict {len(tasks)} tasks"))
+            results: list[dict] = []
+            for job in jobs:
+                results.extend(self._wait(job, deadline))
+            return results
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"Redis is unreachable ({type(exc).__name__}): check REDIS_URL") from None
+        except QueueTimeout:
+            self._drop_unstarted(jobs)
+            raise
+
+    @staticmethod
+    def _drop_unstarted(jobs: list[Job]) -> None:
+        """Delete (not just cancel: a cancelled job keeps its key) the jobs no worker has started."""
+        for job in jobs:
+            try:
+                if job.get_status() in _NOT_STARTED:
+                    job.delete()
+            except (InvalidJobOperation, NoSuchJobError):
+                continue  # already gone (expired or deleted)
+            except redis.RedisError as exc:
+                log.warning("could not delete timed-out job %s (%s); it expires with its ttl", job.id,
+                            type(exc).__name__)
+
+    def _wait(self, job: Job, deadline: float) -> list[Any]:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QueueTimeout(f"no worker finished the job within PREDICT_TIMEOUT={self.predict_timeout_s:g} s: "
+                                   "check that `python -m backend worker` is running and not overloaded")
+            try:
+                result = job.latest_result(timeout=max(1, min(2, int(remaining))))
+            except ValueError as exc:  # not JSON (e.g. pickle), bad base64: not written by our workers
+                raise JobFailed(f"the result of job {job.id} is unreadable ({type(exc).__name__})") from None
+            if result is None:
+                continue
+            if result.type == Result.Type.SUCCESSFUL:
+                return result.return_value
+            if result.type == Result.Type.FAILED and job.get_status() == JobStatus.FAILED:
+                last_line = (result.exc_string or "").strip().splitlines()[-1:] or ["unknown error"]
+                raise JobFailed(f"the worker failed on this request: {last_line[0]}")
+            # a failed attempt that is being retried, or a retry result: keep waiting
+
+    def health(self) -> dict:
+        """Queue depths and live workers; never waits more than ~0.5 s on Redis."""
+        try:
+            with self.health_connection.pipeline() as pipe:
+                for name in QUEUES:
+                    pipe.llen(queue(name, self.health_connection).key)
+                pipe.zcount(keys.WORKERS, time.time(), "+inf")  # liveness.live_workers, in the same round trip
+                *depths, workers = pipe.execute()
+        except redis.RedisError as exc:
+            return {"status": "DEGRADED", "redis": f"unreachable ({type(exc).__name__})"}
+        return {"status": "UP" if workers else "DEGRADED", "redis": "ok", "workers": int(workers),
+                "queues": dict(zip(QUEUES, (int(d) for d in depths)))}
+
+
+__all__ = ["JobFailed", "QueueClient", "QueueError", "QueueTimeout", "QueueUnavailable", "predict_payload"]

@@ -1,0 +1,134 @@
+"""Which workers are alive, the model versions they serve, and re-queueing the jobs of dead ones.
+
+RQ notices a dead non-forking worker only after its job's timeout + 60 s. Workers here also keep an
+entry in the ``gsam:workers`` sorted set (score = when it expires, refreshed every few seconds by
+the worker's housekeeping). Each round, one worker (the holder of ``gsam:reaper-lock``) runs
+:func:`requeue_abandoned`: a started job whose worker has no live entry is put back at the front of
+its queue at once while it has retries left (each re-queue spends one), and failed through RQ's own
+abandoned-job handling once it has none.
+
+Keys (names in :mod:`backend.queue.keys`): ``gsam:workers`` and ``gsam:worker-versions`` expire a
+minute after the last worker refreshed them; ``gsam:reaper-lock`` is set with PX.
+Imports the transport and the key names; nothing else of the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from rq.exceptions import NoSuchJobError
+from rq.registry import StartedJobRegistry
+
+from backend.queue import keys
+from backend.queue.transport import QUEUES, SERIALIZER, GsamJob, fetch_job, queue
+
+log = logging.getLogger(__name__)
+
+ALIVE_TTL_S = 15
+#: How long ``gsam:workers`` outlives the last heartbeat of any worker (all its entries are stale by then).
+WORKERS_KEY_TTL_S = 4 * ALIVE_TTL_S
+#: The version registry lives as long as the liveness set it is read with (refreshed every few seconds).
+REGISTRY_TTL_S = WORKERS_KEY_TTL_S
+
+
+def mark_alive(connection: redis.Redis, worker_name: str, ttl_s: float = ALIVE_TTL_S) -> None:
+    now = time.time()
+    with connection.pipeline() as pipe:
+        pipe.zadd(keys.WORKERS, {worker_name: now + ttl_s})
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", now - 3600)  # forget workers dead for an hour
+        pipe.expire(keys.WORKERS, WORKERS_KEY_TTL_S)  # gone with the last worker: a missing entry reads as dead
+        pipe.execute()
+
+
+def mark_gone(connection: redis.Redis, worker_name: str) -> None:
+    connection.zrem(keys.WORKERS, worker_name)
+
+
+def live_workers(connection: redis.Redis) -> int:
+    return int(connection.zcount(keys.WORKERS, time.time(), "+inf"))
+
+
+def is_alive(connection: redis.Redis, worker_name: str) -> bool:
+    expires = connection.zscore(keys.WORKERS, worker_name)
+    return expires is not None and expires > time.time()
+
+
+def claim_reaper_round(connection: redis.Redis, worker_name: str, hold_s: float) -> bool:
+    """True when ``worker_name`` runs this housekeeping round: one reaper at a time across all
+    workers; the lock expires after ``hold_s`` (before the next round)."""
+    return bool(connection.set(keys.REAPER_LOCK, worker_name, nx=True, px=int(hold_s * 1000)))
+
+
+def register_worker_version(connection: redis.Redis, worker_name: str, model_version: str) -> None:
+    """Record the model version ``worker_name`` serves (a worker's housekeeping, every few seconds).
+
+    ``gsam:worker-versions`` is a hash worker name -> version; which workers are alive is the
+    ``gsam:workers`` sorted set. Both keys expire a minute after the last worker refreshed them, and
+    entries of workers that left the liveness set are dropped here.
+    """
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.hset(keys.WORKER_VERSIONS, worker_name, model_version)
+        pipe.expire(keys.WORKER_VERSIONS, REGISTRY_TTL_S)  # gsam:workers' own expiry is mark_alive's
+        pipe.hkeys(keys.WORKER_VERSIONS)
+        names = pipe.execute()[-1]
+    if names:
+        scores = connection.zmscore(keys.WORKERS, names)
+        gone = [name for name, score in zip(names, scores) if score is None]
+        if gone:
+            connection.hdel(keys.WORKER_VERSIONS, *gone)
+
+
+def live_model_versions(connection: redis.Redis) -> dict[str, list[str]]:
+    """Model version -> names of the live workers that serve it (workers that registered none are left out)."""
+    names = [n.decode() if isinstance(n, bytes) else n
+             for n in connection.zrangebyscore(keys.WORKERS, time.time(), "+inf")]
+    if not names:
+        return {}
+    versions: dict[str, list[str]] = {}
+    for name, version in zip(names, connection.hmget(keys.WORKER_VERSIONS, names)):
+        if version is not None:
+            versions.setdefault(version.decode() if isinstance(version, bytes) else version, []).append(name)
+    return versions
+
+
+def requeue_abandoned(connection: redis.Redis) -> list[str]:
+    """Re-queue (at the front) the started jobs of dead workers. Returns their ids.
+
+    No backoff: a worker's death is not the job's fault, and RQ's scheduled retries would wait for
+    a scheduler whose lock the dead worker may still hold. Each re-queue spends one retry, so a job
+    that keeps killing workers ends; one without retries left goes through RQ's own abandoned-job
+    handling (recorded as failed).
+    """
+    abandoned = []
+    for name in QUEUES:
+        registry = StartedJobRegistry(name, connection=connection, job_class=GsamJob, serializer=SERIALIZER)
+        out_of_retries = []
+        for entry in connection.zrange(registry.key, 0, -1):
+            job_id = registry.parse_job_id(entry)
+            try:
+                job = fetch_job(job_id, connection)
+            except NoSuchJobError:
+                continue
+            if not job.worker_name or is_alive(connection, job.worker_name):
+                continue
+            abandoned.append(job_id)
+            if (job.retries_left or 0) > 0:
+                connection.zrem(registry.key, entry)
+                job.retries_left -= 1
+                job.save()
+                queue(job.origin, connection).enqueue_job(job, at_front=True)
+            else:
+                out_of_retries.append(entry)
+        if out_of_retries:
+            connection.zadd(registry.key, {entry: 0 for entry in out_of_retries}, xx=True)
+            registry.cleanup(timestamp=1)
+    if abandoned:
+        log.warning("re-queued or failed %d job(s) of dead workers: %s", len(abandoned), ", ".join(abandoned))
+    return abandoned
+
+
+__all__ = ["ALIVE_TTL_S", "REGISTRY_TTL_S", "WORKERS_KEY_TTL_S", "claim_reaper_round", "is_alive",
+           "live_model_versions", "live_workers", "mark_alive", "mark_gone", "register_worker_version",
+           "requeue_abandoned"]
