@@ -1,1 +1,13 @@
-"""engine"""
+"""The GPU stage: Grounding DINO turns phrases into boxes, SAM turns boxes into masks.
+
+Owns every torch import of the backend: ``engine.py`` (:class:`~backend.engine.engine.Engine`:
+detector + segmenter behind a lock; prepare, run, detect, refine, probe), ``detector``,
+``segmenter``, ``masks`` (upsampling on the device), ``device`` (device, dtype, TF32,
+BATCH_SIZE=auto), ``compiling`` (COMPILE=1 and shape buckets), ``preprocess``, ``embedcache``
+(the LRU of SAM image embeddings), ``tiny`` (random-weight models from configs).
+
+Coordinates in and out are pixels of the EXIF-transposed image; results are the torch-free types
+of :mod:`backend.results`. May import only the foundation modules (settings, errors, results,
+batching); this ``__init__`` imports nothing, so importing one engine module never loads the
+others. Only :mod:`backend.pipeline` imports the engine, lazily (the web process never does).
+"""
