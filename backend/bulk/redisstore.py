@@ -97,7 +97,8 @@ class RedisRunStore(RunStore):
 
     @staticmethod
     def _set_keys(run_id: str) -> tuple[str, str, str, str]:
-        return keys.run_key(run_id), keys.run_done_key(run_id), keys.run_failed_key(run_id), keys.run_tasks_key(run_id)
+        return (keys.run_key(run_id), keys.run_key(run_id, "done"), keys.run_key(run_id, "failed"),
+                keys.run_key(run_id, "tasks"))
 
     # ------------------------------------------------------------------ writing
 
@@ -210,7 +211,7 @@ class RedisRunStore(RunStore):
     def done_among(self, run_id, task_ids):
         if not task_ids:
             return set()
-        flags = self.connection.smismember(keys.run_done_key(run_id), [int(t) for t in task_ids])
+        flags = self.connection.smismember(keys.run_key(run_id, "done"), [int(t) for t in task_ids])
         return {int(t) for t, flag in zip(task_ids, flags) if flag}
 
     def state(self, run_id):

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from backend.queue import keys
+from backend.queue.connection import backoff
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +118,11 @@ class RedisWriteLocks:
         token = owner or uuid.uuid4().hex
         deadline = time.monotonic() + (ttl if wait is None else wait)
         ttl_ms = max(1, int(ttl * 1000))
-        pause = 0.02
+        pauses = backoff(0.02, 0.1)
         while not self.take(key, token, ttl):
             if time.monotonic() >= deadline:
                 raise WriteLockTimeout(f"task {task_id}: another writer holds its write lock")
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
+            time.sleep(next(pauses))
         try:
             yield WriteLock(task_id, lambda: bool(self._refresh(keys=[key], args=[token, ttl_ms])))
         finally:

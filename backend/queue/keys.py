@@ -29,33 +29,24 @@ REAPER_LOCK = "gsam:reaper-lock"
 RUN_PREFIX = "gsam:run:"
 RUN_INDEX = "gsam:run-index"
 LOCK_PREFIX = "gsam:lock:"
+RUN_PARTS = ("tasks", "done", "failed", "jobs", "lease")
 
 
-def run_key(run_id: str) -> str:
-    """The run's record (hash)."""
-    return f"{RUN_PREFIX}{run_id}"
-
-
-def run_tasks_key(run_id: str) -> str:
-    return f"{RUN_PREFIX}{run_id}:tasks"
-
-
-def run_done_key(run_id: str) -> str:
-    return f"{RUN_PREFIX}{run_id}:done"
-
-
-def run_failed_key(run_id: str) -> str:
-    return f"{RUN_PREFIX}{run_id}:failed"
+def run_key(run_id: str, part: str | None = None) -> str:
+    """The run's record (hash), or one of its parts: ``tasks``, ``done``, ``failed``, ``jobs``, ``lease``."""
+    if part is not None and part not in RUN_PARTS:
+        raise ValueError(f"a run has no key part {part!r}; use one of {', '.join(RUN_PARTS)}")
+    return f"{RUN_PREFIX}{run_id}" if part is None else f"{RUN_PREFIX}{run_id}:{part}"
 
 
 def jobs_key(run_id: str) -> str:
     """The set of a run's RQ job ids."""
-    return f"{RUN_PREFIX}{run_id}:jobs"
+    return run_key(run_id, "jobs")
 
 
 def lease_key(run_id: str) -> str:
     """Who supervises the run (owner token, expires unless refreshed)."""
-    return f"{RUN_PREFIX}{run_id}:lease"
+    return run_key(run_id, "lease")
 
 
 def write_lock_key(project: int, task_id: int, model_version: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import Any, Callable
 
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,10 +45,15 @@ def _error(status: int, message: str):
     return jsonify({"status": "error", "message": message}), status
 
 
-def _check_run_id(run_id: str) -> None:
-    """Anything but a run id is an unknown run (404), never a store lookup of an odd key."""
+def _run_answer(run_id: str, act: Callable[[str], Any]):
+    """``act(run_id)`` (status or cancel) as JSON, or 404 for anything but a known run's id (never a
+    store lookup of an odd key)."""
     if not RUN_ID.fullmatch(run_id):
         raise NotFound(f"no bulk run {run_id[:64]!r}: run ids are 16 lowercase hex characters")
+    status = act(run_id)
+    if status is None:
+        return _error(404, f"no bulk run {run_id!r}: runs are kept for a week after they end")
+    return jsonify(status.to_json())
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None, preload: bool = False) -> Flask:
@@ -123,19 +129,11 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
 
     @app.get("/jobs/<run_id>")
     def run_status(run_id: str):
-        _check_run_id(run_id)
-        status = backend.runs.status(run_id)
-        if status is None:
-            return _error(404, f"no bulk run {run_id!r}: runs are kept for a week after they end")
-        return jsonify(status.to_json())
+        return _run_answer(run_id, backend.runs.status)
 
     @app.delete("/jobs/<run_id>")
     def cancel(run_id: str):
-        _check_run_id(run_id)
-        status = backend.runs.cancel(run_id)
-        if status is None:
-            return _error(404, f"no bulk run {run_id!r}")
-        return jsonify(status.to_json())
+        return _run_answer(run_id, backend.runs.cancel)
 
     @app.post("/webhook")
     def webhook():
