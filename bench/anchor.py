@@ -16,7 +16,7 @@ from label_studio_sdk.converter import brush
 from transformers import SamModel, SamProcessor
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
-from backend.engine.engine import GroundingDinoDetector
+from backend.engine.detector import GroundingDinoDetector
 from backend.images.decode import decode_image
 from backend.ls.labelconfig import LabelConfig
 from backend.ls.regions import build_prediction

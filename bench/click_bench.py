@@ -29,7 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.engine.embedcache import EmbeddingCache  # noqa: E402
-from backend.engine.engine import SamSegmenter  # noqa: E402
+from backend.engine.segmenter import SamSegmenter  # noqa: E402
 from backend.results import MaskPrompt  # noqa: E402
 from backend.engine.tiny import SAM_VISION_SIZES, build_real_size_sam  # noqa: E402
 

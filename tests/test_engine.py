@@ -4,7 +4,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from backend.engine.engine import nms, resolve_device, resolve_dtype
+from backend.engine.detector import nms
+from backend.engine.device import resolve_device, resolve_dtype
 
 
 def shapes(width, height, seed):

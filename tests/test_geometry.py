@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.engine.engine import Engine, SamSegmenter
+from backend.engine.engine import Engine
+from backend.engine.segmenter import SamSegmenter
 from backend.results import CompactMask, Detections
 from backend.ls.labelconfig import parse_label_config
 from backend.pipeline.predict import Pipeline

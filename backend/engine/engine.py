@@ -28,8 +28,7 @@ from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, 
 from backend.engine.segmenter import ImageEmbedding, SamInput, SamSegmenter
 from backend.results import CompactMask, Detections, ImageResult, MaskPrompt
 
-__all__ = ["Engine", "PreparedImage", "GroundingDinoDetector", "SamSegmenter", "ImageEmbedding", "DinoInput",
-           "SamInput", "nms", "resolve_device", "resolve_dtype"]
+__all__ = ["Engine", "PreparedImage"]
 
 log = logging.getLogger(__name__)
 
