@@ -120,16 +120,10 @@ def cmd_worker(args) -> int:
     from backend.settings import Settings
     from backend.modes.worker import run_worker
 
-    threads = args.threads
-    if threads is None:
-        raw = os.environ.get("WORKER_THREADS", "").strip() or "1"
-        if not raw.isdigit() or int(raw) < 1:
-            print(f"error: WORKER_THREADS must be a positive integer, not {raw!r}", file=sys.stderr)
-            return 2
-        threads = int(raw)
-    run_worker(Settings.from_env(), [q.strip() for q in args.queues.split(",") if q.strip()],
+    settings = Settings.from_env()
+    run_worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()],
                batch_size=args.batch_size, burst=args.burst, metrics_port=args.metrics_port,
-               metrics_host=args.metrics_host, threads=threads)
+               metrics_host=args.metrics_host, threads=args.threads or settings.worker_threads)
     return 0
 
 
@@ -207,5 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     from backend.logsetup import configure_logging
 
     configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
+    from backend.settings import SettingsError
+
     args = build_parser().parse_args(argv)
-    sys.exit(args.func(args))
+    try:
+        sys.exit(args.func(args))
+    except SettingsError as exc:  # a bad environment variable: say which, without a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

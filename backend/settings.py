@@ -98,6 +98,7 @@ class Settings:
     allow_unauthenticated_bulk: bool = False
     log_level: str = "INFO"
     port: int = 9090
+    worker_threads: int = 1  # torch/OpenMP threads per worker: several workers on a host must not each take every core
     preload_models: bool = True  # the web process starts loading the models at start (embedded mode)
     model_version: str | None = None  # None = derived from the two model ids
 
@@ -155,6 +156,7 @@ class Settings:
             allow_unauthenticated_bulk=_bool(env, "ALLOW_UNAUTHENTICATED_BULK", False),
             log_level=log_level,
             port=_number(env, "PORT", 9090, int, 1, 65535),
+            worker_threads=_number(env, "WORKER_THREADS", 1, int, 1, 1024),
             preload_models=_bool(env, "PRELOAD_MODELS", True),
             model_version=_text(env, "MODEL_VERSION", None),
         )
