@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from backend.ls.options import PredictOptions
 from backend.ls.labelconfig import LabelConfig, LabelConfigError, normalize_phrase, parse_label_config
 from backend.ls.smartprompt import SmartPrompt, parse_smart_prompt
 
@@ -60,6 +61,7 @@ class PredictRequest:
     config: LabelConfig
     context: dict | None
     prompt: str | None = None
+    options: PredictOptions = PredictOptions()  # the project's options (extra_params, see backend.ls.options)
 
     def prompt_text(self) -> str | None:
         """The prompt text: the context's TextArea text, else :attr:`prompt`, else None (labels)."""
