@@ -19,6 +19,19 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+@dataclass(frozen=True)
+class DetectThresholds:
+    """The detector's knobs for one image: a box is kept when its phrase score is above ``box``
+    and at least ``text``, boxes of one phrase overlapping by more than ``nms`` IoU are suppressed,
+    and at most ``max_detections`` boxes are kept (best first). The deployment's come from the env
+    (:meth:`Settings.detect_thresholds`); a request may override them (``backend.ls.selection``)."""
+
+    box: float
+    text: float
+    nms: float
+    max_detections: int
+
+
 class SettingsError(ValueError):
     """An environment variable has a value that cannot be used; the message names it and the fix."""
 
@@ -55,6 +68,13 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type, low: 
     return value
 
 
+def _optional_count(env: Mapping[str, str], name: str, high: int) -> int | None:
+    """An integer in [1, high], or None when unset or empty (no limit)."""
+    if (env.get(name) or "").strip() == "":
+        return None
+    return _number(env, name, 1, int, 1, high)
+
+
 def _batch_size(env: Mapping[str, str]) -> int | None:
     """``None`` means ``auto`` (chosen by the engine from free device memory)."""
     raw = (env.get("BATCH_SIZE") or "8").strip().lower()
@@ -73,6 +93,10 @@ class Settings:
     text_threshold: float = 0.25
     nms_threshold: float = 0.7
     max_detections: int = 100
+    # Selection after the detector (backend.ls.selection): masks under this area are dropped (pixels
+    # when >= 1, else a fraction of the image; 0 keeps all), and at most this many per label (None: no cap).
+    min_mask_area: float = 0.0
+    max_detections_per_label: int | None = None
     batch_size: int | None = DEFAULT_BATCH_SIZE  # None = auto: from free GPU memory (8 on the CPU)
     compile: bool = False  # torch.compile the encoders, with shape buckets (slow first batches)
     label_studio_url: str | None = None
@@ -110,6 +134,10 @@ class Settings:
         """Both LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are set (bulk runs and adoption need them)."""
         return bool(self.label_studio_url and self.label_studio_api_key)
 
+    def detect_thresholds(self) -> DetectThresholds:
+        """The deployment's detector thresholds (BOX_THRESHOLD, TEXT_THRESHOLD, NMS_THRESHOLD, MAX_DETECTIONS)."""
+        return DetectThresholds(self.box_threshold, self.text_threshold, self.nms_threshold, self.max_detections)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
@@ -133,6 +161,8 @@ class Settings:
             text_threshold=_number(env, "TEXT_THRESHOLD", 0.25, float, 0.0, 1.0),
             nms_threshold=_number(env, "NMS_THRESHOLD", 0.7, float, 0.0, 1.0),
             max_detections=_number(env, "MAX_DETECTIONS", 100, int, 1, 1000),
+            min_mask_area=_number(env, "MIN_MASK_AREA", 0.0, float, 0.0, 1e9),
+            max_detections_per_label=_optional_count(env, "MAX_DETECTIONS_PER_LABEL", 1000),
             batch_size=_batch_size(env),
             compile=_bool(env, "COMPILE", False),
             label_studio_url=ls_url.rstrip("/") if ls_url else None,

@@ -1,4 +1,10 @@
-"""Grounding DINO: text phrases → boxes, in the pixel frame of the EXIF-transposed image."""
+"""Grounding DINO: text phrases → boxes, in the pixel frame of the EXIF-transposed image.
+
+Thresholds (box, text, NMS, max detections) are per image: the detector is built with the
+deployment's (:class:`DetectThresholds` from the env) and ``detect`` takes others per image, so one
+batch can hold images of requests with different options. They apply after the forward pass only,
+so an image's boxes do not depend on what it was batched with.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from backend.batching import chunks
 from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
 from backend.results import Detections
+from backend.settings import DetectThresholds
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -55,14 +62,17 @@ class GroundingDinoDetector:
 
     Batching is exact: every image is padded to a canvas that depends only on its orientation, so
     an image gets the same boxes alone or in a batch.
+
+    The keyword thresholds are the defaults (``self.thresholds``) for images ``detect`` gets no
+    :class:`DetectThresholds` for.
     """
 
     def __init__(self, source: str, device: torch.device, dtype: torch.dtype, *, box_threshold: float,
                  text_threshold: float, nms_threshold: float, max_detections: int, batch_size: int,
                  compile: bool = False):
         self.device, self.dtype = device, dtype
-        self.box_threshold, self.text_threshold = box_threshold, text_threshold
-        self.nms_threshold, self.max_detections, self.batch_size = nms_threshold, max_detections, batch_size
+        self.thresholds = DetectThresholds(box_threshold, text_threshold, nms_threshold, max_detections)
+        self.batch_size = batch_size
         self.image_processor = GroundingDinoImageProcessorPil.from_pretrained(source)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         # Its multi-scale deformable attention has no SDPA form; the text/image attentions are eager.
@@ -92,10 +102,16 @@ class GroundingDinoDetector:
         return DinoInput(canvas, (image.height, image.width))
 
     @torch.inference_mode()
-    def detect(self, inputs: Sequence[DinoInput | Image.Image], phrases: Sequence[Sequence[str]]) -> list[Detections]:
-        """Per image its detections: (N, 4) XYXY float32 pixels of that image, scores, phrases."""
+    def detect(self, inputs: Sequence[DinoInput | Image.Image], phrases: Sequence[Sequence[str]],
+               thresholds: Sequence[DetectThresholds | None] | None = None) -> list[Detections]:
+        """Per image its detections: (N, 4) XYXY float32 pixels of that image, scores, phrases.
+
+        ``thresholds``: one per image (None, or a None item: :attr:`thresholds`, the deployment's)."""
         if len(inputs) != len(phrases):
             raise ValueError(f"got {len(inputs)} images but {len(phrases)} phrase lists: pass one per image")
+        if thresholds is not None and len(thresholds) != len(inputs):
+            raise ValueError(f"got {len(inputs)} images but {len(thresholds)} thresholds: pass one per image")
+        limits = [self.thresholds if t is None else t for t in (thresholds or [None] * len(inputs))]
         prepared = [item if isinstance(item, DinoInput) else self.prepare(item) for item in inputs]
         results: list[Detections | None] = [None] * len(prepared)
         by_canvas: dict[tuple[int, int], list[int]] = {}
@@ -106,12 +122,14 @@ class GroundingDinoDetector:
                 results[index] = Detections.empty()
         for indices in by_canvas.values():
             for chunk in chunks(indices, self.batch_size):
-                batch = self._run([prepared[i] for i in chunk], [phrases[i] for i in chunk])
+                batch = self._run([prepared[i] for i in chunk], [phrases[i] for i in chunk],
+                                  [limits[i] for i in chunk])
                 for index, detections in zip(chunk, batch):
                     results[index] = detections
         return results  # type: ignore[return-value]
 
-    def _run(self, items: list[DinoInput], phrases: list[Sequence[str]]) -> list[Detections]:
+    def _run(self, items: list[DinoInput], phrases: list[Sequence[str]],
+             limits: list[DetectThresholds]) -> list[Detections]:
         prompts = [" . ".join(p) + " ." for p in phrases]
         text = self.tokenizer(prompts, return_tensors="pt", padding="longest", truncation=True,
                               max_length=self.max_text_len)
@@ -128,7 +146,7 @@ class GroundingDinoDetector:
         probs = outputs.logits[:count].float().sigmoid().cpu().numpy()  # (B, Q, max_text_len)
         boxes = outputs.pred_boxes[:count].float().cpu().numpy()  # (B, Q, 4) cxcywh in [0, 1] of the unpadded image
         input_ids = text["input_ids"][:count].numpy()
-        return [self._postprocess(probs[b], boxes[b], input_ids[b], phrases[b], items[b].size)
+        return [self._postprocess(probs[b], boxes[b], input_ids[b], phrases[b], items[b].size, limits[b])
                 for b in range(count)]
 
     def _phrase_spans(self, input_ids: np.ndarray, count: int) -> list[tuple[int, int]]:
@@ -143,7 +161,8 @@ class GroundingDinoDetector:
                     break
         return spans[:count]  # a truncated prompt loses its last phrases, never shifts them
 
-    def _postprocess(self, probs, cxcywh, input_ids, phrases, size: tuple[int, int]) -> Detections:
+    def _postprocess(self, probs, cxcywh, input_ids, phrases, size: tuple[int, int],
+                     limits: DetectThresholds) -> Detections:
         spans = self._phrase_spans(input_ids, len(phrases))
         if not spans:
             return Detections.empty()
@@ -155,14 +174,14 @@ class GroundingDinoDetector:
         cx, cy, w, h = cxcywh.T
         xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * [width, height, width, height]
         xyxy = np.clip(xyxy, 0, [width, height, width, height]).astype(np.float32)
-        keep = (scores > self.box_threshold) & (scores >= self.text_threshold)
+        keep = (scores > limits.box) & (scores >= limits.text)
         keep &= (xyxy[:, 2] - xyxy[:, 0] >= 1) & (xyxy[:, 3] - xyxy[:, 1] >= 1)
         candidates = np.flatnonzero(keep)
         if len(candidates) == 0:
             return Detections.empty()
         # Per-phrase NMS in one call: shift each phrase's boxes far apart so they never overlap.
         offsets = phrase_index[candidates, None] * (max(width, height) + 1)
-        kept = candidates[nms(xyxy[candidates] + offsets, scores[candidates], self.nms_threshold)]
-        kept = kept[: self.max_detections]
+        kept = candidates[nms(xyxy[candidates] + offsets, scores[candidates], limits.nms)]
+        kept = kept[: limits.max_detections]
         return Detections(boxes=xyxy[kept], scores=scores[kept].astype(np.float32),
                           phrases=tuple(phrases[i] for i in phrase_index[kept]))

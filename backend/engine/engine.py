@@ -27,6 +27,7 @@ from backend.engine.detector import DinoInput, GroundingDinoDetector, nms
 from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, resolve_dtype
 from backend.engine.segmenter import ImageEmbedding, SamInput, SamSegmenter
 from backend.results import CompactMask, Detections, ImageResult, MaskPrompt
+from backend.settings import DetectThresholds
 
 __all__ = ["Engine", "PreparedImage"]
 
@@ -34,7 +35,10 @@ log = logging.getLogger(__name__)
 
 
 class Detector(Protocol):
-    def detect(self, inputs: Sequence[Any], phrases: Sequence[Sequence[str]]) -> list[Detections]: ...
+    """``thresholds`` is passed only when some image has its own (see :meth:`Engine.run`)."""
+
+    def detect(self, inputs: Sequence[Any], phrases: Sequence[Sequence[str]],
+               thresholds: Sequence[DetectThresholds | None] | None = None) -> list[Detections]: ...
 
 
 class Segmenter(Protocol):
@@ -122,18 +126,29 @@ class Engine:
         return PreparedImage(image, dino, sam)
 
     def run(self, images: Sequence[Image.Image | PreparedImage], phrases: Sequence[Sequence[str]],
-            keys: Sequence[str] | None = None) -> list[ImageResult]:
-        """Text → boxes → masks. With ``keys`` (content hashes) SAM embeddings are cached for clicks."""
+            keys: Sequence[str] | None = None,
+            thresholds: Sequence[DetectThresholds | None] | None = None) -> list[ImageResult]:
+        """Text → boxes → masks. With ``keys`` (content hashes) SAM embeddings are cached for clicks.
+
+        ``thresholds``: per image, the detector thresholds of its request (None: the deployment's)."""
         prepared = [item if isinstance(item, PreparedImage) else self.prepare(item) for item in images]
         with self._lock:
-            detections = self.detector.detect([p.for_detector() for p in prepared], phrases)
+            detections = self._detect([p.for_detector() for p in prepared], phrases, thresholds)
             masks = self.segmenter.segment([p.for_segmenter() for p in prepared], [d.boxes for d in detections], keys)
         return [ImageResult(width=p.image.width, height=p.image.height, detections=d, masks=tuple(m))
                 for p, d, m in zip(prepared, detections, masks)]
 
-    def detect(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]]) -> list[Detections]:
+    def detect(self, images: Sequence[Image.Image], phrases: Sequence[Sequence[str]],
+               thresholds: Sequence[DetectThresholds | None] | None = None) -> list[Detections]:
         with self._lock:
-            return self.detector.detect(images, phrases)
+            return self._detect(images, phrases, thresholds)
+
+    def _detect(self, inputs, phrases, thresholds) -> list[Detections]:
+        # Only images with thresholds of their own make a detector see the argument, so a detector
+        # without per-image thresholds (a test stub) keeps serving requests that set none.
+        if thresholds is None or all(t is None for t in thresholds):
+            return self.detector.detect(inputs, phrases)
+        return self.detector.detect(inputs, phrases, thresholds)
 
     def refine(self, image: Image.Image, key: str | None, prompts: Sequence[MaskPrompt]) -> list[tuple[CompactMask, float]]:
         """Clicks/boxes → masks on one image, reusing its cached SAM embedding when there is one."""
