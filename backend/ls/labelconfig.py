@@ -2,12 +2,14 @@
 
 Parsing uses label-studio-sdk's ``LabelInterface``; this module only picks what the backend needs:
 the ``<Image>`` the regions belong to, the ``<TextArea>`` that holds the prompt, and the
-``<RectangleLabels>`` / ``<BrushLabels>`` controls with their labels and ``predicted_values`` aliases.
+``<RectangleLabels>`` / ``<BrushLabels>`` controls with their labels and ``predicted_values`` aliases,
+and the ``model_score_threshold`` of a control or of one ``<Label>`` (applied by ``selection.py``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -22,11 +24,30 @@ class LabelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ControlSpec:
-    """One labels control, e.g. ``<RectangleLabels name="label" toName="image">``."""
+    """One labels control, e.g. ``<RectangleLabels name="label" toName="image">``.
+
+    ``score_threshold``: the control's ``model_score_threshold`` (None: unset); ``label_thresholds``:
+    ``(label, threshold)`` for each ``<Label>`` with its own. See :meth:`threshold_for`.
+    """
 
     name: str
     to_name: str
     labels: tuple[str, ...]
+    score_threshold: float | None = None
+    label_thresholds: tuple[tuple[str, float], ...] = ()
+
+    def threshold_for(self, label: str) -> float | None:
+        """The score a detection of ``label`` must exceed for this control: the label's own
+        ``model_score_threshold``, else the control's, else None (the request's or the env's)."""
+        for name, threshold in self.label_thresholds:
+            if name == label:
+                return threshold
+        return self.score_threshold
+
+    def score_thresholds(self) -> list[float]:
+        """Every threshold set on this control or its labels."""
+        own = [] if self.score_threshold is None else [self.score_threshold]
+        return own + [threshold for _, threshold in self.label_thresholds]
 
 
 def normalize_phrase(text: str) -> str:
@@ -88,8 +109,32 @@ class LabelConfig:
         return best_label
 
 
+def _score_threshold(attrs: dict | None, where: str) -> float | None:
+    """A ``model_score_threshold`` attribute: a number in [0, 1], or None when absent."""
+    raw = (attrs or {}).get("model_score_threshold")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        shown = str(raw)[:40]
+        raise LabelConfigError(f'model_score_threshold="{shown}" on {where} is not a score: use a number '
+                               'in [0, 1], e.g. model_score_threshold="0.45"')
+    return value
+
+
 def _control_spec(control) -> ControlSpec:
-    return ControlSpec(name=control.name, to_name=control.to_name[0], labels=tuple(control.labels))
+    where = f'<{control.tag} name="{control.name}">'
+    label_thresholds = []
+    for label, tag in control.labels_attrs.items():
+        threshold = _score_threshold(tag.attr, f'<Label value="{label[:80]}"> of {where}')
+        if threshold is not None:
+            label_thresholds.append((label, threshold))
+    return ControlSpec(name=control.name, to_name=control.to_name[0], labels=tuple(control.labels),
+                       score_threshold=_score_threshold(control.attr, where),
+                       label_thresholds=tuple(label_thresholds))
 
 
 def _aliases(controls) -> dict[str, str]:
