@@ -2,12 +2,12 @@
 
 Input boxes and masks are in the pixel frame of the EXIF-transposed image; LS stores rectangles in
 percent of that same image (converted by ``geometry.py``) and brush masks as RLE of exactly
-``original_height x original_width``. Two inputs: :class:`ImageResult` (text prompt: each
-detection's phrase is mapped to a config label here) and :class:`LabeledMasks` (smart tools: each
-mask already carries its label).
+``original_height x original_width``. Two inputs: :class:`ImageResult` (text prompt: which
+detections are kept, under which label and as which region kinds, is decided by ``selection.py``)
+and :class:`LabeledMasks` (smart tools: each mask already carries its label; no threshold applies).
 
-May import: ``labelconfig`` and ``geometry`` of this package, and the foundation modules
-``backend.rle`` and ``backend.results`` (the engine's torch-free result types).
+May import: ``labelconfig``, ``geometry``, ``options`` and ``selection`` of this package, and the
+foundation modules ``backend.rle`` and ``backend.results`` (the engine's torch-free result types).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import numpy as np
 
 from backend.ls.geometry import PercentRect
 from backend.ls.labelconfig import LabelConfig
+from backend.ls.options import OUTPUT_KINDS, PredictOptions
+from backend.ls.selection import DropReason, SelectDefaults, select_detections
 from backend.results import CompactMask, ImageResult, LabeledMasks
 from backend.rle import band_to_rle
 
@@ -33,6 +35,7 @@ class RegionStats:
 
     regions: int = 0
     dropped_phrases: dict[str, int] = field(default_factory=dict)
+    dropped: dict[DropReason, int] = field(default_factory=dict)  # every dropped detection, by reason
 
 
 def region_id() -> str:
@@ -68,12 +71,14 @@ def _brush(config: LabelConfig, label: str, rle: list[int], score: float, width:
 
 
 def _regions(config: LabelConfig, label: str, box: np.ndarray, mask: CompactMask, score: float, width: int,
-             height: int, encode_mask: Callable[[CompactMask], list[int]]) -> list[dict]:
-    """The rectangle and/or brush region of one labeled mask: one per control that has the label."""
+             height: int, encode_mask: Callable[[CompactMask], list[int]],
+             kinds: tuple[str, ...] = OUTPUT_KINDS) -> list[dict]:
+    """The rectangle and/or brush region of one labeled mask: one per control that has the label,
+    among ``kinds`` (the region kinds the detection was selected for)."""
     regions = []
-    if config.rectangle and label in config.rectangle.labels:
+    if config.rectangle and "rectangle" in kinds and label in config.rectangle.labels:
         regions.append(_rectangle(config, label, box, score, width, height))
-    if config.brush and label in config.brush.labels:
+    if config.brush and "brush" in kinds and label in config.brush.labels:
         regions.append(_brush(config, label, encode_mask(mask), score, width, height))
     return regions
 
@@ -83,26 +88,26 @@ def _prediction(regions: list[dict], scores: list[float], model_version: str) ->
 
 
 def build_prediction(result: ImageResult, config: LabelConfig, model_version: str,
-                     encode_mask: Callable[[CompactMask], list[int]] = compact_mask_rle) -> tuple[dict, RegionStats]:
-    """One LS prediction for one image: a rectangle and/or a brush region per mapped detection.
+                     encode_mask: Callable[[CompactMask], list[int]] = compact_mask_rle,
+                     options: PredictOptions = PredictOptions(),
+                     defaults: SelectDefaults = SelectDefaults()) -> tuple[dict, RegionStats]:
+    """One LS prediction for one image: a rectangle and/or a brush region per selected detection.
 
     ``encode_mask`` turns a mask into LS RLE (the benchmark's anchor path passes the SDK's).
+    ``options``/``defaults``: the request's and the deployment's selection (thresholds, minimum
+    mask area, cap per label, output kinds; see ``selection.py``); the defaults only map phrases.
 
     A detection whose phrase maps to no config label is dropped (counted in the stats). A label
     present in only one of the two controls yields only that control's region.
     """
     stats = RegionStats()
     regions, scores = [], []
-    detections = result.detections
-    for index, phrase in enumerate(detections.phrases):
-        label = config.map_phrase(phrase)
-        if label is None:
-            stats.dropped_phrases[phrase] = stats.dropped_phrases.get(phrase, 0) + 1
-            continue
-        score = float(detections.scores[index])
-        regions += _regions(config, label, detections.boxes[index], result.masks[index], score, result.width,
-                            result.height, encode_mask)
-        scores.append(score)
+    selection = select_detections(result, config, options, defaults)
+    stats.dropped_phrases, stats.dropped = selection.unmapped_phrases, selection.dropped
+    for item in selection.kept:
+        regions += _regions(config, item.label, item.box, item.mask, item.score, result.width, result.height,
+                            encode_mask, item.kinds)
+        scores.append(item.score)
     stats.regions = len(regions)
     return _prediction(regions, scores, model_version), stats
 

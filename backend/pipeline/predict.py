@@ -2,6 +2,11 @@
 
 The pipeline owns the long-lived parts of a process: the engine (models, created once on first
 use, under a lock), the image loader and the metrics. Each call only reads them.
+
+A request's options (``request.options``, the project's ``extra_params``) and its label config's
+``model_score_threshold`` attributes reach the engine as per-image detector thresholds and the
+regions stage as the selection (``backend.ls.selection``); a request without either runs exactly
+as the env says.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Callable
 from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
 from backend.ls.regions import build_prediction, empty_prediction
+from backend.ls.selection import DropReason, SelectDefaults, request_thresholds
 from backend.settings import DEFAULT_BATCH_SIZE, Settings
 from backend.pipeline.refine import refine_image
 from backend.ls.smartprompt import parse_smart_prompt
@@ -91,6 +97,8 @@ class Pipeline:
         self.settings = settings
         self.model_version = model_version(settings)
         self.limits = prompt_limits(settings)
+        self.thresholds = settings.detect_thresholds()
+        self.select_defaults = SelectDefaults.from_settings(settings)
         self.loader = loader or ImageLoader(fetch_settings(settings))
         self.metrics = metrics or Metrics()
         self._engine_factory = engine_factory or self._default_engine
@@ -198,7 +206,7 @@ class Pipeline:
         raises alone fails (and an out-of-memory batch still labels what fits)."""
         engine = self.engine()
         try:
-            results = self._run_engine(engine, batch, plans, cache_embeddings)
+            results = self._run_engine(engine, batch, plans, cache_embeddings, request)
         except Exception as exc:  # one bad image must not fail its batch-mates: retry them alone
             if len(batch) == 1:
                 log.warning("task %s: the engine failed on its image", plans[batch[0][0]].task_id, exc_info=True)
@@ -213,15 +221,25 @@ class Pipeline:
         return [(index, encoders.submit(self._regions, plans[index], result, request))
                 for (index, _), result in zip(batch, results)], []
 
-    def _run_engine(self, engine, batch: list[tuple[int, ReadyImage]], plans, cache_embeddings):
+    def detect_thresholds(self, request: PredictRequest):
+        """The request's detector thresholds, or None when they are the env's (the engine's own)."""
+        thresholds = request_thresholds(request.config, request.options, self.thresholds)
+        return None if thresholds == self.thresholds else thresholds
+
+    def _run_engine(self, engine, batch: list[tuple[int, ReadyImage]], plans, cache_embeddings, request):
         keys = [ready.loaded.sha256 for _, ready in batch] if cache_embeddings else None
+        images, phrases = [ready.prepared for _, ready in batch], [plans[i].phrases for i, _ in batch]
+        thresholds = self.detect_thresholds(request)
         with self.metrics.stage_seconds.labels("engine").time():
-            return engine.run([ready.prepared for _, ready in batch], [plans[i].phrases for i, _ in batch], keys)
+            if thresholds is None:  # the engine's own thresholds: the call every engine takes
+                return engine.run(images, phrases, keys)
+            return engine.run(images, phrases, keys, thresholds=[thresholds] * len(batch))
 
     def _regions(self, plan: TaskPlan, result, request: PredictRequest) -> TaskOutcome:
         with self.metrics.stage_seconds.labels("regions").time():
             try:
-                prediction, stats = build_prediction(result, request.config, self.model_version)
+                prediction, stats = build_prediction(result, request.config, self.model_version,
+                                                     options=request.options, defaults=self.select_defaults)
             except Exception as exc:  # a failure building one task's regions fails only that task
                 log.warning("task %s: building its regions failed", plan.task_id, exc_info=True)
                 return self._failed(plan, _reason("the regions of this image could not be built", exc))
@@ -266,6 +284,10 @@ class Pipeline:
             self.metrics.dropped_detections.inc(dropped)
             log.info("task %s: dropped %d detections whose phrase maps to no label (%s)", plan.task_id,
                      dropped, ", ".join(sorted(stats.dropped_phrases)))
+        selected_out = {reason.name.lower(): count for reason, count in stats.dropped.items()
+                        if reason is not DropReason.UNMAPPED}
+        if selected_out:  # thresholds, minimum area and caps doing their job: not an anomaly
+            log.debug("task %s: detections left out by selection: %s", plan.task_id, selected_out)
         log.info("task %s: %d regions", plan.task_id, stats.regions)
 
     def _load(self, plan: TaskPlan) -> LoadedImage | ImageFailure:
