@@ -118,9 +118,12 @@ def request_thresholds(config: LabelConfig, options: PredictOptions, base: Detec
         max_detections=base.max_detections if options.max_detections is None else options.max_detections)
 
 
-def _kinds(label: str, score: float, controls: list[tuple[str, ControlSpec]], default: float,
+def _kinds(label: str, score: np.float32, controls: list[tuple[str, ControlSpec]], default: float,
            selection: Selection) -> tuple[str, ...]:
-    """The kinds whose control has ``label`` and whose threshold ``score`` exceeds (dropped: counted)."""
+    """The kinds whose control has ``label`` and whose threshold ``score`` exceeds (dropped: counted).
+
+    Compared in float32, as the detector compares its scores: a threshold the detector ran at
+    keeps here exactly what the detector kept."""
     having = [(kind, control) for kind, control in controls if label in control.labels]
     if not having:
         selection.drop(DropReason.NOT_IN_OUTPUTS)
@@ -128,7 +131,7 @@ def _kinds(label: str, score: float, controls: list[tuple[str, ControlSpec]], de
     kinds = []
     for kind, control in having:
         threshold = control.threshold_for(label)
-        if score > (default if threshold is None else threshold):
+        if score > np.float32(default if threshold is None else threshold):
             kinds.append(kind)
     if not kinds:
         selection.drop(DropReason.BELOW_THRESHOLD)
@@ -147,7 +150,7 @@ def select_detections(result: ImageResult, config: LabelConfig, options: Predict
     per_label: dict[str, int] = {}
     # Best first, so the cap keeps the top scores; stable, so ties keep the detector's order.
     for index in np.argsort(-np.asarray(detections.scores, np.float64), kind="stable"):
-        phrase, score = detections.phrases[index], float(detections.scores[index])
+        phrase, score = detections.phrases[index], np.float32(detections.scores[index])
         label = config.map_phrase(phrase)
         if label is None:
             selection.unmapped_phrases[phrase] = selection.unmapped_phrases.get(phrase, 0) + 1
@@ -164,7 +167,7 @@ def select_detections(result: ImageResult, config: LabelConfig, options: Predict
             selection.drop(DropReason.LABEL_CAP)
             continue
         per_label[label] = per_label.get(label, 0) + 1
-        selection.kept.append(Selected(label, detections.boxes[index], mask, score, kinds))
+        selection.kept.append(Selected(label, detections.boxes[index], mask, float(score), kinds))
     return selection
 
 
