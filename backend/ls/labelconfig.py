@@ -126,7 +126,7 @@ def _score_threshold(attrs: dict | None, where: str) -> float | None:
 
 
 def _control_spec(control) -> ControlSpec:
-    where = f'<{control.tag} name="{control.name}">'
+    where = f'<{control.tag} name="{control.name[:80]}">'  # names are the caller's text: bounded
     label_thresholds = []
     for label, tag in control.labels_attrs.items():
         threshold = _score_threshold(tag.attr, f'<Label value="{label[:80]}"> of {where}')
