@@ -89,6 +89,8 @@ class GsamWorker(SimpleWorker):
                     adopt_orphaned_runs(self.pipeline.settings, self.connection)
             except redis.RedisError as exc:
                 log.warning("housekeeping: Redis unreachable (%s); retrying", type(exc).__name__)
+            except Exception:  # the thread must outlive any one round: liveness depends on it
+                log.exception("housekeeping: a round failed; retrying")
             stop.wait(HOUSEKEEPING_EVERY_S)
 
 
