@@ -85,7 +85,7 @@ def cmd_predict(args) -> int:
     pipeline = Pipeline(settings)
     result = pipeline.engine().run([image.image], [phrases])[0]
     prediction, stats = build_prediction(result, parse_label_config(_config_for_phrases(phrases)),
-                                         pipeline.model_version)
+                                         pipeline.model_version, defaults=pipeline.select_defaults)
     print(f"{args.image}: {image.width}x{image.height}, {len(result.detections)} detections, "
           f"{stats.regions} regions ({pipeline.model_version})")
     if args.json:
