@@ -73,6 +73,7 @@ class Settings:
     text_threshold: float = 0.25
     nms_threshold: float = 0.7
     max_detections: int = 100
+    polygon_tolerance: float = 1.5  # pixels: Douglas–Peucker tolerance of polygon regions (backend.ls.polygons)
     batch_size: int | None = DEFAULT_BATCH_SIZE  # None = auto: from free GPU memory (8 on the CPU)
     compile: bool = False  # torch.compile the encoders, with shape buckets (slow first batches)
     label_studio_url: str | None = None
@@ -133,6 +134,7 @@ class Settings:
             text_threshold=_number(env, "TEXT_THRESHOLD", 0.25, float, 0.0, 1.0),
             nms_threshold=_number(env, "NMS_THRESHOLD", 0.7, float, 0.0, 1.0),
             max_detections=_number(env, "MAX_DETECTIONS", 100, int, 1, 1000),
+            polygon_tolerance=_number(env, "POLYGON_TOLERANCE", 1.5, float, 0.0, 100.0),
             batch_size=_batch_size(env),
             compile=_bool(env, "COMPILE", False),
             label_studio_url=ls_url.rstrip("/") if ls_url else None,

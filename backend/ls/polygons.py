@@ -1,0 +1,91 @@
+"""Mask → polygons: the outer contours of a :class:`CompactMask`, simplified, one per component.
+
+Contours come from OpenCV (``cv2.findContours`` with ``RETR_EXTERNAL``: Suzuki's border following,
+foreground 8-connected) on the mask's crop, so the work scales with the object, not the image; each
+contour is simplified with Douglas–Peucker (``cv2.approxPolyDP``) at ``tolerance`` pixels.
+
+Frame: the pixel frame of the EXIF-transposed image (x right, y down). A contour runs through the
+*centres* of the mask's boundary pixels, so pixel ``(col, row)`` gives the vertex
+``(col + 0.5, row + 0.5)``: the polygon lies half a pixel inside the mask's edge on every side
+(centred on the object, not shifted towards the top-left), and ``cv2.fillPoly`` of the vertices
+minus 0.5 gives the mask's pixels back. Percent conversion is ``geometry.py``'s.
+
+What a polygon cannot say: LS polygons have no holes, so a component's polygon covers its holes
+(and any island inside them); the brush region keeps them. A component whose simplified outline
+has fewer than 3 vertices (a speck, a one-pixel-wide line) is not a polygon and is skipped.
+Imports numpy, OpenCV and the foundation's ``backend.results``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from backend.results import CompactMask
+
+DEFAULT_TOLERANCE = 1.5  # pixels: about the stair-step of a diagonal edge, so vertices follow the shape
+MAX_TOLERANCE = 100.0  # pixels; more than this would turn every object into a triangle
+
+
+def check_tolerance(name: str, value: float) -> float:
+    """A Douglas–Peucker tolerance in pixels: a finite number in [0, MAX_TOLERANCE]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0.0 <= value <= MAX_TOLERANCE:
+        raise ValueError(f"{name} must be pixels in [0, {MAX_TOLERANCE:g}] (e.g. {DEFAULT_TOLERANCE}), "
+                         f"not {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class PolygonParams:
+    """How masks become polygons.
+
+    tolerance: Douglas–Peucker tolerance in pixels (0 keeps every contour vertex).
+    min_area:  a connected component with fewer foreground pixels than this yields no polygon
+               (1: nothing is dropped).
+    """
+
+    tolerance: float = DEFAULT_TOLERANCE
+    min_area: int = 1
+
+    def __post_init__(self):
+        check_tolerance("polygon tolerance", self.tolerance)
+        if isinstance(self.min_area, bool) or not isinstance(self.min_area, int) or self.min_area < 0:
+            raise ValueError(f"the minimum polygon area must be a whole number of pixels >= 0, "
+                             f"not {self.min_area!r}")
+
+
+def _component_areas(crop: np.ndarray, contours) -> np.ndarray:
+    """(K,) int: the pixel count of the 8-connected component each external contour bounds.
+
+    A contour's first vertex is one of its component's pixels, so one labelling pass answers all."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
+    starts = np.array([contour[0, 0] for contour in contours], np.int64).reshape(-1, 2)  # (K, 2) x, y
+    return stats[labels[starts[:, 1], starts[:, 0]], cv2.CC_STAT_AREA]
+
+
+def mask_polygons(mask: CompactMask, params: PolygonParams = PolygonParams()) -> list[np.ndarray]:
+    """The polygons of one mask: a list of (V, 2) float64 pixel vertices (V >= 3), one per
+    8-connected component of at least ``params.min_area`` pixels, largest component first."""
+    if mask.is_empty:
+        return []
+    crop = np.ascontiguousarray(mask.crop, dtype=np.uint8)
+    contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                   offset=(mask.left, mask.top))
+    if not contours:
+        return []
+    if params.min_area > 1:
+        areas = _component_areas(crop, [c - (mask.left, mask.top) for c in contours])
+    else:  # every component has at least one pixel: skip the labelling pass
+        areas = np.array([cv2.contourArea(c) for c in contours])  # only for the order
+    polygons = []
+    for index in np.argsort(-areas, kind="stable"):
+        if params.min_area > 1 and areas[index] < params.min_area:
+            continue
+        simplified = cv2.approxPolyDP(contours[index], params.tolerance, True).reshape(-1, 2)
+        if len(simplified) >= 3:
+            polygons.append(simplified.astype(np.float64) + 0.5)  # pixel index → pixel centre
+    return polygons
