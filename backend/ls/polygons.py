@@ -2,7 +2,11 @@
 
 Contours come from OpenCV (``cv2.findContours`` with ``RETR_EXTERNAL``: Suzuki's border following,
 foreground 8-connected) on the mask's crop, so the work scales with the object, not the image; each
-contour is simplified with Douglas–Peucker (``cv2.approxPolyDP``) at ``tolerance`` pixels.
+contour is simplified with Douglas–Peucker (``cv2.approxPolyDP``) at ``tolerance`` pixels, or less
+for a thin component: at most a tenth of its mean width (2 x area / perimeter), because a
+simplification error of 1.5 px is nothing on a car but half of a 4-pixel-wide cable (measured on a
+diagonal line 4 px wide: IoU of the polygon with the mask 0.69 at 1.5 px, 0.995 at 0.4 px). Objects
+wider than ``10 x tolerance`` use ``tolerance`` as given.
 
 Frame: the pixel frame of the EXIF-transposed image (x right, y down). A contour runs through the
 *centres* of the mask's boundary pixels, so pixel ``(col, row)`` gives the vertex
@@ -28,6 +32,7 @@ from backend.results import CompactMask
 
 DEFAULT_TOLERANCE = 1.5  # pixels: about the stair-step of a diagonal edge, so vertices follow the shape
 MAX_TOLERANCE = 100.0  # pixels; more than this would turn every object into a triangle
+THIN_FRACTION = 0.1  # a component's tolerance is at most this fraction of its mean width
 
 
 def check_tolerance(name: str, value: float) -> float:
@@ -43,7 +48,8 @@ def check_tolerance(name: str, value: float) -> float:
 class PolygonParams:
     """How masks become polygons.
 
-    tolerance: Douglas–Peucker tolerance in pixels (0 keeps every contour vertex).
+    tolerance: Douglas–Peucker tolerance in pixels (0 keeps every contour vertex); thin components
+               use less (:data:`THIN_FRACTION` of their mean width).
     min_area:  a connected component with fewer foreground pixels than this yields no polygon
                (1: nothing is dropped).
     """
@@ -67,6 +73,12 @@ def _component_areas(crop: np.ndarray, contours) -> np.ndarray:
     return stats[labels[starts[:, 1], starts[:, 0]], cv2.CC_STAT_AREA]
 
 
+def _tolerance(contour: np.ndarray, area: float, tolerance: float) -> float:
+    """``tolerance``, capped at :data:`THIN_FRACTION` of the contour's mean width (2 x area / perimeter)."""
+    perimeter = cv2.arcLength(contour, True)
+    return min(tolerance, THIN_FRACTION * 2.0 * area / perimeter) if perimeter > 0 else tolerance
+
+
 def mask_polygons(mask: CompactMask, params: PolygonParams = PolygonParams()) -> list[np.ndarray]:
     """The polygons of one mask: a list of (V, 2) float64 pixel vertices (V >= 3), one per
     8-connected component of at least ``params.min_area`` pixels, largest component first."""
@@ -77,15 +89,15 @@ def mask_polygons(mask: CompactMask, params: PolygonParams = PolygonParams()) ->
                                    offset=(mask.left, mask.top))
     if not contours:
         return []
-    if params.min_area > 1:
-        areas = _component_areas(crop, [c - (mask.left, mask.top) for c in contours])
-    else:  # every component has at least one pixel: skip the labelling pass
-        areas = np.array([cv2.contourArea(c) for c in contours])  # only for the order
+    outline_areas = np.array([cv2.contourArea(c) for c in contours])  # of the pixel-centre outline
+    # every component has at least one pixel: the labelling pass is needed only for a higher minimum
+    pixels = _component_areas(crop, [c - (mask.left, mask.top) for c in contours]) if params.min_area > 1 else None
     polygons = []
-    for index in np.argsort(-areas, kind="stable"):
-        if params.min_area > 1 and areas[index] < params.min_area:
+    for index in np.argsort(-outline_areas, kind="stable"):
+        if pixels is not None and pixels[index] < params.min_area:
             continue
-        simplified = cv2.approxPolyDP(contours[index], params.tolerance, True).reshape(-1, 2)
+        tolerance = _tolerance(contours[index], outline_areas[index], params.tolerance)
+        simplified = cv2.approxPolyDP(contours[index], tolerance, True).reshape(-1, 2)
         if len(simplified) >= 3:
             polygons.append(simplified.astype(np.float64) + 0.5)  # pixel index → pixel centre
     return polygons
