@@ -287,6 +287,6 @@ def test_smart_tool_refine_answers_polygons_of_its_mask(tiny_settings, tolerance
         check_polygon_region(region, "dog", height, width)
         assert region["score"] == brushes[0]["score"]
     mask = rle_to_mask(brushes[0]["value"]["rle"], height, width)
-    # every component but one-pixel-wide ones is a polygon: at tolerance 0 the round trip is near exact
-    print("IOU", tolerance, iou(raster(polygons, height, width), filled(mask)), len(polygons))
-    assert iou(raster(polygons, height, width), filled(mask)) >= (0.95 if tolerance == 0 else 0.8)
+    # the tiny random-weight SAM gives a ragged mask of many small components: each is a polygon
+    # (small, thin components are simplified finely), so the union matches the brush mask's outline
+    assert iou(raster(polygons, height, width), filled(mask)) >= 0.95
