@@ -176,6 +176,16 @@ def test_minimum_area_drops_small_components_only_when_asked():
     assert len(mask_polygons(compact, PolygonParams(min_area=small_blob + 1))) == 1
 
 
+@pytest.mark.parametrize("name", ["ellipse with a hole", "thin line", "non-square image"])
+def test_minimum_area_counts_the_pixels_the_polygon_covers(name):
+    """One component each: its area is exactly its pixels with the holes filled (the outline's)."""
+    mask = SHAPES[name]()
+    mask[0:3, 0:3] = False  # keep the shapes one component each (none of these reaches that corner)
+    compact, covered = CompactMask.from_full(mask), int(filled(mask).sum())
+    assert len(mask_polygons(compact, PolygonParams(min_area=covered))) == 1
+    assert mask_polygons(compact, PolygonParams(min_area=covered + 1)) == []
+
+
 def test_degenerate_components_are_skipped():
     mask = np.zeros((40, 60), bool)
     mask[5, 5] = True  # one pixel
