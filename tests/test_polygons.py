@@ -186,6 +186,20 @@ def test_minimum_area_counts_the_pixels_the_polygon_covers(name):
     assert mask_polygons(compact, PolygonParams(min_area=covered + 1)) == []
 
 
+def test_a_ragged_mask_yields_at_most_max_polygons_the_largest():
+    from backend.ls.polygons import MAX_POLYGONS
+
+    mask = np.zeros((200, 200), bool)
+    for dy in (1, 2):
+        for dx in (1, 2):
+            mask[dy:120:4, dx:200:4] = True  # 30 x 50 = 1500 specks of 2 x 2 pixels
+    mask[150:160, 100:110] = True  # one 10 x 10 square
+    polygons = mask_polygons(CompactMask.from_full(mask), PolygonParams(tolerance=0))
+    assert len(polygons) == MAX_POLYGONS < 1501
+    assert sorted(map(tuple, polygons[0].tolist())) == [(100.5, 150.5), (100.5, 159.5), (109.5, 150.5),
+                                                       (109.5, 159.5)]
+
+
 def test_degenerate_components_are_skipped():
     mask = np.zeros((40, 60), bool)
     mask[5, 5] = True  # one pixel

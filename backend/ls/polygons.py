@@ -16,12 +16,15 @@ minus 0.5 gives the mask's pixels back. Percent conversion is ``geometry.py``'s.
 
 What a polygon cannot say: LS polygons have no holes, so a component's polygon covers its holes
 (and any island inside them); the brush region keeps them. A component whose simplified outline
-has fewer than 3 vertices (a speck, a one-pixel-wide line) is not a polygon and is skipped.
+has fewer than 3 vertices (a speck, a one-pixel-wide line) is not a polygon and is skipped. A mask
+yields at most :data:`MAX_POLYGONS` polygons, the largest components: a ragged mask of thousands of
+specks would otherwise become a prediction of megabytes that LS stores and renders region by region.
 Imports numpy, OpenCV and the foundation's ``backend.results``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -30,8 +33,11 @@ import numpy as np
 
 from backend.results import CompactMask
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TOLERANCE = 1.5  # pixels: about the stair-step of a diagonal edge, so vertices follow the shape
 MAX_TOLERANCE = 100.0  # pixels; more than this would turn every object into a triangle
+MAX_POLYGONS = 500  # per mask; a real object has a handful of components
 THIN_FRACTION = 0.1  # a component's tolerance is at most this fraction of its mean width
 
 
@@ -86,7 +92,8 @@ def _tolerance(contour: np.ndarray, area: float, tolerance: float) -> float:
 
 def mask_polygons(mask: CompactMask, params: PolygonParams = PolygonParams()) -> list[np.ndarray]:
     """The polygons of one mask: a list of (V, 2) float64 pixel vertices (V >= 3), one per
-    8-connected component covering at least ``params.min_area`` pixels, largest component first."""
+    8-connected component covering at least ``params.min_area`` pixels, largest component first,
+    at most :data:`MAX_POLYGONS`."""
     if mask.is_empty:
         return []
     crop = np.ascontiguousarray(mask.crop, dtype=np.uint8)
@@ -97,9 +104,13 @@ def mask_polygons(mask: CompactMask, params: PolygonParams = PolygonParams()) ->
     outline_areas = [cv2.contourArea(c) for c in contours]  # of the pixel-centre outline
     pixels = np.array([_covered_pixels(c, a) for c, a in zip(contours, outline_areas)])
     polygons = []
-    for index in np.argsort(-pixels, kind="stable"):
+    order = np.argsort(-pixels, kind="stable")
+    for index in order:
+        if len(polygons) == MAX_POLYGONS:
+            log.debug("a mask with %d components: kept the %d largest as polygons", len(order), MAX_POLYGONS)
+            break
         if pixels[index] < params.min_area:
-            continue
+            break  # sorted by area: every component after this one is smaller
         tolerance = _tolerance(contours[index], outline_areas[index], params.tolerance)
         simplified = cv2.approxPolyDP(contours[index], tolerance, True).reshape(-1, 2)
         if len(simplified) >= 3:
