@@ -97,6 +97,7 @@ class Settings:
     # when >= 1, else a fraction of the image; 0 keeps all), and at most this many per label (None: no cap).
     min_mask_area: float = 0.0
     max_detections_per_label: int | None = None
+    polygon_tolerance: float = 1.5  # pixels: Douglas–Peucker tolerance of polygon regions (backend.ls.polygons)
     batch_size: int | None = DEFAULT_BATCH_SIZE  # None = auto: from free GPU memory (8 on the CPU)
     compile: bool = False  # torch.compile the encoders, with shape buckets (slow first batches)
     label_studio_url: str | None = None
@@ -163,6 +164,7 @@ class Settings:
             max_detections=_number(env, "MAX_DETECTIONS", 100, int, 1, 1000),
             min_mask_area=_number(env, "MIN_MASK_AREA", 0.0, float, 0.0, 1e9),
             max_detections_per_label=_optional_count(env, "MAX_DETECTIONS_PER_LABEL", 1000),
+            polygon_tolerance=_number(env, "POLYGON_TOLERANCE", 1.5, float, 0.0, 100.0),
             batch_size=_batch_size(env),
             compile=_bool(env, "COMPILE", False),
             label_studio_url=ls_url.rstrip("/") if ls_url else None,

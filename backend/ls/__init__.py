@@ -7,6 +7,7 @@
 - ``smartprompt``: the smart-tool context (keypoints, rectangles, in LS percent) → clicks and boxes;
 - ``geometry``: LS percent ↔ pixels, the only coordinate conversion (rectangles rotate in pixels,
   about their top-left corner); ``regions``: engine results (pixels) → LS prediction JSON;
+  ``polygons``: a mask → its outer contours as simplified polygons (OpenCV), for ``PolygonLabels``;
 - ``client``: the LS API (tasks, predictions, label config) through label-studio-sdk; ``auth``: LS
   credentials (legacy token, or a personal access token refreshed into a Bearer access token).
 

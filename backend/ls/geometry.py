@@ -62,3 +62,9 @@ class PercentRect:
     def value(self) -> dict:
         """The rectangle's fields of an LS ``rectanglelabels`` value."""
         return {"x": self.x, "y": self.y, "width": self.width, "height": self.height, "rotation": self.rotation}
+
+
+def pixel_points_to_percent(points, width: int, height: int):
+    """(V, 2) numpy array of pixel points (x, y) of a ``width x height`` image → LS percent (V, 2)
+    (a polygon's ``points``)."""
+    return points * (100.0 / width, 100.0 / height)

@@ -2,8 +2,9 @@
 
 Parsing uses label-studio-sdk's ``LabelInterface``; this module only picks what the backend needs:
 the ``<Image>`` the regions belong to, the ``<TextArea>`` that holds the prompt, and the
-``<RectangleLabels>`` / ``<BrushLabels>`` controls with their labels and ``predicted_values`` aliases,
-and the ``model_score_threshold`` of a control or of one ``<Label>`` (applied by ``selection.py``).
+``<RectangleLabels>`` / ``<BrushLabels>`` / ``<PolygonLabels>`` controls (any one of them is enough) with
+their labels and ``predicted_values`` aliases, and the ``model_score_threshold`` of a control or of one
+``<Label>`` (applied by ``selection.py``).
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ class LabelConfig:
     prompt_name: str | None  # the <TextArea> whose text is the prompt, if the config has one
     rectangle: ControlSpec | None
     brush: ControlSpec | None
-    labels: tuple[str, ...]  # union of both controls' labels, in config order
+    labels: tuple[str, ...]  # union of the output controls' labels, in config order
     aliases: dict[str, str] = field(default_factory=dict)  # normalized predicted_value -> label
     xml: str = field(default="", repr=False, compare=False)  # the config as LS sent it (for queue payloads)
+    polygon: ControlSpec | None = None  # <PolygonLabels>: every mask also yields its outline polygons
 
     def default_phrases(self) -> list[str]:
         """The prompt used when the request carries none: every label, then every alias."""
@@ -169,20 +171,24 @@ def parse_label_config(xml: str) -> LabelConfig:
         if control.to_name and control.to_name[0] in images:
             by_tag.setdefault(control.tag, []).append(control)
     rectangles, brushes = by_tag.get("RectangleLabels", []), by_tag.get("BrushLabels", [])
-    if not rectangles and not brushes:
+    polygons = by_tag.get("PolygonLabels", [])
+    if not rectangles and not brushes and not polygons:
         raise LabelConfigError(
-            "the label config has neither <RectangleLabels> nor <BrushLabels> on an <Image>: "
+            "the label config has neither <RectangleLabels> nor <BrushLabels> nor <PolygonLabels> on an <Image>: "
             "add at least one of them so the backend has somewhere to put its regions"
         )
     rectangle = _control_spec(rectangles[0]) if rectangles else None
     brush = _control_spec(brushes[0]) if brushes else None
-    image_name = (rectangle or brush).to_name
-    if rectangle and brush and brush.to_name != image_name:
-        brush = None  # regions of one prediction must belong to one image
-    controls = [c for c in (rectangles[:1] + brushes[:1]) if c.to_name[0] == image_name]
+    polygon = _control_spec(polygons[0]) if polygons else None
+    image_name = (rectangle or brush or polygon).to_name
+    # regions of one prediction must belong to one image: the first control's
+    brush = brush if brush and brush.to_name == image_name else None
+    polygon = polygon if polygon and polygon.to_name == image_name else None
+    controls = [c for c in (rectangles[:1] + brushes[:1] + polygons[:1]) if c.to_name[0] == image_name]
     labels = tuple(dict.fromkeys(label for control in controls for label in control.labels))
     if not labels:
-        raise LabelConfigError("the <RectangleLabels>/<BrushLabels> tags have no <Label> children: add labels")
+        raise LabelConfigError("the <RectangleLabels>/<BrushLabels>/<PolygonLabels> tags have no <Label> children: "
+                               "add labels")
     prompts = [c for c in by_tag.get("TextArea", []) if c.to_name[0] == image_name]
     value = images[image_name].value or ""
     return LabelConfig(
@@ -194,4 +200,5 @@ def parse_label_config(xml: str) -> LabelConfig:
         labels=labels,
         aliases=_aliases(controls),
         xml=xml,
+        polygon=polygon,
     )

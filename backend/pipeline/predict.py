@@ -21,6 +21,7 @@ from typing import Callable
 
 from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
+from backend.ls.polygons import PolygonParams
 from backend.ls.regions import build_prediction, empty_prediction
 from backend.ls.selection import DropReason, SelectDefaults, request_thresholds
 from backend.settings import DEFAULT_BATCH_SIZE, Settings
@@ -99,6 +100,7 @@ class Pipeline:
         self.limits = prompt_limits(settings)
         self.thresholds = settings.detect_thresholds()
         self.select_defaults = SelectDefaults.from_settings(settings)
+        self.polygon = PolygonParams(tolerance=settings.polygon_tolerance)  # POLYGON_TOLERANCE
         self.loader = loader or ImageLoader(fetch_settings(settings))
         self.metrics = metrics or Metrics()
         self._engine_factory = engine_factory or self._default_engine
@@ -239,7 +241,8 @@ class Pipeline:
         with self.metrics.stage_seconds.labels("regions").time():
             try:
                 prediction, stats = build_prediction(result, request.config, self.model_version,
-                                                     options=request.options, defaults=self.select_defaults)
+                                                     options=request.options, defaults=self.select_defaults,
+                                                     polygon=self.polygon)
             except Exception as exc:  # a failure building one task's regions fails only that task
                 log.warning("task %s: building its regions failed", plan.task_id, exc_info=True)
                 return self._failed(plan, _reason("the regions of this image could not be built", exc))
@@ -265,7 +268,8 @@ class Pipeline:
             with self.metrics.stage_seconds.labels("refine").time():
                 try:
                     prediction, stats = refine_image(engine, item, request.config, smart,
-                                                     plan.phrases if text else None, self.model_version)
+                                                     plan.phrases if text else None, self.model_version,
+                                                     self.polygon)
                 except Exception as exc:  # one image the models cannot take fails only its task
                     log.warning("task %s: refining failed", plan.task_id, exc_info=not isinstance(exc, ImageError))
                     outcomes.append(self._failed(plan, _reason(

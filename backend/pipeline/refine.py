@@ -6,7 +6,9 @@
 Each region keeps the label of the smart region that made it (a click's or box's own label; with
 text, the detection's phrase), mapped to a config label. SAM's best of three candidate masks by
 predicted IoU is returned as ``brushlabels`` plus, when the config has ``RectangleLabels``, the
-mask's bounding rectangle. Empty masks are dropped; no mask at all is an empty result, not an error.
+mask's bounding rectangle and, when it has ``PolygonLabels``, the mask's outline polygons (one per
+connected component, simplified at ``polygon.tolerance`` pixels). Empty masks are dropped; no mask
+at all is an empty result, not an error.
 Percent → pixels goes through ``backend.ls.geometry``; masks travel as :class:`LabeledMasks`.
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 from backend.images.fetch import LoadedImage
 from backend.ls.geometry import percent_to_pixels
 from backend.ls.labelconfig import LabelConfig
+from backend.ls.polygons import PolygonParams
 from backend.ls.regions import RegionStats, build_mask_prediction
 from backend.ls.smartprompt import Click, SmartPrompt
 from backend.results import Detections, LabeledMasks, MaskPrompt, PromptedMask
@@ -66,11 +69,12 @@ def plan_prompts(smart: SmartPrompt, detections: Detections | None, width: int, 
 
 
 def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, smart: SmartPrompt,
-                 phrases: tuple[str, ...] | None, model_version: str) -> tuple[dict, RegionStats]:
+                 phrases: tuple[str, ...] | None, model_version: str,
+                 polygon: PolygonParams = PolygonParams()) -> tuple[dict, RegionStats]:
     """One LS prediction for one image from its smart-tool prompt (``phrases``: text + clicks)."""
     width, height = loaded.width, loaded.height
     detections = engine.detect([loaded.image], [phrases])[0] if phrases else None
-    fallback = (config.brush or config.rectangle).labels[0]
+    fallback = (config.brush or config.polygon or config.rectangle).labels[0]
     prompts, names = plan_prompts(smart, detections, width, height, fallback)
     outputs = engine.refine(loaded.image, loaded.sha256, prompts)
     stats, kept = RegionStats(), []
@@ -87,6 +91,6 @@ def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, sma
         # SAM's IoU estimate can stray outside [0, 1]; a region score is a confidence, so clip it.
         kept.append(PromptedMask(label=label, mask=mask, score=min(max(score, 0.0), 1.0)))
     kept.sort(key=lambda item: item.score, reverse=True)  # best first; stable, so ties keep prompt order
-    prediction = build_mask_prediction(LabeledMasks(width, height, tuple(kept)), config, model_version)
+    prediction = build_mask_prediction(LabeledMasks(width, height, tuple(kept)), config, model_version, polygon)
     stats.regions = len(prediction["result"])
     return prediction, stats
