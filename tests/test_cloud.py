@@ -76,22 +76,17 @@ def test_unusable_cloud_uris_fail_with_a_reason(uri, fragment):
     assert "\n" not in err.value.reason and len(err.value.reason) < 400
 
 
-@pytest.mark.parametrize("request_uri, prefix, expected", [
-    ("/tasks/7/presign/?fileuri=czM6Ly9i", "", True),
-    ("/tasks/7/resolve/?fileuri=czM6Ly9i", "", True),
-    ("/projects/3/presign/?fileuri=czM6Ly9i", "", True),
-    ("/tasks/7/presign?fileuri=x", "", True),
-    ("/ls/tasks/7/presign/?fileuri=x", "/ls", True),
-    ("/tasks/7/presign/?fileuri=x", "/ls", False),
-    ("/ls/tasks/7/presign/?fileuri=x", "", False),
-    ("/api/tasks/7/presign/", "", False),
-    ("/tasks/7/presign/extra", "", False),
-    ("/tasks/x/presign/", "", False),
-    ("/data/upload/1/tasks/7/presign/", "", False),
-    ("/tasks/7/annotations/", "", False),
-])
-def test_which_ls_requests_are_presign_requests(request_uri, prefix, expected):
-    assert is_resolve_request(request_uri, prefix) is expected
+PRESIGN_REQUESTS = [("/tasks/7/presign/?fileuri=czM6Ly9i", ""), ("/tasks/7/resolve/?fileuri=czM6Ly9i", ""),
+                    ("/projects/3/presign/?fileuri=czM6Ly9i", ""), ("/tasks/7/presign?fileuri=x", ""),
+                    ("/ls/tasks/7/presign/?fileuri=x", "/ls")]
+OTHER_LS_REQUESTS = [("/tasks/7/presign/?fileuri=x", "/ls"), ("/ls/tasks/7/presign/?fileuri=x", ""),
+                     ("/api/tasks/7/presign/", ""), ("/tasks/7/presign/extra", ""), ("/tasks/x/presign/", ""),
+                     ("/data/upload/1/tasks/7/presign/", ""), ("/tasks/7/annotations/", "")]
+
+
+def test_which_ls_requests_are_presign_requests():
+    assert all(is_resolve_request(uri, prefix) for uri, prefix in PRESIGN_REQUESTS)
+    assert not any(is_resolve_request(uri, prefix) for uri, prefix in OTHER_LS_REQUESTS)
 
 
 # ------------------------------------------------------------------------------------------------
