@@ -77,7 +77,7 @@ class MemoryLoader:
     def __init__(self, blobs: dict[str, bytes], max_image_pixels: int):
         self.blobs, self.max_image_pixels = blobs, max_image_pixels
 
-    def load(self, url: str) -> LoadedImage:
+    def load(self, url: str, task_id: object = None) -> LoadedImage:
         return LoadedImage.from_bytes(self.blobs[url], url, self.max_image_pixels)
 
 

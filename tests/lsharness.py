@@ -515,6 +515,24 @@ class LabelStudioClient:
     def sync_local_files_storage(self, storage_id: int) -> dict:
         return self.post(f"/api/storages/localfiles/{storage_id}/sync", timeout=ML_CALL_TIMEOUT)
 
+    def add_s3_storage(self, project_id: int, bucket: str, *, endpoint: str, prefix: str = "",
+                       presign: bool = True, title: str = "s3", regex_filter: str = r".*\.(png|jpe?g)$",
+                       access_key: str = "testing", secret_key: str = "testing",
+                       region: str = "us-east-1") -> int:
+        """An S3 import storage (``POST /api/storages/s3/``) on an S3-compatible ``endpoint``
+        (``s3_endpoint``), with every object as a task (``use_blob_urls``: task data
+        ``s3://<bucket>/<key>``). ``presign``: LS answers ``/tasks/<id>/presign/`` with a 303 to a
+        pre-signed URL (True) or streams the object itself (False). A loopback endpoint needs
+        ``SSRF_PROTECTION_ENABLED=false`` on LS (the harness sets it)."""
+        return self.post("/api/storages/s3/", json={
+            "project": project_id, "title": title, "bucket": bucket, "prefix": prefix,
+            "regex_filter": regex_filter, "use_blob_urls": True, "presign": presign, "presign_ttl": 15,
+            "aws_access_key_id": access_key, "aws_secret_access_key": secret_key,
+            "region_name": region, "s3_endpoint": endpoint})["id"]
+
+    def sync_s3_storage(self, storage_id: int) -> dict:
+        return self.post(f"/api/storages/s3/{storage_id}/sync", timeout=ML_CALL_TIMEOUT)
+
     # ------------------------------------------------------------------ ML backend
     def connect_ml_backend(self, project_id: int, url: str, title: str, is_interactive: bool = True,
                            **fields) -> int:

@@ -10,6 +10,7 @@ was checked. Nothing connects anywhere but 127.0.0.0/8.
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import socket
@@ -399,3 +400,139 @@ def test_refusal_reasons_hide_user_info_and_query(loader_for):
         with pytest.raises(ImageError) as err:
             loader_for().load(url)
         assert "s3cret" not in err.value.reason
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. cloud storage through LS's presign endpoint: the storage host may be private, only there
+#
+# "ls" (127.0.0.1) answers /tasks/<id>/presign/ like LS 1.23 with pre-signed URLs on: a 303 to the
+# storage. "attacker" (127.0.0.2) plays the storage (MinIO next to LS), "third" (127.0.0.3) a
+# further private host. ALLOW_PRIVATE_URLS stays false throughout.
+
+CLOUD_URI = "s3://bucket/dir/img.png"
+SIGNATURE = "X-Amz-Signature=deadbeef"
+
+
+@pytest.fixture(scope="module")
+def third():
+    srv = ImageServer(legacy_token="x", pat="unused", host="127.0.0.3").start()
+    srv.static("/x.png", PNG)
+    yield srv
+    srv.stop()
+
+
+def _presign_route(ls: ImageServer, task_id: int, location: str, *, cookie: bool = False) -> None:
+    """LS's presign answer: 401 without LS credentials, 404 for a fileuri it has no storage for,
+    else a 303 to ``location`` (with a session cookie when ``cookie``)."""
+
+    def answer(handler, query):
+        if not ls.authorized(handler):
+            handler.send_json(401, {"detail": "Authentication credentials were not provided."})
+            return
+        [fileuri] = query.get("fileuri", [""])
+        if base64.urlsafe_b64decode(fileuri.encode()).decode() != CLOUD_URI:
+            handler.send_json(404, {})
+            return
+        headers = {"Location": location}
+        if cookie:
+            headers["Set-Cookie"] = "sessionid=ls-session; Path=/"
+        handler.send_bytes(303, b"", "text/plain", headers=headers)
+
+    ls.route("GET", f"/tasks/{task_id}/presign/", answer)
+
+
+def test_presign_redirect_reaches_a_private_storage_host_without_the_token(ls, attacker, loader_for):
+    attacker.static("/bucket/dir/img.png", PNG)
+    _presign_route(ls, 7, attacker.url(f"/bucket/dir/img.png?{SIGNATURE}"), cookie=True)
+    loaded = loader_for().load(CLOUD_URI, task_id=7)
+    assert (loaded.width, loaded.height) == (8, 6)
+    [asked] = ls.requests
+    expected = base64.urlsafe_b64encode(CLOUD_URI.encode()).decode()
+    assert asked.path == f"/tasks/7/presign/?fileuri={expected}"
+    assert asked.authorization == f"Token {LEGACY}"
+    [fetched] = attacker.requests
+    assert fetched.path == f"/bucket/dir/img.png?{SIGNATURE}"
+    assert fetched.authorization is None
+    assert not any(key.lower() == "cookie" for key in fetched.headers)
+    assert LEGACY not in str(fetched.headers)
+
+
+def test_presign_proxy_mode_bytes_come_from_ls(ls, attacker, loader_for):
+    """Pre-signed URLs off: LS streams the object itself (200), nothing else is contacted."""
+
+    def proxy(handler, query):
+        if ls.authorized(handler):
+            handler.send_bytes(200, PNG, "image/png")
+        else:
+            handler.send_json(401, {})
+
+    ls.route("GET", "/tasks/8/presign/", proxy)
+    assert loader_for().load("gs://bucket/dir/img.png", task_id=8).width == 8
+    [asked] = ls.requests
+    assert asked.authorization == f"Token {LEGACY}"
+    _assert_untouched(attacker)
+
+
+def test_non_presign_ls_redirect_to_a_private_host_still_refused(ls, attacker, loader_for):
+    attacker.static("/bucket/dir/img.png", PNG)
+    storage = attacker.url(f"/bucket/dir/img.png?{SIGNATURE}")
+    paths = ("/data/upload/1/to-storage", "/api/tasks/7/presign/", "/tasks/7/presign/x", "/tasks/x/presign/")
+    for path in paths:
+        ls.route("GET", path, lambda h, q: h.redirect(storage, 303))
+    for path in paths:
+        with pytest.raises(ImageError, match="loopback address"):
+            loader_for().load(path)
+    _assert_untouched(attacker)
+
+
+def test_presign_redirect_that_redirects_again_to_a_third_private_host_refused(
+    ls, attacker, third, loader_for
+):
+    attacker.route("GET", "/bucket/dir/img.png", lambda h, q: h.redirect(third.url("/x.png")))
+    _presign_route(ls, 9, attacker.url(f"/bucket/dir/img.png?{SIGNATURE}"))
+    with pytest.raises(ImageError) as err:
+        loader_for().load(CLOUD_URI, task_id=9)
+    assert "loopback address" in err.value.reason and CLOUD_URI in err.value.reason
+    assert len(attacker.requests) == 1
+    _assert_untouched(third)
+
+
+def test_presign_answer_after_the_chain_left_ls_is_not_trusted(ls, attacker, third, loader_for):
+    """A storage hop that bounces back to an LS presign path: that request went without LS
+    credentials, so LS's redirect is guarded like any other (even if LS answered it)."""
+    ls.route("GET", "/tasks/10/presign/", lambda h, q: h.redirect(third.url("/x.png"), 303))
+    attacker.route("GET", "/bucket/dir/img.png", lambda h, q: h.redirect(ls.url("/tasks/10/presign/")))
+    _presign_route(ls, 11, attacker.url("/bucket/dir/img.png"))
+    with pytest.raises(ImageError, match="loopback address"):
+        loader_for().load(CLOUD_URI, task_id=11)
+    assert [r.authorization is None for r in ls.requests] == [False, True]
+    _assert_untouched(third)
+
+
+def test_presign_requests_only_under_label_studio_url_path(ls, attacker):
+    """With LABEL_STUDIO_URL=http://ls/prefix, only /prefix/tasks/<id>/presign/ is LS's presign."""
+    attacker.static("/bucket/dir/img.png", PNG)
+    storage = attacker.url(f"/bucket/dir/img.png?{SIGNATURE}")
+    ls.route("GET", "/prefix/tasks/7/presign/", lambda h, q: h.redirect(storage, 303))
+    ls.route("GET", "/tasks/7/presign/", lambda h, q: h.redirect(storage, 303))
+    loader = ImageLoader(FetchSettings(label_studio_url=ls.base + "/prefix/", api_key=LEGACY, **FAST))
+    try:
+        assert loader.load(CLOUD_URI, task_id=7).width == 8
+        assert ls.paths()[0].startswith("/prefix/tasks/7/presign/?fileuri=")
+        with pytest.raises(ImageError, match="loopback address"):
+            loader.load(ls.url("/tasks/7/presign/"))
+    finally:
+        loader.close()
+    assert len(attacker.requests) == 1
+
+
+def test_presign_failures_name_the_cloud_uri_and_hide_the_signature(ls, attacker, loader_for):
+    _presign_route(ls, 12, attacker.url(f"/bucket/expired.png?{SIGNATURE}"))
+    attacker.route("GET", "/bucket/expired.png", lambda h, q: h.send_json(403, {}))
+    with pytest.raises(ImageError) as err:
+        loader_for().load(CLOUD_URI, task_id=12)
+    reason = err.value.reason
+    assert CLOUD_URI in reason and "pre-signed URL" in reason and "403" in reason
+    assert "deadbeef" not in reason and LEGACY not in reason
+    with pytest.raises(ImageError, match="no import storage"):
+        loader_for().load("s3://other-bucket/img.png", task_id=12)

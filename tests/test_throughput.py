@@ -111,7 +111,7 @@ def test_images_load_while_the_engine_runs_and_order_survives_failures(tiny_sett
     overlapped = []
 
     class GatedLoader(MemoryLoader):
-        def load(self, url):
+        def load(self, url, task_id=None):
             if url != urls[0] and url != urls[1]:
                 # Images after the first batch wait until the engine has started: a pipeline that
                 # loaded everything before running the engine would time out here.

@@ -12,6 +12,13 @@ Only URLs on the LS origin (same scheme, host and port as ``LABEL_STUDIO_URL``) 
 credentials, and only until a redirect leaves that origin (for the rest of the chain, even if it
 comes back). A ``401`` from LS to a personal access token's access token refreshes it once.
 
+Storage hosts: when the LS origin, asked with its credentials to resolve a cloud storage URI
+(:func:`~backend.images.cloud.is_resolve_request`: ``/tasks/<id>/presign/`` and the like), answers
+with a redirect to another origin, that one hop (the pre-signed storage URL) is fetched even when
+its host is private: the storage endpoint is the LS admin's choice (MinIO next to LS), not the
+task's. It gets no LS credentials (it is another origin), and a redirect it answers is guarded
+like any other hop.
+
 Limits (:class:`~backend.images.config.FetchSettings`): ``connect_timeout`` / ``read_timeout`` per
 socket operation, ``deadline_s`` for the whole chain (checked before each request and between body
 reads), ``max_download_bytes`` from ``Content-Length`` and while streaming.
@@ -34,6 +41,7 @@ from urllib.parse import urljoin
 import requests
 import urllib3
 
+from backend.images.cloud import is_resolve_request
 from backend.images.config import FetchSettings
 from backend.images.decode import ImageError
 from backend.images.safefetch import PinnedHTTP, Target, parse_target
@@ -70,8 +78,9 @@ def auth_session(ca_bundle: str) -> requests.Session:
 class Downloader:
     """GET one image URL within the limits of ``settings`` (see the module docstring).
 
-    ``ls_origin`` is ``LABEL_STUDIO_URL``'s origin (``None`` without it) and ``auth`` its
-    credentials; ``http`` sends the pinned requests. Safe to share between threads.
+    ``ls_origin`` is ``LABEL_STUDIO_URL``'s origin (``None`` without it), ``ls_path`` its path
+    (no trailing ``/``; where LS's presign routes live) and ``auth`` its credentials; ``http``
+    sends the pinned requests. Safe to share between threads.
     """
 
     def __init__(
@@ -82,10 +91,12 @@ class Downloader:
         ls_origin: Origin | None,
         auth: LabelStudioAuth | None,
         resolver: Resolver | None = None,
+        ls_path: str = "",
     ) -> None:
         self._settings = settings
         self._http = http
         self._ls_origin = ls_origin
+        self._ls_path = ls_path
         self._auth = auth
         self._resolver = resolver
 
@@ -99,13 +110,14 @@ class Downloader:
         deadline = time.monotonic() + settings.deadline_s
         send_auth = True  # becomes False for good once the chain leaves the LS origin
         retried_auth = False
+        storage_hop = False  # this hop is where LS's answer to a presign request points
         hops = 0
         while True:
             desc = describe(target.url)
             is_ls = self.is_ls(target)
             if not is_ls:
                 send_auth = False
-            guarded = not is_ls and not settings.allow_private_urls
+            guarded = not is_ls and not settings.allow_private_urls and not storage_hop
             if guarded:
                 refuse_localhost_name(target.host)
             # One lookup per hop; the request below goes to one of exactly these addresses.
@@ -137,7 +149,14 @@ class Downloader:
                         )
                     # The same parser and checks as for the task URL (next loop turn).
                     next_target = parse_target(urljoin(target.url, location))
-                    if next_target.origin != target.origin:
+                    leaves = next_target.origin != target.origin
+                    # Only LS's own answer to a presign request it got with our credentials (the
+                    # chain never left LS) names a storage host that may be private; one hop only.
+                    storage_hop = (
+                        leaves and is_ls and send_auth
+                        and is_resolve_request(target.request_uri, self._ls_path)
+                    )
+                    if leaves:
                         send_auth = False
                     target = next_target
                     continue
@@ -153,7 +172,11 @@ class Downloader:
                     retried_auth = True
                     continue
                 if status != 200:
-                    raise ImageError(self._status_reason(status, desc, is_ls and send_auth))
+                    raise ImageError(self._status_reason(
+                        status, desc, is_ls and send_auth,
+                        resolving=is_ls and is_resolve_request(target.request_uri, self._ls_path),
+                        storage=storage_hop,
+                    ))
                 data = self._read_body(response, desc, deadline)
                 reusable = True
                 return data
@@ -237,7 +260,19 @@ class Downloader:
             f"{self._settings.deadline_s:g} s: the server is too slow or the image too large"
         )
 
-    def _status_reason(self, status: int, desc: str, authenticated_ls: bool) -> str:
+    def _status_reason(
+        self, status: int, desc: str, authenticated_ls: bool, *, resolving: bool, storage: bool
+    ) -> str:
+        if resolving and status == 404:
+            return (
+                f"Label Studio could not resolve the cloud storage image (HTTP 404 from {desc}): "
+                "no import storage of the task's project serves that bucket, or the task is gone"
+            )
+        if storage and status in (401, 403):
+            return (
+                f"the storage refused the pre-signed URL Label Studio redirected to (HTTP {status} "
+                f"from {desc}): check the storage's credentials and presign TTL in Label Studio"
+            )
         if authenticated_ls and status in (401, 403):
             if self._auth is None or self._auth.kind is AuthKind.NONE:
                 hint = "set LABEL_STUDIO_API_KEY to a legacy token or a personal access token"

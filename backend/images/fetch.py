@@ -1,7 +1,9 @@
 """The image loader: a Label Studio task's image value → :class:`LoadedImage`.
 
 :class:`ImageLoader` ties the image modules together: it resolves the task's URL
-(:mod:`backend.images.sources`: LS-relative paths, local files, data: URIs), downloads http(s)
+(:mod:`backend.images.sources`: LS-relative paths, local files, data: URIs;
+:mod:`backend.images.cloud`: ``s3://``/``gs://``/``azure-blob://`` URIs through LS's presign
+endpoint, which needs the task's id), downloads http(s)
 URLs (:mod:`backend.images.download`: the pinned fetch with its SSRF guard, redirects, deadlines
 and size limits) and decodes the bytes within its :class:`~backend.images.decode.PixelBudget`
 (:meth:`LoadedImage.from_bytes`). Every image returned is the *EXIF-transposed* image, converted
@@ -27,6 +29,7 @@ import os
 
 import requests
 
+from backend.images.cloud import cloud_scheme, presign_url
 from backend.images.config import FetchSettings
 from backend.images.decode import ImageError, LoadedImage, PixelBudget
 from backend.images.download import Downloader, auth_session
@@ -34,6 +37,7 @@ from backend.images.safefetch import PinnedHTTP, ca_bundle_from_env, parse_targe
 from backend.images.sources import (
     absolute_url,
     decode_data_uri,
+    describe,
     is_data_uri,
     local_files_param,
     read_local_file,
@@ -77,10 +81,13 @@ class ImageLoader:
         self._session = session if session is not None else auth_session(ca_bundle)
         self._ls_base: str | None = None
         ls_origin = None
+        ls_path = ""
         self._auth: LabelStudioAuth | None = None
         if settings.label_studio_url:
             self._ls_base = settings.label_studio_url.rstrip("/")
-            ls_origin = parse_target(self._ls_base).origin
+            ls_target = parse_target(self._ls_base)
+            ls_origin = ls_target.origin
+            ls_path = ls_target.request_uri.split("?", 1)[0].rstrip("/")
             self._auth = auth or LabelStudioAuth(
                 self._ls_base,
                 settings.api_key,
@@ -88,7 +95,8 @@ class ImageLoader:
                 session=self._session,
             )
         self._download = Downloader(
-            settings, self._http, ls_origin=ls_origin, auth=self._auth, resolver=resolver
+            settings, self._http, ls_origin=ls_origin, auth=self._auth, resolver=resolver,
+            ls_path=ls_path,
         )
         self._root: str | None = None
         if settings.local_files_root:
@@ -107,26 +115,36 @@ class ImageLoader:
     def __repr__(self) -> str:
         return f"ImageLoader(label_studio_url={self._ls_base!r}, auth={self._auth!r})"
 
-    def load(self, url: str) -> LoadedImage:
+    def load(self, url: str, task_id: object = None) -> LoadedImage:
         """Resolve, fetch and decode the image at ``url`` (a task's image value).
+
+        ``task_id`` is the task's Label Studio id: cloud storage URIs are resolved per task
+        (``/tasks/<id>/presign/``) and fail without it; other URLs ignore it.
 
         Returns an RGB, EXIF-transposed :class:`LoadedImage`; raises :class:`ImageError` for every
         failure, logged at WARNING with the reason only.
         """
         try:
             return LoadedImage.from_bytes(
-                self._fetch(url), url, self._settings.max_image_pixels, self.budget
+                self._fetch(url, task_id), url, self._settings.max_image_pixels, self.budget
             )
         except ImageError as exc:
             log.warning("image load failed: %s", exc.reason)
             raise
 
-    def _fetch(self, url: str) -> bytes:
+    def _fetch(self, url: str, task_id: object) -> bytes:
         """The encoded bytes of the task's image: inline, from disk, or downloaded."""
         limit = self._settings.max_download_bytes
         url = task_url(url)
         if is_data_uri(url):
             return decode_data_uri(url, limit)
+        if cloud_scheme(url) is not None:
+            resolve = presign_url(self._ls_base, task_id, url)
+            try:
+                return self._download.get(resolve, parse_target(resolve))
+            except ImageError as exc:
+                # the reason names the LS/storage URL without its query: say which image it was
+                raise ImageError(f"{describe(url)} (through Label Studio): {exc.reason}") from None
         url = absolute_url(url, self._ls_base)
         target = parse_target(url)
         local = local_files_param(url)

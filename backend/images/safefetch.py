@@ -109,8 +109,9 @@ def parse_target(url: str) -> Target:
     if scheme not in _DEFAULT_PORTS:
         shown = scheme or "(none)"
         raise ImageError(
-            f"unsupported image URL scheme {shown!r}: use http(s) URLs, data:image/... URIs, or "
-            "paths relative to Label Studio such as /data/upload/..."
+            f"unsupported image URL scheme {shown!r}: use http(s) URLs, data:image/... URIs, "
+            "paths relative to Label Studio such as /data/upload/..., or s3://, gs://, "
+            "azure-blob:// URIs of the project's cloud storage"
         )
     netloc = parts.netloc
     if "@" in netloc:

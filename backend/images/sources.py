@@ -9,6 +9,8 @@ A task's image value is one of:
   Label Studio serves it.
 * an absolute ``http://`` / ``https://`` URL (downloaded by :mod:`backend.images.download`).
 * a ``data:image/<type>;base64,<payload>`` URI (:func:`decode_data_uri`).
+* an ``s3://``, ``gs://`` or ``azure-blob://`` URI of a cloud import storage (resolved through
+  Label Studio, see :mod:`backend.images.cloud`).
 
 Also owns :func:`describe`, the one log-safe short form of a task URL that every image reason uses
 (no user info, no query except local-files' ``d``, control characters escaped), and the "over the

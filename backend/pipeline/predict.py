@@ -299,6 +299,6 @@ class Pipeline:
         if plan.error:
             return ImageFailure(plan.error)
         try:
-            return self.loader.load(plan.image_url)
+            return self.loader.load(plan.image_url, task_id=plan.task_id)
         except ImageError as exc:
             return ImageFailure(exc.reason)
