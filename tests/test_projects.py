@@ -13,12 +13,10 @@ LS's API and checks what ``/setup`` stored.
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import redis
 import requests
-from werkzeug.serving import make_server
 
 from backend.bulk.prelabel import build_request
 from backend.bulk.request import RunRequest
@@ -29,11 +27,9 @@ from backend.modes.projects import (PROJECT_TTL_S, MemoryProjectStore, ProjectSe
                                     project_id)
 from backend.queue import keys
 from backend.queue.transport import fetch_job
-from backend.settings import Settings
-from backend.web.app import create_app
 from tests.conftest import recorded
 from tests.test_http import CONFIG, GOOD
-from tests.test_web import StubBackend
+from tests.test_web import served  # noqa: F401 - the fixture: test_web's app on its stub Backend
 
 PROMPT_CONTEXT = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
                               "value": {"text": ["dog"]}}]}
@@ -115,22 +111,17 @@ def test_bulk_runs_carry_the_project_options_to_the_pipeline_request():
 # ------------------------------------------------------------------- the web layer, stub Backend
 
 @pytest.fixture()
-def served(request):
-    """The app on a stub Backend (its ``projects`` is the real embedded store); ``remember`` by param."""
-    backend = StubBackend()
+def app(served, request):
+    """test_web's app on its stub Backend, whose ``projects`` becomes the real embedded store
+    (``remember`` by param); the app reads ``backend.projects`` on every request."""
+    url, backend = served
     backend.projects = MemoryProjectStore(remember=getattr(request, "param", True))
     backend.versions = lambda: ["stub-version"]
-    settings = Settings(label_studio_url="http://ls.invalid", label_studio_api_key="k", allow_unauthenticated_bulk=True)
-    server = make_server("127.0.0.1", 0, create_app(settings, backend=backend), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", backend
-    server.shutdown()
-    thread.join(timeout=5)
+    return url, backend
 
 
-def test_setup_stores_extra_params_as_object_or_json_text(served):
-    url, backend = served
+def test_setup_stores_extra_params_as_object_or_json_text(app):
+    url, backend = app
     answer = requests.post(url + "/setup", json=setup_body({"box_threshold": 0.5, "outputs": ["brush"]}), timeout=5)
     assert answer.status_code == 200 and answer.json() == {"model_version": "stub-version"}
     settings = requests.get(url + "/projects/1/settings", timeout=5).json()
@@ -154,15 +145,15 @@ def test_setup_stores_extra_params_as_object_or_json_text(served):
     ([1, 2], "must be a JSON object"),
     ({"prompt": ", ".join(f"thing{i}" for i in range(100))}, "extra_params.prompt: the prompt has 100 phrases"),
 ])
-def test_setup_refuses_bad_extra_params_with_a_message(served, extra_params, message):
-    url, backend = served
+def test_setup_refuses_bad_extra_params_with_a_message(app, extra_params, message):
+    url, backend = app
     answer = requests.post(url + "/setup", json=setup_body(extra_params), timeout=5)
     assert answer.status_code == 400 and message in answer.json()["message"], answer.text
     assert backend.projects.get(1) is None  # nothing stored
 
 
-def test_predict_applies_options_and_the_remembered_prompt(served):
-    url, backend = served
+def test_predict_applies_options_and_the_remembered_prompt(app):
+    url, backend = app
     requests.post(url + "/setup", json=setup_body({"box_threshold": 0.9}), timeout=5).raise_for_status()
     assert requests.post(url + "/predict", json=predict_body(context=None), timeout=5).status_code == 200
     assert backend.requests[-1].options == PredictOptions(box_threshold=0.9)
@@ -186,9 +177,9 @@ def test_predict_applies_options_and_the_remembered_prompt(served):
     assert requests.get(url + "/projects/1/settings", timeout=5).json()["default_prompt"] == "dog"
 
 
-@pytest.mark.parametrize("served", [False], indirect=True)
-def test_remember_prompt_false_never_remembers(served):
-    url, backend = served
+@pytest.mark.parametrize("app", [False], indirect=True)
+def test_remember_prompt_false_never_remembers(app):
+    url, backend = app
     requests.post(url + "/setup", json=setup_body({"prompt": "cat"}), timeout=5).raise_for_status()
     requests.post(url + "/predict", json=predict_body(context=PROMPT_CONTEXT), timeout=5).raise_for_status()
     requests.post(url + "/predict", json=predict_body(context=None), timeout=5).raise_for_status()
@@ -197,8 +188,8 @@ def test_remember_prompt_false_never_remembers(served):
     assert settings["remembered_prompt"] is None and settings["remember_prompt"] is False
 
 
-def test_prelabel_and_versions_use_the_project(served):
-    url, backend = served
+def test_prelabel_and_versions_use_the_project(app):
+    url, backend = app
     requests.post(url + "/setup", json=setup_body({"min_mask_area": 0.01}, project="7.1"), timeout=5)
     requests.post(url + "/predict", json=predict_body(project="7.1", context=PROMPT_CONTEXT), timeout=5)
     assert requests.post(url + "/prelabel", json={"project": 7}, timeout=5).status_code == 202
