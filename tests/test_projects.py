@@ -13,6 +13,9 @@ LS's API and checks what ``/setup`` stored.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import redis
@@ -27,7 +30,7 @@ from backend.modes.projects import (PROJECT_TTL_S, MemoryProjectStore, ProjectSe
                                     project_id)
 from backend.queue import keys
 from backend.queue.transport import fetch_job
-from tests.conftest import recorded
+from tests.conftest import REPO, RedisServer, free_port, recorded
 from tests.test_http import CONFIG, GOOD
 from tests.test_web import served  # noqa: F401 - the fixture: test_web's app on its stub Backend
 
@@ -297,3 +300,29 @@ def test_label_studio_sends_extra_params_to_setup(label_studio, ls, start_backen
     assert "400" in refused.text and "/setup" in refused.text
     assert "unknown keys ['nms']" in backend.log_text()
     assert requests.get(f"{backend.url}/projects/{project}/settings", timeout=5).json()["options"] == options
+
+
+@pytest.mark.e2e
+def test_cli_bulk_run_uses_the_prompt_remembered_in_redis(label_studio, ls, start_backend, start_worker, tiny_env,
+                                                          tmp_path_factory):
+    """Queue mode: an annotator's prompt typed through one web process labels the whole project when an
+    admin runs ``python -m backend prelabel`` without --prompt (the CLI reads it from Redis)."""
+    server = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("projects-bulk")).start()
+    try:
+        ls_env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.legacy_token}
+        start_worker(server.url, **ls_env)
+        web = start_backend(REDIS_URL=server.url)
+        project = ls.create_project("projects: bulk with the remembered prompt", CONFIG)
+        task_ids = ls.import_tasks(project, [{"data": {"image": GOOD}} for _ in range(3)])
+        typed = requests.post(web.url + "/predict", json=predict_body(f"{project}.1", PROMPT_CONTEXT, image=GOOD),
+                              timeout=90)
+        assert typed.status_code == 200, typed.text
+        env = {**os.environ, **tiny_env, **ls_env, "REDIS_URL": server.url}
+        done = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project)], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr
+        for task_id in task_ids:
+            (prediction,) = ls.predictions(task_id)
+            assert labels_of(prediction) == {"dog"}
+    finally:
+        server.stop()
