@@ -131,6 +131,8 @@ def cmd_prelabel(args) -> int:
     from backend.bulk.request import PrelabelError, RunRequest
     from backend.ls.client import LabelStudioApiError
     from backend.modes.factory import build_backend
+    from backend.modes.projects import for_run
+    from backend.queue.client import QueueError
     from backend.settings import Settings
 
     settings = Settings.from_env()
@@ -140,8 +142,11 @@ def cmd_prelabel(args) -> int:
     try:
         run = RunRequest(project=args.project, prompt=args.prompt, chunk=args.chunk, redo=args.redo,
                          model_version=args.model_version)
-        status = build_backend(settings).runs.run(run, progress=True)
-    except (PrelabelError, LabelStudioApiError) as exc:
+        backend = build_backend(settings)
+        # the project's options and default prompt (stored by the web processes: Redis in queue mode)
+        run = for_run(backend.projects, run)
+        status = backend.runs.run(run, progress=True)
+    except (PrelabelError, LabelStudioApiError, QueueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"run {status.id}: {status.status}, {status.done} done, {status.failed} failed of {status.total}")
@@ -180,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prelabel = commands.add_parser("prelabel", help="pre-label a whole LS project (queue mode with REDIS_URL)")
     prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    prelabel.add_argument("--prompt", default=None, help="phrases; default: the project's labels")
+    prelabel.add_argument("--prompt", default=None,
+                          help="phrases; default: the project's remembered prompt, else its labels")
     prelabel.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
                           help=f"tasks per job, {MIN_CHUNK} to {MAX_CHUNK} (default {DEFAULT_CHUNK}: several engine "
                                "batches, so loading overlaps the GPU)")

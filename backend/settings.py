@@ -126,6 +126,7 @@ class Settings:
     worker_threads: int = 1  # torch/OpenMP threads per worker: several workers on a host must not each take every core
     preload_models: bool = True  # the web process starts loading the models at start (embedded mode)
     model_version: str | None = None  # None = derived from the two model ids
+    remember_prompt: bool = True  # a project's last submitted prompt is its default (backend.modes.projects)
 
     #: What to do when a bulk run is asked for without LS credentials.
     LS_CREDENTIALS_NEEDED = "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend to pre-label projects"
@@ -191,4 +192,5 @@ class Settings:
             worker_threads=_number(env, "WORKER_THREADS", 1, int, 1, 1024),
             preload_models=_bool(env, "PRELOAD_MODELS", True),
             model_version=_text(env, "MODEL_VERSION", None),
+            remember_prompt=_bool(env, "REMEMBER_PROMPT", True),
         )

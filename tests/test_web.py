@@ -19,6 +19,7 @@ from backend.bulk.request import DEFAULT_CHUNK, RunRequest
 from backend.ls.tasks import PredictRequest, PromptLimits
 from backend.metrics import Metrics
 from backend.modes.base import MODEL_CLASS, Mode
+from backend.modes.projects import MemoryProjectStore
 from backend.queue.client import QueueTimeout, QueueUnavailable
 from backend.settings import Settings
 from backend.web.app import create_app
@@ -61,6 +62,7 @@ class StubBackend:
     def __init__(self):
         self.metrics = Metrics()
         self.runs = StubRuns()
+        self.projects = MemoryProjectStore()  # the real embedded store: the web layer applies project settings
         self.requests: list[PredictRequest] = []
         self.raises: Exception | None = None
 

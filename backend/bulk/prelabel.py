@@ -119,9 +119,11 @@ def plan_tasks_to_label(api: LabelStudioApi, project: int, model_version: str, r
 # ================================================================================== processing
 
 def build_request(spec: PrelabelSpec, tasks: Sequence[BulkTask]) -> PredictRequest:
-    """The pipeline request for a chunk: the run's prompt, or none so the labels are the prompt."""
+    """The pipeline request for a chunk: the run's prompt (or none, so the labels are the prompt)
+    and the project's options."""
     return PredictRequest(tasks=[{"id": t.id, "data": t.data} for t in tasks],
-                          config=parse_label_config(spec.label_config), context=None, prompt=spec.prompt)
+                          config=parse_label_config(spec.label_config), context=None, prompt=spec.prompt,
+                          options=spec.options)
 
 
 def write_prediction(api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec, task_id: int,

@@ -1,13 +1,15 @@
 """What an admin asks of a bulk run, validated in one place for ``POST /prelabel`` and the CLI.
 
 Holds the chunk bounds and default (tasks per job), so the HTTP route, the CLI and the runners
-cannot disagree on them. Imports nothing of the backend: every layer may use it.
+cannot disagree on them. Imports only :mod:`backend.ls.options` (the project's options type).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from backend.ls.options import PredictOptions
 
 #: Tasks per job: several engine batches, so image loading overlaps the GPU within a job.
 DEFAULT_CHUNK = 64
@@ -27,14 +29,16 @@ def _is_int(value: Any) -> bool:
 class RunRequest:
     """A bulk run as asked: ``project`` (LS project id), ``prompt`` (None: the project's labels),
     ``chunk`` (tasks per job), ``redo`` (also tasks that already have a prediction of the version),
-    ``model_version`` (None: the version this deployment serves). Raises :class:`PrelabelError`
-    on construction when a field is out of range."""
+    ``model_version`` (None: the version this deployment serves), ``options`` (the project's
+    ``extra_params``: the web layer and the CLI look them up, see :mod:`backend.modes.projects`).
+    Raises :class:`PrelabelError` on construction when a field is out of range."""
 
     project: int
     prompt: str | None = None
     chunk: int = DEFAULT_CHUNK
     redo: bool = False
     model_version: str | None = None
+    options: PredictOptions = PredictOptions()
 
     def __post_init__(self) -> None:
         if not _is_int(self.project) or self.project < 1:
@@ -46,6 +50,8 @@ class RunRequest:
         version = self.model_version
         if version is not None and (not isinstance(version, str) or not version.strip()):
             raise PrelabelError("'model_version' must be a non-empty string (default: the served version)")
+        if not isinstance(self.options, PredictOptions):
+            raise PrelabelError("'options' must be PredictOptions (a project's extra_params)")
         object.__setattr__(self, "prompt", self.prompt.strip() if self.prompt and self.prompt.strip() else None)
         object.__setattr__(self, "model_version", version.strip() if version else None)
 

@@ -184,7 +184,8 @@ class _RunsBase:
             except RequestError as exc:
                 raise PrelabelError(str(exc)) from None
         return PrelabelSpec(project=request.project, label_config=config_xml, prompt=prompt,
-                            model_version=self._model_version(request.model_version, wait_s), redo=request.redo)
+                            model_version=self._model_version(request.model_version, wait_s), redo=request.redo,
+                            options=request.options)
 
     def _open(self, request: RunRequest, wait_s: float) -> tuple[LabelStudioApi, PrelabelSpec]:
         """An LS client and the run's spec; the client is closed again when validation fails."""

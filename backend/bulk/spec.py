@@ -1,8 +1,8 @@
 """What a bulk run does and what it works on: :class:`PrelabelSpec` and :class:`BulkTask`.
 
 Both travel inside RQ jobs, so both have a JSON form (``to_json`` / ``from_json``); everywhere
-else in :mod:`backend.bulk` they are these dataclasses. Imports nothing of the backend (the run
-store and the chunk processing both import it, so neither has to import the other).
+else in :mod:`backend.bulk` they are these dataclasses. Imports only :mod:`backend.ls.options` (the
+run store and the chunk processing both import it, so neither has to import the other).
 """
 
 from __future__ import annotations
@@ -10,29 +10,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from backend.ls.options import PredictOptions
+
 
 @dataclass(frozen=True)
 class PrelabelSpec:
     """What a run does: label ``project`` with ``model_version`` (``prompt`` None: the project's
     labels are the prompt; ``redo``: also tasks that already have a prediction of the version).
-    ``label_config`` is the project's XML, read once when the run starts."""
+    ``label_config`` is the project's XML, read once when the run starts; ``options`` are the
+    project's ``extra_params`` when the run started (they travel with every chunk job)."""
 
     project: int
     label_config: str
     prompt: str | None
     model_version: str
     redo: bool = False
+    options: PredictOptions = PredictOptions()
 
     def to_dict(self) -> dict:
         return {"project": self.project, "label_config": self.label_config, "prompt": self.prompt,
-                "model_version": self.model_version, "redo": self.redo}
+                "model_version": self.model_version, "redo": self.redo, "options": self.options.to_json()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrelabelSpec":
         prompt = data.get("prompt")
         return cls(project=int(data["project"]), label_config=str(data["label_config"]),
                    prompt=str(prompt) if prompt else None, model_version=str(data["model_version"]),
-                   redo=bool(data.get("redo", False)))
+                   redo=bool(data.get("redo", False)),
+                   options=PredictOptions.from_json(data.get("options")))  # re-validated: it crossed Redis
 
 
 @dataclass(frozen=True)

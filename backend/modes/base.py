@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # type names only: importing them here would pull torch-free 
     from backend.bulk.runs import Runs
     from backend.ls.tasks import PredictRequest, PromptLimits
     from backend.metrics import Metrics
+    from backend.modes.projects import ProjectStore
 
 #: The LS-facing model class (``model.py``), as /health names it to Label Studio.
 MODEL_CLASS = "GroundedSAM"
@@ -39,8 +40,13 @@ class Backend(Protocol):
     limits: PromptLimits
     metrics: Metrics
     runs: Runs
+    projects: ProjectStore  # per-project options and remembered prompts (memory | Redis)
 
     def predict(self, request: PredictRequest) -> list[dict]: ...
+
+    def versions(self) -> list[str]:
+        """The model versions this deployment serves (``GET /versions``), its own first."""
+        ...
 
     def health(self) -> dict:
         """The /health body: ``status`` (UP or DEGRADED), ``model_class``, ``model_version``, ``mode``, ..."""

@@ -7,13 +7,15 @@ import threading
 from backend.bulk.runs import EmbeddedRuns
 from backend.ls.tasks import PredictRequest
 from backend.modes.base import MODEL_CLASS, Mode
+from backend.modes.projects import MemoryProjectStore
 from backend.pipeline.predict import Pipeline
 from backend.settings import Settings
 
 
 class EmbeddedBackend:
     """Predictions run on this process's :class:`Pipeline` (models loaded on first use, or by
-    :meth:`preload`); bulk runs go chunk after chunk in a thread of this process."""
+    :meth:`preload`); bulk runs go chunk after chunk in a thread of this process. Project settings
+    live in this process's memory (LS sends them again with its next ``/setup``)."""
 
     mode = Mode.EMBEDDED
 
@@ -23,9 +25,13 @@ class EmbeddedBackend:
         self.limits = self.pipeline.limits
         self.metrics = self.pipeline.metrics
         self.runs = EmbeddedRuns(settings, self.pipeline)
+        self.projects = MemoryProjectStore(remember=settings.remember_prompt)
 
     def predict(self, request: PredictRequest) -> list[dict]:
         return self.pipeline.predict(request)
+
+    def versions(self) -> list[str]:
+        return [self.model_version]
 
     def health(self) -> dict:
         return {"status": "UP", "model_class": MODEL_CLASS, "model_version": self.model_version,

@@ -11,7 +11,8 @@ def build_backend(settings: Settings, pipeline: Pipeline | None = None) -> Backe
     """Queue mode when ``REDIS_URL`` is set, else embedded (``pipeline``: an existing one to share).
 
     Queue mode never imports torch nor builds a pipeline; embedded mode loads the models on first
-    use (or when the caller asks :meth:`Backend.preload`)."""
+    use (or when the caller asks :meth:`Backend.preload`). Each mode brings its project store
+    (:mod:`backend.modes.projects`): Redis in queue mode, this process's memory embedded."""
     if settings.redis_url:
         from backend.modes.queued import QueueBackend  # lazy: each mode imports only what it needs
 

@@ -61,11 +61,15 @@ class JobFailed(QueueError):
 def predict_payload(request: PredictRequest) -> tuple[dict, list[dict]]:
     """What a ``predict_job`` needs from a parsed request: ``(shared, tasks)``.
 
-    ``shared`` = ``{"label_config", "context", "prompt"}`` (the config's XML as LS sent it); each task
-    is cut to ``{"id", "data"}`` (LS also sends its annotations, drafts and predictions, which the
-    worker never reads). A chunk's job argument is ``{**shared, "tasks": [...]}``.
+    ``shared`` = ``{"label_config", "context", "prompt"}`` (the config's XML as LS sent it), plus
+    ``"options"`` (:meth:`PredictOptions.to_json`) when the project has any; each task is cut to
+    ``{"id", "data"}`` (LS also sends its annotations, drafts and predictions, which the worker never
+    reads). A chunk's job argument is ``{**shared, "tasks": [...]}``.
     """
     shared = {"label_config": request.config.xml, "context": request.context, "prompt": request.prompt}
+    options = request.options.to_json()
+    if options:  # no key for no options: the payload of a project without extra_params stays as it was
+        shared["options"] = options
     return shared, [{"id": task.get("id"), "data": task.get("data")} for task in request.tasks]
 
 

@@ -14,6 +14,7 @@ code that writes the key, the names live here::
     gsam:run:<id>:lease          the run's supervisor: its owner token (SET PX)
     gsam:run-index               sorted set run id -> when its record expires
     gsam:lock:<project>:<task>:<sha1(model_version)[:16]>   write-back lock (SET NX PX)
+    gsam:project:<project>       hash: a project's settings (``options`` JSON, remembered ``prompt``)
 
 RQ's own keys (``rq:job:*``, ``rq:queue:*``, registries) are RQ's; jobs are given TTLs when enqueued.
 Imports nothing of the backend.
@@ -30,6 +31,7 @@ RUN_PREFIX = "gsam:run:"
 RUN_INDEX = "gsam:run-index"
 LOCK_PREFIX = "gsam:lock:"
 RUN_PARTS = ("tasks", "done", "failed", "jobs", "lease")
+PROJECT_PREFIX = "gsam:project:"
 
 
 def run_key(run_id: str, part: str | None = None) -> str:
@@ -53,3 +55,10 @@ def write_lock_key(project: int, task_id: int, model_version: str) -> str:
     """The lock a writer holds while it writes one task's prediction of one model version."""
     digest = hashlib.sha1(model_version.encode()).hexdigest()[:16]
     return f"{LOCK_PREFIX}{project}:{task_id}:{digest}"
+
+
+def project_key(project: int) -> str:
+    """A Label Studio project's settings (see :mod:`backend.modes.projects`)."""
+    if isinstance(project, bool) or not isinstance(project, int) or project < 1:
+        raise ValueError(f"a project key needs a positive integer project id, not {project!r}")
+    return f"{PROJECT_PREFIX}{project}"

@@ -1,6 +1,7 @@
 """HTTP layer: the Label Studio ML-backend protocol (wire-compatible with label-studio-ml 2.x).
 
-Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``,
+Routes: ``GET /`` and ``/health``, ``POST /setup`` (stores the project's ``extra_params``),
+``POST /predict``, ``GET /versions``, ``GET /projects/<id>/settings``, ``POST /webhook``,
 ``GET /metrics``, and the bulk routes ``POST /prelabel``, ``GET|DELETE /jobs/<id>``. Thin by design:
 parse and validate, call the deployment's :class:`~backend.modes.base.Backend` (one object, built
 once, whatever the mode), serialize. Every error is JSON with a message; nothing here touches torch.
@@ -26,19 +27,22 @@ from werkzeug.exceptions import HTTPException, NotFound
 from backend.bulk.request import PrelabelError, RunRequest
 from backend.ls.client import LabelStudioApiError
 from backend.ls.labelconfig import LabelConfigError, parse_label_config
+from backend.ls.options import OptionsError, PredictOptions
 from backend.ls.regions import empty_prediction
-from backend.ls.tasks import RequestError, RequestTooLarge, asks_for_nothing, parse_predict_request
+from backend.ls.tasks import RequestError, RequestTooLarge, asks_for_nothing, parse_predict_request, split_prompt
 from backend.modes.base import Backend
 from backend.modes.factory import build_backend
+from backend.modes.projects import apply_project, for_run, project_id
 from backend.queue.client import QueueError
 from backend.settings import Settings
 from backend.web.auth import BULK_NEEDS_AUTH, CREDENTIALS_NEEDED, Access, check_access
-from backend.web.jsonbody import BoundedJSONProvider, json_object, json_value
+from backend.web.jsonbody import BoundedJSONProvider, json_object, json_value, loads_bounded
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 2**20
 RUN_ID = re.compile(r"[0-9a-f]{16}")  # the run store's ids: 16 lowercase hex characters
+MAX_EXTRA_PARAMS_CHARS = 65536  # extra_params as text (LS's connection form): far more than any options need
 
 
 def _error(status: int, message: str):
@@ -54,6 +58,27 @@ def _run_answer(run_id: str, act: Callable[[str], Any]):
     if status is None:
         return _error(404, f"no bulk run {run_id!r}: runs are kept for a week after they end")
     return jsonify(status.to_json())
+
+
+def extra_params_options(value: Any, backend: Backend) -> PredictOptions:
+    """``/setup``'s ``extra_params`` → :class:`PredictOptions`. LS sends what the admin typed in the
+    connection form: a JSON object, or that object as a JSON string (bounded, parsed with the depth
+    bound); null, "" or {} mean no options. Raises OptionsError (400) saying what to fix."""
+    if isinstance(value, str):
+        if len(value) > MAX_EXTRA_PARAMS_CHARS:
+            raise OptionsError(f"extra_params has {len(value)} characters; at most {MAX_EXTRA_PARAMS_CHARS}")
+        try:
+            value = loads_bounded(value) if value.strip() else None
+        except ValueError as exc:
+            raise OptionsError(f"extra_params is not valid JSON ({exc}); use e.g. {{\"box_threshold\": 0.35}}") \
+                from None
+    options = PredictOptions.from_json(value)
+    if options.prompt is not None:
+        try:
+            split_prompt(options.prompt, backend.limits)
+        except RequestError as exc:
+            raise OptionsError(f"extra_params.prompt: {exc}") from None
+    return options
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None, preload: bool = False) -> Flask:
@@ -97,16 +122,27 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
 
     @app.post("/setup")
     def setup():
-        schema = json_object(request)
-        schema = schema.get("schema") or schema.get("label_config")
+        body = json_object(request)
+        schema = body.get("schema") or body.get("label_config")
         if not isinstance(schema, str):
             raise RequestError("'schema' must be the project's label config (XML string)")
         parse_label_config(schema)  # loads no model: LS gives /setup 3 s
+        # LS sends the connection's extra_params on every /setup: null means the admin set none,
+        # so the project's options are replaced every time (its remembered prompt is kept).
+        options = extra_params_options(body.get("extra_params"), backend)
+        project = project_id(body.get("project"))
+        if project is not None:
+            backend.projects.set_options(project, options)
+            log.info("setup: project %d, options %s", project, sorted(options.to_json()) or "none")
         return jsonify({"model_version": backend.model_version})
 
     @app.post("/predict")
     def predict():
-        parsed = parse_predict_request(json_object(request), backend.limits)
+        body = json_object(request)
+        parsed = parse_predict_request(body, backend.limits)
+        project = project_id(body.get("project"))
+        if project is not None:  # the project's options; its default prompt for calls without context
+            parsed = apply_project(backend.projects, project, parsed, backend.limits)
         started = time.perf_counter()
         if asks_for_nothing(parsed):  # LS 1.23 after Submit: {"result": []}; no image is fetched
             log.info("predict: %d tasks, interactive call with no prompt and no smart-tool regions: "
@@ -123,6 +159,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
         run = RunRequest.from_json(json_object(request))
         if not settings.has_label_studio_credentials:
             raise RequestError(Settings.LS_CREDENTIALS_NEEDED)
+        run = for_run(backend.projects, run)  # the project's options, its default prompt when none is given
         status = backend.runs.start(run)
         log.info("prelabel run %s started for project %s", status.id, run.project)
         return jsonify(status.to_json()), 202
@@ -134,6 +171,19 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
     @app.delete("/jobs/<run_id>")
     def cancel(run_id: str):
         return _run_answer(run_id, backend.runs.cancel)
+
+    @app.get("/versions")
+    def versions():
+        # LS 1.23 (ml/api.py MLBackendVersionsAPI) reads "versions" to fill its model-version list
+        return jsonify({"versions": backend.versions(), "model_version": backend.model_version})
+
+    @app.get("/projects/<int:project>/settings")
+    def project_settings(project: int):
+        stored = backend.projects.get(project) if 1 <= project < 10**18 else None
+        if stored is None:
+            return _error(404, f"no settings stored for project {project}: Label Studio stores them with "
+                               "/setup (when the model connection is saved or checked)")
+        return jsonify({**stored.to_json(project), "remember_prompt": backend.projects.remember})
 
     @app.post("/webhook")
     def webhook():
@@ -157,6 +207,7 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(RequestError)
     @app.errorhandler(LabelConfigError)
     @app.errorhandler(PrelabelError)
+    @app.errorhandler(OptionsError)
     def _bad_request(exc):
         log.info("400 on %r: %s", request.path[:100], exc)
         return _error(400, str(exc))
