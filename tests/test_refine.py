@@ -13,6 +13,7 @@ from backend.pipeline.predict import Pipeline
 from backend.results import CompactMask, MaskPrompt
 from backend.rle import rle_to_mask
 from backend.ls.smartprompt import parse_smart_prompt
+from backend.ls.options import PredictOptions
 from backend.ls.tasks import PredictRequest
 from tests.test_protocol import png
 
@@ -107,9 +108,9 @@ def uri(width, height):
     return "data:image/png;base64," + base64.b64encode(png(width, height)).decode()
 
 
-def predict(pipeline, image_url, *context_items):
+def predict(pipeline, image_url, *context_items, options: PredictOptions = PredictOptions()):
     request = PredictRequest(tasks=[{"id": 1, "data": {"image": image_url}}], config=parse_label_config(CONFIG),
-                             context={"result": list(context_items)})
+                             context={"result": list(context_items)}, options=options)
     predictions = pipeline.predict(request)
     assert len(predictions) == 1
     return predictions[0]
@@ -180,6 +181,23 @@ def test_click_gives_one_brush_and_its_bounding_rectangle_with_the_click_label(p
     assert rect["value"]["x"] == pytest.approx(100 * x0 / 64) and rect["value"]["width"] == pytest.approx(
         100 * (x1 - x0) / 64)
     assert 0 <= brush["score"] <= 1
+
+
+def test_the_projects_outputs_apply_to_smart_tool_answers_and_thresholds_do_not(pipeline):
+    click = keypoint(50, 50, label="dog")
+    only_rectangles = predict(pipeline, uri(64, 48), click, options=PredictOptions(outputs=("rectangle",)))
+    assert [r["type"] for r in only_rectangles["result"]] == ["rectanglelabels"]
+    # an annotator's click is answered whatever the project's thresholds and minimum area
+    strict = predict(pipeline, uri(64, 48), click, options=PredictOptions(box_threshold=1.0, min_mask_area=0.99))
+    assert {r["type"] for r in strict["result"]} == {"brushlabels", "rectanglelabels"}
+
+
+def test_text_plus_click_detects_at_the_projects_thresholds(pipeline):
+    image = uri(64, 48)
+    loose = predict(pipeline, image, text("cat"), keypoint(50, 50))
+    strict = predict(pipeline, image, text("cat"), keypoint(50, 50), options=PredictOptions(box_threshold=1.0))
+    # no detection passes a box threshold of 1.0, and with text the clicks only refine detections
+    assert loose["result"] and strict["result"] == []
 
 
 def test_several_boxes_give_one_mask_each(pipeline):

@@ -142,12 +142,12 @@ def build_prediction(result: ImageResult, config: LabelConfig, model_version: st
 
 
 def build_mask_prediction(result: LabeledMasks, config: LabelConfig, model_version: str,
-                          polygon: PolygonParams = PolygonParams()) -> dict:
+                          polygon: PolygonParams = PolygonParams(), kinds: tuple[str, ...] = OUTPUT_KINDS) -> dict:
     """One LS prediction for one image from its smart-tool masks: per mask, for each control with its
     label, a brush region, the mask's bounding rectangle, and its polygons (no threshold applies)."""
     regions, scores = [], []
     for item in result.masks:
         regions += _regions(config, item.label, item.box, item.mask, item.score, result.width, result.height,
-                            compact_mask_rle, polygon)
+                            compact_mask_rle, polygon, kinds)
         scores.append(item.score)
     return _prediction(regions, scores, model_version)

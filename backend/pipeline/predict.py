@@ -21,6 +21,7 @@ from typing import Callable
 
 from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
+from backend.ls.options import OUTPUT_KINDS, PredictOptions
 from backend.ls.polygons import PolygonParams
 from backend.ls.regions import build_prediction, empty_prediction
 from backend.ls.selection import DropReason, SelectDefaults, request_thresholds
@@ -223,6 +224,13 @@ class Pipeline:
         return [(index, encoders.submit(self._regions, plans[index], result, request))
                 for (index, _), result in zip(batch, results)], []
 
+    def _polygon(self, options: PredictOptions) -> PolygonParams:
+        """The polygon parameters of smart-tool masks: the project's tolerance over POLYGON_TOLERANCE
+        (no minimum area: the annotator asked for each mask)."""
+        if options.polygon_tolerance is None:
+            return self.polygon
+        return PolygonParams(tolerance=options.polygon_tolerance, min_area=self.polygon.min_area)
+
     def detect_thresholds(self, request: PredictRequest):
         """The request's detector thresholds, or None when they are the env's (the engine's own)."""
         thresholds = request_thresholds(request.config, request.options, self.thresholds)
@@ -267,9 +275,10 @@ class Pipeline:
             engine = self.engine()
             with self.metrics.stage_seconds.labels("refine").time():
                 try:
-                    prediction, stats = refine_image(engine, item, request.config, smart,
-                                                     plan.phrases if text else None, self.model_version,
-                                                     self.polygon)
+                    prediction, stats = refine_image(
+                        engine, item, request.config, smart, plan.phrases if text else None, self.model_version,
+                        self._polygon(request.options), self.detect_thresholds(request),
+                        request.options.outputs or OUTPUT_KINDS)
                 except Exception as exc:  # one image the models cannot take fails only its task
                     log.warning("task %s: refining failed", plan.task_id, exc_info=not isinstance(exc, ImageError))
                     outcomes.append(self._failed(plan, _reason(
