@@ -220,6 +220,25 @@ def test_embedded_remembered_prompt_decides_the_labels(start_backend):
     assert "dog" not in backend.log_text()  # prompts are not logged at INFO
 
 
+def test_embedded_extra_params_change_what_the_models_answer(start_backend):
+    url = start_backend(PRELOAD_MODELS="false").url
+    default = requests.post(url + "/predict", json=predict_body(image=GOOD), timeout=120).json()["results"][0]
+    kinds = {region["type"] for region in default["result"]}
+    assert kinds == {"rectanglelabels", "brushlabels"}
+    requests.post(url + "/setup", json=setup_body({"outputs": ["brush"], "max_per_label": 1}),
+                  timeout=5).raise_for_status()
+    shaped = requests.post(url + "/predict", json=predict_body(image=GOOD), timeout=60).json()["results"][0]
+    assert {region["type"] for region in shaped["result"]} == {"brushlabels"}
+    labels = [region["value"]["brushlabels"][0] for region in shaped["result"]]
+    assert len(labels) == len(set(labels)) < len(default["result"]) // 2  # at most one per label
+    requests.post(url + "/setup", json=setup_body({"box_threshold": 1.0}), timeout=5).raise_for_status()
+    assert requests.post(url + "/predict", json=predict_body(image=GOOD), timeout=60).json()["results"][0][
+        "result"] == []  # no score exceeds 1.0
+    requests.post(url + "/setup", json=setup_body(None), timeout=5).raise_for_status()  # cleared
+    again = requests.post(url + "/predict", json=predict_body(image=GOOD), timeout=60).json()["results"][0]
+    assert len(again["result"]) == len(default["result"])
+
+
 # ------------------------------------------------------------------- queue mode: Redis + a worker
 
 def test_queue_mode_settings_live_in_redis_and_travel_with_the_jobs(queue_stack, redis_server, start_backend):
