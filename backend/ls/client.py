@@ -151,7 +151,9 @@ class LabelStudioApi:
             pager = self._call(
                 f"list tasks of project {project}", self._client.tasks.list, project=project, page=1,
                 page_size=page_size, include=f"id,data,{_VERSIONS_COLUMN}", fields="task_only",
-                resolve_uri=True, query=json.dumps(query))
+                # raw data, as LS sends it to /predict: a cloud URI (s3://...) is presigned by the
+                # image loader on the LS origin, never resolved to LS's HOSTNAME (maybe another address)
+                resolve_uri=False, query=json.dumps(query))
             items = list(pager.items or [])
             for item in items:
                 task_id = int(item.id)
