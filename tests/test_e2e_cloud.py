@@ -163,8 +163,8 @@ def test_retrieve_and_interactive_predictions_on_an_s3_project(label_studio, ls,
 
 
 def test_bulk_prelabel_on_an_s3_project(label_studio, ls, s3, images, tiny_env, tmp_path):
-    """``python -m backend prelabel``: the task list comes from LS's Data Manager (with
-    ``resolve_uri``, so image values may already be LS resolve URLs), images through LS."""
+    """``python -m backend prelabel``: the task list comes from LS's Data Manager (raw data: the
+    s3:// URIs, as /predict gets them), images through LS's presign endpoint."""
     project = cloud_project(ls, s3, images, "e2e cloud bulk", "bulk", presign=True)
     sizes = {task_id: size for task_id, (_, size) in project["tasks"].items()}
     env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "ALLOW_PRIVATE_URLS"}}
