@@ -107,6 +107,14 @@ class PredictOptions:
             data["outputs"] = list(data["outputs"])
         return data
 
+    def output_kinds(self) -> tuple[str, ...]:
+        """The region kinds to answer with: ``outputs``, else every kind."""
+        return self.outputs if self.outputs is not None else OUTPUT_KINDS
+
+    def tolerance(self, default: float) -> float:
+        """The polygon tolerance in pixels: ``polygon_tolerance``, else ``default`` (the env's)."""
+        return default if self.polygon_tolerance is None else self.polygon_tolerance
+
     def min_area_pixels(self, default: float, width: int, height: int) -> int:
         """The minimum mask area in pixels for a ``width`` x ``height`` image (``default`` when unset)."""
         area = default if self.min_mask_area is None else self.min_mask_area

@@ -104,9 +104,8 @@ def polygon_params(polygon: PolygonParams, options: PredictOptions, default_min_
     """The polygon parameters of one image: the project's ``polygon_tolerance`` over the deployment's,
     and the minimum mask area (pixels, see ``PredictOptions.min_area_pixels``) as the minimum area of
     a polygon's component too, so a speck of a kept mask yields no polygon either."""
-    tolerance = polygon.tolerance if options.polygon_tolerance is None else options.polygon_tolerance
     min_area = max(polygon.min_area, options.min_area_pixels(default_min_area, width, height))
-    return PolygonParams(tolerance=tolerance, min_area=min_area)
+    return PolygonParams(tolerance=options.tolerance(polygon.tolerance), min_area=min_area)
 
 
 def _prediction(regions: list[dict], scores: list[float], model_version: str) -> dict:

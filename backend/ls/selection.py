@@ -39,7 +39,7 @@ import numpy as np
 
 from backend.ls.labelconfig import ControlSpec, LabelConfig
 from backend.ls.options import OUTPUT_KINDS, PredictOptions
-from backend.results import CompactMask, ImageResult
+from backend.results import CompactMask, Detections, ImageResult
 from backend.settings import DetectThresholds, Settings
 
 
@@ -100,7 +100,7 @@ def output_controls(config: LabelConfig, options: PredictOptions) -> list[tuple[
     ``LabelConfig`` names its controls after the output kinds (``rectangle``, ``brush``, and
     ``polygon`` where the config parser knows PolygonLabels), so one loop covers every kind.
     """
-    allowed = options.outputs if options.outputs is not None else OUTPUT_KINDS
+    allowed = options.output_kinds()
     controls = [(kind, getattr(config, kind, None)) for kind in OUTPUT_KINDS if kind in allowed]
     return [(kind, control) for kind, control in controls if control is not None]
 
@@ -136,6 +136,21 @@ def _kinds(label: str, score: np.float32, controls: list[tuple[str, ControlSpec]
     if not kinds:
         selection.drop(DropReason.BELOW_THRESHOLD)
     return tuple(kinds)
+
+
+def above_own_threshold(detections: Detections, config: LabelConfig, options: PredictOptions,
+                        default_box: float) -> Detections:
+    """The detections whose label clears its own threshold for at least one output control (the
+    detector ran at the lowest threshold any label needs: see :func:`request_thresholds`).
+
+    For smart tools with text, whose detections become SAM prompts without :func:`select_detections`.
+    A phrase that maps to no label is kept: the caller drops it, counted, when it maps its masks."""
+    controls = output_controls(config, options)
+    default = default_box if options.box_threshold is None else options.box_threshold
+    keep = [index for index, (phrase, score) in enumerate(zip(detections.phrases, detections.scores))
+            if (label := config.map_phrase(phrase)) is None
+            or _kinds(label, np.float32(score), controls, default, Selection())]
+    return Detections(detections.boxes[keep], detections.scores[keep], tuple(detections.phrases[i] for i in keep))
 
 
 def select_detections(result: ImageResult, config: LabelConfig, options: PredictOptions = PredictOptions(),

@@ -21,7 +21,6 @@ from typing import Callable
 
 from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
-from backend.ls.options import OUTPUT_KINDS, PredictOptions
 from backend.ls.polygons import PolygonParams
 from backend.ls.regions import build_prediction, empty_prediction
 from backend.ls.selection import DropReason, SelectDefaults, request_thresholds
@@ -151,6 +150,7 @@ class Pipeline:
         outcomes: list[TaskOutcome | None] = [None] * len(plans)
         # Interactive calls (with a context) cache SAM embeddings: the annotator may click next.
         cache_embeddings = request.context is not None
+        thresholds = self.detect_thresholds(request)  # once per request, not per batch or retry
         with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="gsam-load") as loaders, \
                 ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="gsam-encode") as encoders:
             batch_size = self.batch_size()
@@ -169,7 +169,7 @@ class Pipeline:
                 else:
                     batch.append((index, ready))
                 if len(batch) == batch_size or (batch and not pending and next_plan == len(plans)):
-                    done, failed = self._run_batch(batch, plans, request, cache_embeddings, encoders)
+                    done, failed = self._run_batch(batch, plans, request, cache_embeddings, encoders, thresholds)
                     encoded.extend(done)
                     for failed_index, reason in failed:
                         outcomes[failed_index] = self._failed(plans[failed_index], reason)
@@ -202,14 +202,15 @@ class Pipeline:
                 return ImageFailure(_reason(f"the models cannot take this {loaded.width}x{loaded.height} image",
                                             exc))
 
-    def _run_batch(self, batch: list[tuple[int, ReadyImage]], plans, request, cache_embeddings, encoders):
+    def _run_batch(self, batch: list[tuple[int, ReadyImage]], plans, request, cache_embeddings, encoders,
+                   thresholds):
         """Run one batch: ([(plan index, future of TaskOutcome)], [(plan index, failure reason)]).
 
         When the batch raises, its images are run again one by one, so only the image that
         raises alone fails (and an out-of-memory batch still labels what fits)."""
         engine = self.engine()
         try:
-            results = self._run_engine(engine, batch, plans, cache_embeddings, request)
+            results = self._run_engine(engine, batch, plans, cache_embeddings, thresholds)
         except Exception as exc:  # one bad image must not fail its batch-mates: retry them alone
             if len(batch) == 1:
                 log.warning("task %s: the engine failed on its image", plans[batch[0][0]].task_id, exc_info=True)
@@ -217,29 +218,22 @@ class Pipeline:
             log.warning("a batch of %d images failed (%s); running them one by one", len(batch), type(exc).__name__)
             done, failed = [], []
             for item in batch:
-                one_done, one_failed = self._run_batch([item], plans, request, cache_embeddings, encoders)
+                one_done, one_failed = self._run_batch([item], plans, request, cache_embeddings, encoders,
+                                                        thresholds)
                 done.extend(one_done)
                 failed.extend(one_failed)
             return done, failed
         return [(index, encoders.submit(self._regions, plans[index], result, request))
                 for (index, _), result in zip(batch, results)], []
 
-    def _polygon(self, options: PredictOptions) -> PolygonParams:
-        """The polygon parameters of smart-tool masks: the project's tolerance over POLYGON_TOLERANCE
-        (no minimum area: the annotator asked for each mask)."""
-        if options.polygon_tolerance is None:
-            return self.polygon
-        return PolygonParams(tolerance=options.polygon_tolerance, min_area=self.polygon.min_area)
-
     def detect_thresholds(self, request: PredictRequest):
         """The request's detector thresholds, or None when they are the env's (the engine's own)."""
         thresholds = request_thresholds(request.config, request.options, self.thresholds)
         return None if thresholds == self.thresholds else thresholds
 
-    def _run_engine(self, engine, batch: list[tuple[int, ReadyImage]], plans, cache_embeddings, request):
+    def _run_engine(self, engine, batch: list[tuple[int, ReadyImage]], plans, cache_embeddings, thresholds):
         keys = [ready.loaded.sha256 for _, ready in batch] if cache_embeddings else None
         images, phrases = [ready.prepared for _, ready in batch], [plans[i].phrases for i, _ in batch]
-        thresholds = self.detect_thresholds(request)
         with self.metrics.stage_seconds.labels("engine").time():
             if thresholds is None:  # the engine's own thresholds: the call every engine takes
                 return engine.run(images, phrases, keys)
@@ -267,6 +261,11 @@ class Pipeline:
         text = request.prompt_text()
         with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(plans)) or 1) as loaders:
             loaded = list(loaders.map(self._load, plans))
+        # per request: the project's tolerance over POLYGON_TOLERANCE (no minimum area: the annotator
+        # asked for each mask), and the detector thresholds of the text part
+        polygon = PolygonParams(tolerance=request.options.tolerance(self.polygon.tolerance),
+                                min_area=self.polygon.min_area)
+        thresholds = self.detect_thresholds(request)
         outcomes = []
         for plan, item in zip(plans, loaded):
             if isinstance(item, ImageFailure):
@@ -277,8 +276,7 @@ class Pipeline:
                 try:
                     prediction, stats = refine_image(
                         engine, item, request.config, smart, plan.phrases if text else None, self.model_version,
-                        self._polygon(request.options), self.detect_thresholds(request),
-                        request.options.outputs or OUTPUT_KINDS)
+                        polygon, thresholds, request.options, self.select_defaults.box_threshold)
                 except Exception as exc:  # one image the models cannot take fails only its task
                     log.warning("task %s: refining failed", plan.task_id, exc_info=not isinstance(exc, ImageError))
                     outcomes.append(self._failed(plan, _reason(

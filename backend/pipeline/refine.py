@@ -21,9 +21,10 @@ import numpy as np
 from backend.images.fetch import LoadedImage
 from backend.ls.geometry import percent_to_pixels
 from backend.ls.labelconfig import LabelConfig
-from backend.ls.options import OUTPUT_KINDS
+from backend.ls.options import PredictOptions
 from backend.ls.polygons import PolygonParams
 from backend.ls.regions import RegionStats, build_mask_prediction
+from backend.ls.selection import above_own_threshold
 from backend.ls.smartprompt import Click, SmartPrompt
 from backend.results import Detections, LabeledMasks, MaskPrompt, PromptedMask
 
@@ -73,16 +74,19 @@ def plan_prompts(smart: SmartPrompt, detections: Detections | None, width: int, 
 def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, smart: SmartPrompt,
                  phrases: tuple[str, ...] | None, model_version: str,
                  polygon: PolygonParams = PolygonParams(), thresholds: "DetectThresholds | None" = None,
-                 kinds: tuple[str, ...] = OUTPUT_KINDS) -> tuple[dict, RegionStats]:
+                 options: PredictOptions = PredictOptions(), default_box: float = 0.0) -> tuple[dict, RegionStats]:
     """One LS prediction for one image from its smart-tool prompt (``phrases``: text + clicks).
 
     ``thresholds``: the request's detector thresholds for the text part (None: the engine's own);
-    ``kinds``: the region kinds the project asks for. The masks themselves are never filtered by
-    score or area: the annotator asked for each one."""
+    its detections keep only those whose label clears its own threshold (``model_score_threshold``,
+    else ``options.box_threshold``, else ``default_box``), as text-only predictions do. ``options``
+    also gives the region kinds. The masks themselves are never filtered by score or area: the
+    annotator asked for each one."""
     width, height = loaded.width, loaded.height
     detections = None
     if phrases:
-        detections = engine.detect([loaded.image], [phrases], [thresholds] if thresholds else None)[0]
+        detected = engine.detect([loaded.image], [phrases], [thresholds] if thresholds else None)[0]
+        detections = above_own_threshold(detected, config, options, default_box)
     fallback = (config.brush or config.polygon or config.rectangle).labels[0]
     prompts, names = plan_prompts(smart, detections, width, height, fallback)
     outputs = engine.refine(loaded.image, loaded.sha256, prompts)
@@ -100,6 +104,7 @@ def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, sma
         # SAM's IoU estimate can stray outside [0, 1]; a region score is a confidence, so clip it.
         kept.append(PromptedMask(label=label, mask=mask, score=min(max(score, 0.0), 1.0)))
     kept.sort(key=lambda item: item.score, reverse=True)  # best first; stable, so ties keep prompt order
-    prediction = build_mask_prediction(LabeledMasks(width, height, tuple(kept)), config, model_version, polygon, kinds)
+    prediction = build_mask_prediction(LabeledMasks(width, height, tuple(kept)), config, model_version, polygon,
+                                       options.output_kinds())
     stats.regions = len(prediction["result"])
     return prediction, stats
