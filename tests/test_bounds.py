@@ -174,6 +174,12 @@ def test_nesting_up_to_the_bound_is_accepted(opted_in):
     assert post(opted_in, "/webhook", nested).status_code == 400
 
 
+def test_json_depth_of_an_unterminated_string_full_of_escaped_quotes_is_linear():
+    # With a closing quote required, each of these million quotes restarted a failing match: hours.
+    hostile = b"[[" + b'"' + b'\\"' * 1_000_000
+    assert json_depth(hostile) == 2
+
+
 @pytest.mark.parametrize("text, depth", [
     (b"{}", 1), (b"3", 0), (b"", 0), (b"[[1], [2, [3]]]", 3), (b'{"a": "[[[{{"}', 1), (b'{"a": "\\"[[["}', 1),
     (b'["\\\\", [["]]]"]]]', 3), (b"[" * 100_000, 100_000), (b'{"a":' * 50_000, 50_000),

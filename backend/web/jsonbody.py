@@ -18,7 +18,10 @@ from backend.ls.tasks import RequestError
 
 MAX_JSON_DEPTH = 100  # LS bodies nest ~10 levels (task → annotations → result → value → points)
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal (linear time, no backtracking)
+# A JSON string literal; an unterminated one runs to the end of the text. The closing quote is
+# optional so a match never fails: a failing match would restart at every later quote, which makes
+# one unterminated string full of escaped quotes cost quadratic time (minutes for 100 kB).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _DEPTH_CHUNK = 2**20
 
 
