@@ -155,6 +155,20 @@ def test_setup_refuses_bad_extra_params_with_a_message(app, extra_params, messag
     assert backend.projects.get(1) is None  # nothing stored
 
 
+@pytest.mark.parametrize("extra_params, message", [
+    ({f"k{i}": 0 for i in range(100_000)}, "and 99995 more"),
+    ({"outputs": ["x" * 1000] * 20_000}, "extra_params.outputs must be"),
+    ({"box_threshold": "9" * 100_000}, "box_threshold must be a number"),
+    ({"k" * 100_000: 1}, "unknown keys"),
+])
+def test_setup_answers_huge_extra_params_with_a_short_message(app, extra_params, message):
+    url, backend = app
+    answer = requests.post(url + "/setup", json=setup_body(extra_params), timeout=30)
+    assert answer.status_code == 400 and message in answer.json()["message"]
+    assert len(answer.json()["message"]) < 1000  # never the sent value echoed back whole (nor logged)
+    assert backend.projects.get(1) is None
+
+
 def test_predict_applies_options_and_the_remembered_prompt(app):
     url, backend = app
     requests.post(url + "/setup", json=setup_body({"box_threshold": 0.9}), timeout=5).raise_for_status()

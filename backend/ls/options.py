@@ -9,6 +9,7 @@ control or a ``<Label>``) win over these; these win over the env. Foundation-onl
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -17,19 +18,30 @@ OUTPUT_KINDS = ("rectangle", "brush", "polygon")
 MAX_PROMPT_CHARS = 2000
 
 
+_SHOWN = reprlib.Repr()  # attributes, not keyword arguments: Python 3.11 has no Repr(**limits)
+_SHOWN.maxstring = _SHOWN.maxother = 40
+_SHOWN.maxlist = _SHOWN.maxdict = 6
+_SHOWN.maxlevel = 2
+
+
+def _shown(value: Any) -> str:
+    """A value in an error message: short, whatever an admin (or an attacker) sent."""
+    return _SHOWN.repr(value)
+
+
 class OptionsError(ValueError):
     """``extra_params`` cannot be used; the message names the field and what to fix (HTTP 400)."""
 
 
 def _unit(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise OptionsError(f"extra_params.{name} must be a number in [0, 1], not {value!r}")
+        raise OptionsError(f"extra_params.{name} must be a number in [0, 1], not {_shown(value)}")
     return float(value)
 
 
 def _count(name: str, value: Any, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-        raise OptionsError(f"extra_params.{name} must be an integer in [1, {high}], not {value!r}")
+        raise OptionsError(f"extra_params.{name} must be an integer in [1, {high}], not {_shown(value)}")
     return value
 
 
@@ -38,7 +50,7 @@ def check_min_mask_area(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
             or value > 1e9:
         raise OptionsError(f"{name} must be a number of pixels (>= 1) or a fraction of the image (< 1), "
-                           f"not {value!r}")
+                           f"not {_shown(value)}")
     return float(value)
 
 
@@ -69,9 +81,11 @@ class PredictOptions:
         if not isinstance(params, dict):
             raise OptionsError("extra_params must be a JSON object, e.g. {\"box_threshold\": 0.35}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
+        unknown = sorted(str(key) for key in set(params) - known)
         if unknown:
-            raise OptionsError(f"extra_params has unknown keys {unknown}; known: {sorted(known)}")
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            shown = [key if len(key) <= 40 else key[:40] + "..." for key in unknown[:5]]
+            raise OptionsError(f"extra_params has unknown keys {shown}{more}; known: {sorted(known)}")
         values: dict[str, Any] = {}
         for name in ("box_threshold", "text_threshold", "nms_threshold"):
             if params.get(name) is not None:
@@ -85,7 +99,8 @@ class PredictOptions:
         tolerance = params.get("polygon_tolerance")
         if tolerance is not None:
             if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 100:
-                raise OptionsError(f"extra_params.polygon_tolerance must be pixels in [0, 100], not {tolerance!r}")
+                raise OptionsError("extra_params.polygon_tolerance must be pixels in [0, 100], "
+                                   f"not {_shown(tolerance)}")
             values["polygon_tolerance"] = float(tolerance)
         prompt = params.get("prompt")
         if prompt is not None:
@@ -96,7 +111,7 @@ class PredictOptions:
         if outputs is not None:
             if not isinstance(outputs, list) or not outputs or any(o not in OUTPUT_KINDS for o in outputs):
                 raise OptionsError(f"extra_params.outputs must be a non-empty list of {list(OUTPUT_KINDS)}, "
-                                   f"not {outputs!r}")
+                                   f"not {_shown(outputs)}")
             values["outputs"] = tuple(dict.fromkeys(outputs))
         return cls(**values)
 
