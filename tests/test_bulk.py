@@ -101,6 +101,10 @@ def test_cancel_then_resume(cluster, ls, label_studio, redis_server, tiny_env):
     time.sleep(2)
     assert predictions_per_task(ls, project) == settled, "a cancelled run kept writing"
     assert requests.get(f"{web.url}/jobs/nope", timeout=5).status_code == 404
+    # the chunks no worker had started are deleted, not cancelled: RQ keeps a cancelled job's payload forever
+    connection = redis_py.Redis.from_url(redis_server.url, socket_timeout=5)
+    assert connection.zcard("rq:canceled:prelabel") == 0
+    assert not [key for key in connection.scan_iter("rq:job:*") if connection.ttl(key) == -1]
 
     resumed = prelabel_cli(tiny_env, redis_server.url, label_studio, project, "--chunk", "8")
     output, _ = resumed.communicate(timeout=240)

@@ -8,7 +8,7 @@ only place bulk tasks are dicts. A run's job ids are kept in ``gsam:run:<id>:job
 (:func:`backend.queue.keys.jobs_key`), which expires with the run's record.
 
 Imports RQ and the queue transport (queue mode only: nothing in embedded mode imports this
-module); reaches the worker's resident pipeline only through :func:`_worker_pipeline`.
+module); reaches the worker's resident pipeline through :func:`backend.queue.resident.resident_pipeline`.
 """
 
 from __future__ import annotations
@@ -26,23 +26,17 @@ from backend.ls.client import LabelStudioApi
 from backend.queue import keys
 from backend.queue.liveness import is_alive, live_model_versions, live_workers
 from backend.queue.resident import resident_pipeline
-from backend.queue.transport import PRELABEL, PRELABEL_JOB_TIMEOUT_S, PRELABEL_RETRY, RESULT_TTL_S, fetch_jobs, queue
+from backend.queue.transport import (NOT_STARTED, PRELABEL, PRELABEL_JOB_TIMEOUT_S, PRELABEL_RETRY, RESULT_TTL_S,
+                                    drop_unstarted, fetch_jobs, queue)
 
-#: A job that has not started yet (cancelling it means it never runs).
-_WAITING = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
 FAILURE_TTL_S = 24 * 3600
-
-
-def _worker_pipeline():
-    """The worker process's resident pipeline (the one place a chunk job reaches it)."""
-    return resident_pipeline()
 
 
 # ---------------------------------------------------------------- the job (runs in a worker)
 
 def prelabel_chunk_job(run_id: str, spec: dict, tasks: list[dict]) -> None:
     """Label one chunk of a bulk run and write the predictions back to LS."""
-    pipeline = _worker_pipeline()
+    pipeline = resident_pipeline()
     settings = pipeline.settings
     with LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key) as api:
         process_chunk(pipeline, api, RedisRunStore(get_current_job().connection), run_id,
@@ -56,7 +50,8 @@ def enqueue_prelabel_chunk(connection: redis.Redis, run_id: str, spec: PrelabelS
     """Enqueue one chunk on ``prelabel`` and record its job id with the run; returns the job id."""
     job = queue(PRELABEL, connection).enqueue(
         prelabel_chunk_job, run_id, spec.to_dict(), [t.to_json() for t in tasks],
-        job_timeout=PRELABEL_JOB_TIMEOUT_S, retry=PRELABEL_RETRY, result_ttl=RESULT_TTL_S,
+        # ttl: a queued chunk no worker takes expires with its run's record, not never
+        job_timeout=PRELABEL_JOB_TIMEOUT_S, retry=PRELABEL_RETRY, ttl=ACTIVE_TTL_S, result_ttl=RESULT_TTL_S,
         failure_ttl=FAILURE_TTL_S, meta={"run_id": run_id}, description=f"prelabel run {run_id}: {len(tasks)} tasks")
     with connection.pipeline(transaction=False) as pipe:
         pipe.sadd(keys.jobs_key(run_id), job.id)
@@ -75,7 +70,7 @@ def _live_jobs(connection: redis.Redis, run_id: str) -> list[Job]:
     live = []
     for job in _run_jobs(connection, run_id):
         status = job.get_status(refresh=False)
-        if status in _WAITING or (status == JobStatus.STARTED and job.worker_name
+        if status in NOT_STARTED or (status == JobStatus.STARTED and job.worker_name
                                   and is_alive(connection, job.worker_name)):
             live.append(job)
     return live
@@ -93,13 +88,8 @@ def run_tasks_in_flight(connection: redis.Redis, run_id: str) -> set[int]:
 
 
 def cancel_run_jobs(connection: redis.Redis, run_id: str) -> int:
-    """Cancel this run's jobs that have not started; running chunks see the run's cancelled flag."""
-    cancelled = 0
-    for job in _run_jobs(connection, run_id):
-        if job.get_status(refresh=False) in _WAITING:
-            job.cancel()
-            cancelled += 1
-    return cancelled
+    """Delete this run's jobs that have not started; running chunks see the run's cancelled flag."""
+    return drop_unstarted(_run_jobs(connection, run_id), refresh=False)
 
 
 class RqChunkQueue:

@@ -19,7 +19,6 @@ from typing import Any
 
 import redis
 from rq import Retry
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
 
@@ -27,11 +26,9 @@ from backend.ls.tasks import PredictRequest
 from backend.queue import keys
 from backend.queue.connection import connect
 from backend.queue.jobs import predict_job
-from backend.queue.transport import INTERACTIVE, QUEUES, queue
+from backend.queue.transport import INTERACTIVE, QUEUES, drop_unstarted, queue
 
 log = logging.getLogger(__name__)
-
-_NOT_STARTED = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
 
 
 class QueueError(RuntimeError):
@@ -113,16 +110,11 @@ class QueueClient:
 
     @staticmethod
     def _drop_unstarted(jobs: list[Job]) -> None:
-        """Delete (not just cancel: a cancelled job keeps its key) the jobs no worker has started."""
-        for job in jobs:
-            try:
-                if job.get_status() in _NOT_STARTED:
-                    job.delete()
-            except (InvalidJobOperation, NoSuchJobError):
-                continue  # already gone (expired or deleted)
-            except redis.RedisError as exc:
-                log.warning("could not delete timed-out job %s (%s); it expires with its ttl", job.id,
-                            type(exc).__name__)
+        """Delete the jobs no worker has started (:func:`~backend.queue.transport.drop_unstarted`)."""
+        try:
+            drop_unstarted(jobs)
+        except redis.RedisError as exc:
+            log.warning("could not delete timed-out jobs (%s); they expire with their ttl", type(exc).__name__)
 
     def _wait(self, job: Job, deadline: float) -> list[Any]:
         while True:

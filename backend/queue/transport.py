@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable
 
 import redis
 from rq import Queue, Retry
-from rq.job import Job
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 log = logging.getLogger(__name__)
@@ -108,5 +109,25 @@ def fetch_jobs(job_ids: list[str], connection: redis.Redis) -> list[GsamJob | No
     return GsamJob.fetch_many(job_ids, connection=connection, serializer=SERIALIZER)
 
 
+#: A job no worker has started yet: deleting it means it never runs.
+NOT_STARTED = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
+
+
+def drop_unstarted(jobs: Iterable[Job], refresh: bool = True) -> int:
+    """Delete the jobs no worker has started; returns how many. Deleted, not cancelled: RQ keeps a
+    cancelled job's hash (its whole payload) and its canceled-registry entry with no expiry.
+    A job already gone (expired, deleted by a racing caller) is skipped."""
+    dropped = 0
+    for job in jobs:
+        try:
+            if job.get_status(refresh=refresh) in NOT_STARTED:
+                job.delete()
+                dropped += 1
+        except (InvalidJobOperation, NoSuchJobError):
+            continue
+    return dropped
+
+
 __all__ = ["GsamJob", "INTERACTIVE", "PRELABEL", "PRELABEL_JOB_TIMEOUT_S", "PRELABEL_RETRY", "QUEUES",
-           "RESULT_TTL_S", "SERIALIZER", "UnsafeJobError", "fetch_job", "fetch_jobs", "function_path", "queue"]
+           "NOT_STARTED", "RESULT_TTL_S", "SERIALIZER", "UnsafeJobError", "drop_unstarted", "fetch_job", "fetch_jobs",
+           "function_path", "queue"]
