@@ -113,6 +113,23 @@ def test_our_function_on_an_instance_is_refused(stack):
     assert "UnsafeJobError" in wait_for_end(connection, job_id).latest_result().exc_string
 
 
+@pytest.mark.parametrize("run_id, tasks", [
+    ("gsam:workers", [{"id": 1, "data": {}}]),  # a run id that would name another key
+    ("x" * 100_000, [{"id": 1, "data": {}}]),
+    ("0123456789abcdef", [{"id": i, "data": {}} for i in range(1, 2000)]),  # more than a chunk holds
+    ("0123456789abcdef", [{"id": True, "data": "not an object"}]),
+])
+def test_a_forged_prelabel_chunk_with_bad_arguments_fails_before_touching_redis(stack, run_id, tasks):
+    _, _, connection = stack
+    spec = {"project": 1, "label_config": CONFIG, "prompt": None, "model_version": "v"}
+    before = set(connection.scan_iter("gsam:run*"))
+    job_id = push_raw_job(connection, json.dumps(
+        ["backend.bulk.chunkjob.prelabel_chunk_job", None, [run_id, spec, tasks], {}]).encode())
+    job = wait_for_end(connection, job_id)
+    assert job.get_status() == "failed" and "ValueError" in (job.latest_result().exc_string or "")
+    assert set(connection.scan_iter("gsam:run*")) == before  # no key named after the forged arguments
+
+
 def test_callbacks_and_webhooks_in_a_job_are_ignored(stack):
     """A job of ours that names callbacks and webhooks: the job runs, they never do."""
     web, worker, connection = stack

@@ -20,6 +20,7 @@ from rq import get_current_job
 from rq.job import Job, JobStatus
 
 from backend.bulk.prelabel import process_chunk
+from backend.bulk.request import MAX_CHUNK
 from backend.bulk.redisstore import ACTIVE_TTL_S, RedisRunStore
 from backend.bulk.spec import BulkTask, PrelabelSpec
 from backend.ls.client import LabelStudioApi
@@ -36,11 +37,15 @@ FAILURE_TTL_S = 24 * 3600
 
 def prelabel_chunk_job(run_id: str, spec: dict, tasks: list[dict]) -> None:
     """Label one chunk of a bulk run and write the predictions back to LS."""
+    # The arguments crossed Redis: check their shape before any key is named or any task is listed.
+    if not isinstance(tasks, list) or not 1 <= len(tasks) <= MAX_CHUNK or not isinstance(spec, dict):
+        raise ValueError(f"a prelabel chunk is a spec object and 1 to {MAX_CHUNK} tasks")
+    keys.run_key(run_id)  # ValueError for anything but a run id
+    run_spec, run_tasks = PrelabelSpec.from_dict(spec), [BulkTask.from_json(t) for t in tasks]
     pipeline = resident_pipeline()
     settings = pipeline.settings
     with LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key) as api:
-        process_chunk(pipeline, api, RedisRunStore(get_current_job().connection), run_id,
-                      PrelabelSpec.from_dict(spec), [BulkTask.from_json(t) for t in tasks])
+        process_chunk(pipeline, api, RedisRunStore(get_current_job().connection), run_id, run_spec, run_tasks)
 
 
 # ---------------------------------------------------------------- the supervisor's side

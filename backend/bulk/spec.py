@@ -52,8 +52,12 @@ class BulkTask:
         return {"id": self.id, "data": self.data}
 
     @classmethod
-    def from_json(cls, item: dict) -> "BulkTask":
-        return cls(id=int(item["id"]), data=item.get("data") or {})
+    def from_json(cls, item: Any) -> "BulkTask":
+        """From a job argument (it crossed Redis): ``{"id": positive int, "data": object}``, else ValueError."""
+        task_id, data = (item.get("id"), item.get("data") or {}) if isinstance(item, dict) else (None, None)
+        if isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 1 or not isinstance(data, dict):
+            raise ValueError("a bulk task is {\"id\": a positive integer, \"data\": an object}")
+        return cls(id=task_id, data=data)
 
 
 __all__ = ["BulkTask", "PrelabelSpec"]

@@ -23,6 +23,7 @@ Imports nothing of the backend.
 from __future__ import annotations
 
 import hashlib
+import re
 
 WORKERS = "gsam:workers"
 WORKER_VERSIONS = "gsam:worker-versions"
@@ -31,11 +32,18 @@ RUN_PREFIX = "gsam:run:"
 RUN_INDEX = "gsam:run-index"
 LOCK_PREFIX = "gsam:lock:"
 RUN_PARTS = ("tasks", "done", "failed", "jobs", "lease")
+#: A bulk run's id: 16 lowercase hex characters (``backend.bulk.runstore.new_run_id``).
+RUN_ID = re.compile(r"[0-9a-f]{16}")
 PROJECT_PREFIX = "gsam:project:"
 
 
 def run_key(run_id: str, part: str | None = None) -> str:
-    """The run's record (hash), or one of its parts: ``tasks``, ``done``, ``failed``, ``jobs``, ``lease``."""
+    """The run's record (hash), or one of its parts: ``tasks``, ``done``, ``failed``, ``jobs``, ``lease``.
+
+    Raises ValueError for anything but a run id, so no caller (a route, a job argument that crossed
+    Redis) can name another key."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"not a run id (16 lowercase hex characters): {run_id!r:.40}")
     if part is not None and part not in RUN_PARTS:
         raise ValueError(f"a run has no key part {part!r}; use one of {', '.join(RUN_PARTS)}")
     return f"{RUN_PREFIX}{run_id}" if part is None else f"{RUN_PREFIX}{run_id}:{part}"

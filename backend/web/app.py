@@ -16,7 +16,6 @@ May import modes, bulk (request and errors), queue (errors), ls and the foundati
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any, Callable
 
@@ -33,6 +32,7 @@ from backend.ls.tasks import RequestError, RequestTooLarge, asks_for_nothing, pa
 from backend.modes.base import Backend
 from backend.modes.factory import build_backend
 from backend.modes.projects import apply_project, for_run, project_id
+from backend.queue import keys
 from backend.queue.client import QueueError
 from backend.settings import Settings
 from backend.web.auth import BULK_NEEDS_AUTH, CREDENTIALS_NEEDED, Access, check_access
@@ -41,7 +41,6 @@ from backend.web.jsonbody import BoundedJSONProvider, json_object, json_value, l
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 2**20
-RUN_ID = re.compile(r"[0-9a-f]{16}")  # the run store's ids: 16 lowercase hex characters
 MAX_EXTRA_PARAMS_CHARS = 65536  # extra_params as text (LS's connection form): far more than any options need
 
 
@@ -52,7 +51,7 @@ def _error(status: int, message: str):
 def _run_answer(run_id: str, act: Callable[[str], Any]):
     """``act(run_id)`` (status or cancel) as JSON, or 404 for anything but a known run's id (never a
     store lookup of an odd key)."""
-    if not RUN_ID.fullmatch(run_id):
+    if not keys.RUN_ID.fullmatch(run_id):
         raise NotFound(f"no bulk run {run_id[:64]!r}: run ids are 16 lowercase hex characters")
     status = act(run_id)
     if status is None:
