@@ -132,7 +132,7 @@ def cmd_prelabel(args) -> int:
     from backend.ls.client import LabelStudioApiError
     from backend.modes.factory import build_backend
     from backend.modes.projects import for_run
-    from backend.queue.client import QueueError
+    from backend.queue.errors import QueueError
     from backend.settings import Settings
 
     settings = Settings.from_env()

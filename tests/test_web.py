@@ -20,7 +20,7 @@ from backend.ls.tasks import PredictRequest, PromptLimits
 from backend.metrics import Metrics
 from backend.modes.base import MODEL_CLASS, Mode
 from backend.modes.projects import MemoryProjectStore
-from backend.queue.client import QueueTimeout, QueueUnavailable
+from backend.queue.errors import QueueTimeout, QueueUnavailable
 from backend.settings import Settings
 from backend.web.app import create_app
 

@@ -16,7 +16,7 @@ with the LS credentials. LS answers a ``303`` to a pre-signed storage URL when t
 latter two what LS's own task listings hold with ``resolve_uri``): their redirect names the storage
 endpoint the LS admin configured, so that one hop may go to a private host (MinIO next to LS).
 
-May import: :mod:`backend.images.decode` (``ImageError``) and :mod:`backend.images.sources`
+May import: :mod:`backend.errors` (``ImageError``) and :mod:`backend.images.sources`
 (``describe``).
 """
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import base64
 import re
 
-from backend.images.decode import ImageError
+from backend.errors import ImageError
 from backend.images.sources import describe
 
 __all__ = ["CLOUD_SCHEMES", "MAX_CLOUD_URI_CHARS", "cloud_scheme", "is_resolve_request", "presign_url"]

@@ -4,7 +4,7 @@ Owns the limits every other image module reads (timeouts, download size, pixel l
 budget's capacity) and the Label Studio address and key. Built from the environment by the pipeline
 (``backend.pipeline.predict.fetch_settings``); nothing here reads the environment itself.
 
-May import: :mod:`backend.images.decode` (``ImageError``), :mod:`backend.images.safefetch` and
+May import: :mod:`backend.errors` (``ImageError``), :mod:`backend.images.safefetch` and
 :mod:`backend.images.sources` (to check and describe ``LABEL_STUDIO_URL``).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from backend.images.decode import ImageError
+from backend.errors import ImageError
 from backend.images.safefetch import parse_target
 from backend.images.sources import describe
 

@@ -5,8 +5,8 @@ Frames: :func:`decode_image` returns the *EXIF-transposed* image, converted to R
 mask coordinates computed on it map straight to LS percentages.
 
 Every failure is an :class:`ImageError` whose ``reason`` says what went wrong and what to fix; it is
-safe to log and to return to a client. :class:`ImageError` is defined here, the lowest of the image
-modules, and shared by all of them (:mod:`backend.images.fetch` re-exports it).
+safe to log and to return to a client. :class:`ImageError` lives in :mod:`backend.errors` (the engine
+raises it too), so the URL modules import it from there without loading PIL.
 
 :class:`LoadedImage` is a decoded task image with its digest and URL; :meth:`LoadedImage.from_bytes`
 is the one way bytes become one (the loader, the CLI and the benchmarks all use it).

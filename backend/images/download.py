@@ -43,7 +43,7 @@ import urllib3
 
 from backend.images.cloud import is_resolve_request
 from backend.images.config import FetchSettings
-from backend.images.decode import ImageError
+from backend.errors import ImageError
 from backend.images.safefetch import PinnedHTTP, Target, parse_target
 from backend.images.sources import describe, too_big_reason
 from backend.images.urlguard import IPAddress, Resolver, refuse_localhost_name, require_public, resolve_host

@@ -31,7 +31,8 @@ import requests
 
 from backend.images.cloud import cloud_scheme, presign_url
 from backend.images.config import FetchSettings
-from backend.images.decode import ImageError, LoadedImage, PixelBudget
+from backend.errors import ImageError
+from backend.images.decode import LoadedImage, PixelBudget
 from backend.images.download import Downloader, auth_session
 from backend.images.safefetch import PinnedHTTP, ca_bundle_from_env, parse_target
 from backend.images.sources import (

@@ -18,7 +18,7 @@ address we checked would not be the one fetched from. CA certificates come from
 ``FetchSettings.ca_bundle``, else ``REQUESTS_CA_BUNDLE`` / ``SSL_CERT_FILE`` / ``CURL_CA_BUNDLE``
 when set (a file or a directory), else certifi's bundle.
 
-May import: :mod:`backend.images.decode` (``ImageError``) and :mod:`backend.images.urlguard`.
+May import: :mod:`backend.errors` (``ImageError``) and :mod:`backend.images.urlguard`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import idna
 import urllib3
 from urllib3.util import parse_url
 
-from backend.images.decode import ImageError
+from backend.errors import ImageError
 from backend.images.urlguard import IPAddress, host_literal
 
 __all__ = ["PinnedHTTP", "Target", "ca_bundle_from_env", "escape", "parse_target"]

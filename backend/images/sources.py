@@ -16,7 +16,7 @@ Also owns :func:`describe`, the one log-safe short form of a task URL that every
 (no user info, no query except local-files' ``d``, control characters escaped), and the "over the
 download limit" reason that local files, data: URIs and downloads share.
 
-May import: :mod:`backend.images.decode` (``ImageError``) and :mod:`backend.images.safefetch`
+May import: :mod:`backend.errors` (``ImageError``) and :mod:`backend.images.safefetch`
 (``escape``).
 """
 
@@ -27,7 +27,7 @@ import binascii
 import os
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from backend.images.decode import ImageError
+from backend.errors import ImageError
 from backend.images.safefetch import escape
 
 __all__ = [

@@ -14,7 +14,7 @@ or without a trailing dot) count as loopback without a lookup (RFC 6761).
 
 Every failure raises :class:`~backend.images.decode.ImageError` with a single-line reason.
 
-May import: :mod:`backend.images.decode` (``ImageError``) only.
+May import: :mod:`backend.errors` (``ImageError``) only.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from backend.images.decode import ImageError
+from backend.errors import ImageError
 
 __all__ = [
     "IPAddress",

@@ -31,7 +31,7 @@ from backend.bulk.request import RunRequest
 from backend.ls.options import MAX_PROMPT_CHARS, OptionsError, PredictOptions
 from backend.ls.tasks import PredictRequest, PromptLimits, RequestError, prompt_text, split_prompt
 from backend.queue import keys
-from backend.queue.client import QueueUnavailable
+from backend.queue.errors import QueueUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -25,34 +25,11 @@ from rq.results import Result
 from backend.ls.tasks import PredictRequest
 from backend.queue import keys
 from backend.queue.connection import connect
+from backend.queue.errors import JobFailed, QueueTimeout, QueueUnavailable
 from backend.queue.jobs import predict_job
 from backend.queue.transport import INTERACTIVE, QUEUES, drop_unstarted, queue
 
 log = logging.getLogger(__name__)
-
-
-class QueueError(RuntimeError):
-    """A queue-mode failure; ``http_status`` is what the web layer answers."""
-
-    http_status = 500
-
-
-class QueueUnavailable(QueueError):
-    """Redis cannot be reached."""
-
-    http_status = 503
-
-
-class QueueTimeout(QueueError):
-    """No worker answered in time."""
-
-    http_status = 504
-
-
-class JobFailed(QueueError):
-    """A worker ran the job and it raised."""
-
-    http_status = 502
 
 
 def predict_payload(request: PredictRequest) -> tuple[dict, list[dict]]:
@@ -149,4 +126,4 @@ class QueueClient:
                 "queues": dict(zip(QUEUES, (int(d) for d in depths)))}
 
 
-__all__ = ["JobFailed", "QueueClient", "QueueError", "QueueTimeout", "QueueUnavailable", "predict_payload"]
+__all__ = ["QueueClient", "predict_payload"]

@@ -33,7 +33,7 @@ from backend.modes.base import Backend
 from backend.modes.factory import build_backend
 from backend.modes.projects import apply_project, for_run, project_id
 from backend.queue import keys
-from backend.queue.client import QueueError
+from backend.queue.errors import QueueError
 from backend.settings import Settings
 from backend.web.auth import BULK_NEEDS_AUTH, CREDENTIALS_NEEDED, Access, check_access
 from backend.web.jsonbody import BoundedJSONProvider, json_object, json_value, loads_bounded
