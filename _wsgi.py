@@ -13,15 +13,14 @@ import os
 
 from backend.logsetup import configure_logging
 from backend.settings import Settings
-from backend.web.app import create_app
+from backend.web.app import app_from_settings
 
 configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
 
 
 def build_app(settings: Settings | None = None):
     """The app from the environment (or ``settings``)."""
-    settings = settings or Settings.from_env()
-    return create_app(settings, preload=settings.preload_models)
+    return app_from_settings(settings or Settings.from_env())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -108,11 +108,11 @@ def cmd_make_tiny_models(args) -> int:
 
 def cmd_serve(args) -> int:
     from backend.settings import Settings
-    from backend.web.app import create_app
+    from backend.web.app import app_from_settings
 
     settings = Settings.from_env()
-    create_app(settings, preload=settings.preload_models).run(host=args.host, port=args.port or settings.port,
-                                                              threaded=True, use_reloader=False)
+    app_from_settings(settings).run(host=args.host, port=args.port or settings.port, threaded=True,
+                                    use_reloader=False)
     return 0
 
 

@@ -77,7 +77,7 @@ def _optional_count(env: Mapping[str, str], name: str, high: int) -> int | None:
 
 def _batch_size(env: Mapping[str, str]) -> int | None:
     """``None`` means ``auto`` (chosen by the engine from free device memory)."""
-    raw = (env.get("BATCH_SIZE") or "8").strip().lower()
+    raw = (env.get("BATCH_SIZE") or str(DEFAULT_BATCH_SIZE)).strip().lower()
     if raw == "auto":
         return None
     return _number({"BATCH_SIZE": raw}, "BATCH_SIZE", DEFAULT_BATCH_SIZE, int, 1, 256)

@@ -194,6 +194,13 @@ def test_predict_applies_options_and_the_remembered_prompt(app):
     assert requests.get(url + "/projects/1/settings", timeout=5).json()["default_prompt"] == "dog"
 
 
+@pytest.mark.parametrize("path", ["0", "-1", "1000000000000000000", "9" * 5000, "%00", "1.5", "abc", "1%2F..%2F2"])
+def test_project_settings_route_answers_odd_ids_with_404(app, path):
+    url, _ = app
+    answer = requests.get(f"{url}/projects/{path}/settings", timeout=5)
+    assert answer.status_code == 404 and answer.headers["Content-Type"].startswith("application/json")
+
+
 @pytest.mark.parametrize("app", [False], indirect=True)
 def test_remember_prompt_false_never_remembers(app):
     url, backend = app

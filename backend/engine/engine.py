@@ -27,7 +27,7 @@ from backend.engine.detector import DinoInput, GroundingDinoDetector, nms
 from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, resolve_dtype
 from backend.engine.segmenter import ImageEmbedding, SamInput, SamSegmenter
 from backend.results import CompactMask, Detections, ImageResult, MaskPrompt
-from backend.settings import DetectThresholds
+from backend.settings import DEFAULT_BATCH_SIZE, DetectThresholds
 
 __all__ = ["Engine", "PreparedImage"]
 
@@ -98,7 +98,7 @@ class Engine:
 
     @property
     def batch_size(self) -> int:
-        return getattr(self.detector, "batch_size", 8)
+        return getattr(self.detector, "batch_size", DEFAULT_BATCH_SIZE)
 
     def set_batch_size(self, batch_size: int) -> None:
         self.detector.batch_size = self.segmenter.batch_size = batch_size

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 PROJECT_TTL_S = 90 * 24 * 3600
 #: At most this many projects in the embedded store (least recently used go first).
 MAX_MEMORY_PROJECTS = 10_000
+#: Project ids are below this (18 digits; also what the uid pattern below accepts).
+PROJECT_ID_LIMIT = 10**18
 #: LS's project uid is ``<id>.<created timestamp>`` (label-studio ml/api_connector.py); plain ids are fine too.
 _PROJECT_UID = re.compile(r"([1-9][0-9]{0,17})(?:\.[0-9]{1,20})?")
 
@@ -222,7 +224,7 @@ def project_id(value: Any) -> int | None:
     ``<id>.<created>`` uid) or ``1`` → 1; None when absent. Raises RequestError (400) otherwise."""
     if value is None or value == "":
         return None
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 10**18:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value < PROJECT_ID_LIMIT:
         return value
     match = _PROJECT_UID.fullmatch(value.strip()) if isinstance(value, str) and len(value) <= 64 else None
     if match is None:

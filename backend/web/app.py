@@ -31,7 +31,7 @@ from backend.ls.regions import empty_prediction
 from backend.ls.tasks import RequestError, RequestTooLarge, asks_for_nothing, parse_predict_request, split_prompt
 from backend.modes.base import Backend
 from backend.modes.factory import build_backend
-from backend.modes.projects import apply_project, for_run, project_id
+from backend.modes.projects import PROJECT_ID_LIMIT, apply_project, for_run, project_id
 from backend.queue import keys
 from backend.queue.errors import QueueError
 from backend.settings import Settings
@@ -78,6 +78,12 @@ def extra_params_options(value: Any, backend: Backend) -> PredictOptions:
         except RequestError as exc:
             raise OptionsError(f"extra_params.prompt: {exc}") from None
     return options
+
+
+def app_from_settings(settings: Settings) -> Flask:
+    """The served app: the mode ``settings`` select, models preloaded unless PRELOAD_MODELS=false
+    (gunicorn's ``_wsgi:app``, ``python _wsgi.py`` and ``python -m backend serve``)."""
+    return create_app(settings, preload=settings.preload_models)
 
 
 def create_app(settings: Settings | None = None, backend: Backend | None = None, preload: bool = False) -> Flask:
@@ -178,7 +184,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
 
     @app.get("/projects/<int:project>/settings")
     def project_settings(project: int):
-        stored = backend.projects.get(project) if 1 <= project < 10**18 else None
+        stored = backend.projects.get(project) if 1 <= project < PROJECT_ID_LIMIT else None
         if stored is None:
             return _error(404, f"no settings stored for project {project}: Label Studio stores them with "
                                "/setup (when the model connection is saved or checked)")
