@@ -40,7 +40,8 @@ def prelabel_chunk_job(run_id: str, spec: dict, tasks: list[dict]) -> None:
     # The arguments crossed Redis: check their shape before any key is named or any task is listed.
     if not isinstance(tasks, list) or not 1 <= len(tasks) <= MAX_CHUNK or not isinstance(spec, dict):
         raise ValueError(f"a prelabel chunk is a spec object and 1 to {MAX_CHUNK} tasks")
-    keys.run_key(run_id)  # ValueError for anything but a run id
+    if not isinstance(run_id, str) or not keys.RUN_ID.fullmatch(run_id):
+        raise ValueError(f"not a run id (16 lowercase hex characters): {run_id!r:.40}")
     run_spec, run_tasks = PrelabelSpec.from_dict(spec), [BulkTask.from_json(t) for t in tasks]
     pipeline = resident_pipeline()
     settings = pipeline.settings
