@@ -98,8 +98,15 @@ def cmd_predict(args) -> int:
 
 
 def cmd_make_tiny_models(args) -> int:
-    from backend.engine.tiny import make_tiny_models
+    from backend.engine.tiny import make_family_model, make_tiny_models
 
+    if args.family:
+        path = make_family_model(args.dir, args.family, seed=args.seed)
+        setting = {"sam3": "ENGINE=sam3 SAM3_MODEL", "mm-grounding-dino": "GROUNDING_DINO_MODEL"}.get(args.family,
+                                                                                                    "SAM_MODEL")
+        print(f"wrote {path}")
+        print(f"use it with: {setting}={path}")
+        return 0
     dino, sam = make_tiny_models(args.dir, seed=args.seed)
     print(f"wrote {dino} and {sam}")
     print(f"use them with: GROUNDING_DINO_MODEL={dino} SAM_MODEL={sam}")
@@ -167,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=cmd_predict)
 
     tiny = commands.add_parser("make-tiny-models", help="build tiny random-weight models for tests")
-    tiny.add_argument("dir", help="writes DIR/grounding-dino and DIR/sam")
+    tiny.add_argument("dir", help="writes DIR/grounding-dino and DIR/sam (with --family F: DIR/F)")
+    tiny.add_argument("--family", choices=["sam-hq", "sam2", "sam3", "mm-grounding-dino"], default=None,
+                      help="build one checkpoint of this family instead of the default pair")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_models)
 
@@ -207,11 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     from backend.logsetup import configure_logging
 
     configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
+    from backend.errors import ModelLoadError
     from backend.settings import SettingsError
 
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))
-    except SettingsError as exc:  # a bad environment variable: say which, without a traceback
+    except (SettingsError, ModelLoadError) as exc:  # a bad setting: say which and the fix, no traceback
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

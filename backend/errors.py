@@ -25,3 +25,14 @@ class ReasonError(Exception):
 class ImageError(ReasonError):
     """An image could not be resolved, downloaded or decoded, or the models cannot take it
     (``reason``: see ReasonError); it fails its own task only."""
+
+
+class ModelLoadError(ReasonError):
+    """The models could not be loaded: ``reason`` names the setting, the value and what to fix
+    (a missing directory, a checkpoint of a family the setting does not take, a hub id that cannot
+    be downloaded, too little memory). The backend reports it in /health and answers /predict with
+    503 instead of failing every request; a queue worker exits non-zero with it."""
+
+    def __init__(self, setting: str, value: str, problem: str, fix: str) -> None:
+        super().__init__(f"{setting}={value!r}: {problem}; {fix}")
+        self.setting, self.value = setting, value

@@ -6,12 +6,21 @@ so a test can build one explicitly and two configurations can live in one proces
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
 DEFAULT_GROUNDING_DINO_MODEL = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SAM_MODEL = "facebook/sam-vit-huge"
+DEFAULT_SAM3_MODEL = "facebook/sam3"
+
+
+class EngineKind(str, enum.Enum):
+    """``ENGINE``: which models turn a prompt into regions."""
+
+    GROUNDED_SAM = "grounded-sam"  # a detector (GROUNDING_DINO_MODEL) + a segmenter (SAM_MODEL)
+    SAM3 = "sam3"  # SAM 3 alone (SAM3_MODEL): concept prompts → instances, its tracker for clicks
 #: Images per engine batch when BATCH_SIZE is unset, and while BATCH_SIZE=auto is not resolved yet.
 DEFAULT_BATCH_SIZE = 8
 
@@ -85,8 +94,10 @@ def _batch_size(env: Mapping[str, str]) -> int | None:
 
 @dataclass(frozen=True)
 class Settings:
+    engine: EngineKind = EngineKind.GROUNDED_SAM
     grounding_dino_model: str = DEFAULT_GROUNDING_DINO_MODEL
     sam_model: str = DEFAULT_SAM_MODEL
+    sam3_model: str = DEFAULT_SAM3_MODEL
     device: str | None = None  # None = auto: cuda when available, else cpu
     dtype: str | None = None  # None = auto: bfloat16 on cuda, float32 on cpu
     box_threshold: float = 0.3
@@ -154,9 +165,14 @@ class Settings:
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise SettingsError(f"LOG_LEVEL={log_level!r} is not a logging level: use DEBUG, INFO, WARNING or ERROR")
         ls_url = _text(env, "LABEL_STUDIO_URL", None)
+        engine = (_text(env, "ENGINE", EngineKind.GROUNDED_SAM.value) or "").lower()
+        if engine not in {kind.value for kind in EngineKind}:
+            raise SettingsError(f"ENGINE={engine!r} is not an engine: use grounded-sam or sam3")
         return cls(
+            engine=EngineKind(engine),
             grounding_dino_model=_text(env, "GROUNDING_DINO_MODEL", DEFAULT_GROUNDING_DINO_MODEL),
             sam_model=_text(env, "SAM_MODEL", DEFAULT_SAM_MODEL),
+            sam3_model=_text(env, "SAM3_MODEL", DEFAULT_SAM3_MODEL),
             device=None if device == "auto" else device,
             dtype=None if dtype == "auto" else dtype,
             box_threshold=_number(env, "BOX_THRESHOLD", 0.3, float, 0.0, 1.0),

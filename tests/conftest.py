@@ -55,6 +55,22 @@ def tiny_models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tiny_models):
+    """``tiny_family("sam2")`` → ``DIR/sam2``, built once per session by the real
+    ``make-tiny-models --family`` command (families: sam-hq, sam2, sam3, mm-grounding-dino)."""
+    built: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in built:
+            subprocess.run([sys.executable, "-m", "backend", "make-tiny-models", str(tiny_models), "--family", family],
+                           cwd=REPO, check=True, capture_output=True)
+            built[family] = tiny_models / family
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def tiny_env(tiny_models) -> dict[str, str]:
     """Env for a backend on the tiny models that always detects something (thresholds 0)."""
     return {"GROUNDING_DINO_MODEL": str(tiny_models / "grounding-dino"), "SAM_MODEL": str(tiny_models / "sam"),

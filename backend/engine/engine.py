@@ -23,15 +23,36 @@ import numpy as np
 from PIL import Image
 
 from backend.engine.embedcache import EmbeddingCache
+from backend.engine.families import DETECTOR_FAMILIES, SEGMENTER_FAMILIES, load_error, require_family, segmenter_class
 from backend.engine.detector import DinoInput, GroundingDinoDetector, nms
 from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, resolve_dtype
 from backend.engine.segmenter import ImageEmbedding, SamInput, SamSegmenter
 from backend.results import CompactMask, Detections, ImageResult, MaskPrompt
-from backend.settings import DEFAULT_BATCH_SIZE, DetectThresholds
+from backend.settings import DEFAULT_BATCH_SIZE, DetectThresholds, EngineKind
 
 __all__ = ["Engine", "PreparedImage"]
 
 log = logging.getLogger(__name__)
+
+
+def embedding_cache(settings, metrics=None) -> EmbeddingCache:
+    """The LRU of image embeddings for clicks (EMBEDDING_CACHE_MB), reporting to ``metrics``."""
+    hooks = {} if metrics is None else dict(on_hit=metrics.embedding_cache_hits.inc,
+                                            on_miss=metrics.embedding_cache_misses.inc,
+                                            on_size=metrics.embedding_cache_bytes.set)
+    return EmbeddingCache(int(settings.embedding_cache_mb * 2**20), **hooks)
+
+
+def build_engine(settings, metrics=None):
+    """The engine ENGINE names: :class:`Engine` (detector + segmenter) or SAM 3's. Both have
+    ``prepare``, ``run``, ``detect``, ``refine``, ``probe``, ``batch_size`` and ``set_batch_size``.
+
+    Raises ModelLoadError when the models cannot be loaded."""
+    if settings.engine is EngineKind.SAM3:
+        from backend.engine.sam3 import Sam3Engine
+
+        return Sam3Engine.from_settings(settings, metrics)
+    return Engine.from_settings(settings, metrics)
 
 
 class Detector(Protocol):
@@ -75,22 +96,30 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings, metrics=None) -> "Engine":
+        """Load GROUNDING_DINO_MODEL and SAM_MODEL, each by the family its config names.
+
+        Raises ModelLoadError (naming the setting and the fix) when either cannot be loaded."""
+        detector_type = require_family("GROUNDING_DINO_MODEL", settings.grounding_dino_model, DETECTOR_FAMILIES)
+        segmenter_type = require_family("SAM_MODEL", settings.sam_model, SEGMENTER_FAMILIES)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         enable_tf32(device)
         batch_size = settings.batch_size or 1  # auto: probed below once the models are loaded
-        log.info("loading models on %s (%s%s): %s, %s", device, dtype, ", compiled" if settings.compile else "",
-                 settings.grounding_dino_model, settings.sam_model)
-        detector = GroundingDinoDetector(
-            settings.grounding_dino_model, device, dtype, box_threshold=settings.box_threshold,
-            text_threshold=settings.text_threshold, nms_threshold=settings.nms_threshold,
-            max_detections=settings.max_detections, batch_size=batch_size, compile=settings.compile)
-        hooks = {} if metrics is None else dict(on_hit=metrics.embedding_cache_hits.inc,
-                                                on_miss=metrics.embedding_cache_misses.inc,
-                                                on_size=metrics.embedding_cache_bytes.set)
-        cache = EmbeddingCache(int(settings.embedding_cache_mb * 2**20), **hooks)
-        segmenter = SamSegmenter(settings.sam_model, device, dtype, batch_size=batch_size, cache=cache,
-                                 compile=settings.compile)
+        log.info("loading models on %s (%s%s): %s (%s), %s (%s)", device, dtype, ", compiled" if settings.compile else "",
+                 settings.grounding_dino_model, detector_type, settings.sam_model, segmenter_type)
+        try:
+            detector = GroundingDinoDetector(
+                settings.grounding_dino_model, device, dtype, box_threshold=settings.box_threshold,
+                text_threshold=settings.text_threshold, nms_threshold=settings.nms_threshold,
+                max_detections=settings.max_detections, batch_size=batch_size, compile=settings.compile)
+        except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear state
+            raise load_error("GROUNDING_DINO_MODEL", settings.grounding_dino_model, exc) from exc
+        try:
+            segmenter = segmenter_class(segmenter_type)(
+                settings.sam_model, device, dtype, batch_size=batch_size, cache=embedding_cache(settings, metrics),
+                compile=settings.compile)
+        except Exception as exc:  # noqa: BLE001
+            raise load_error("SAM_MODEL", settings.sam_model, exc) from exc
         engine = cls(detector, segmenter)
         if settings.batch_size is None:
             engine.set_batch_size(auto_batch_size(device, engine.probe))

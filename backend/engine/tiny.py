@@ -139,3 +139,25 @@ def make_real_size_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, Pat
     """Like :func:`make_tiny_models` at the real models' sizes (~3.3 GB on disk in float32)."""
     root = Path(out_dir)
     return build_real_size_grounding_dino(root / "grounding-dino", seed), build_real_size_sam(root / "sam", seed)
+
+
+#: ``make-tiny-models --family``: family → (module, tiny builder, real-size builder). Each builder
+#: is ``build(out_dir: Path, seed: int = 0) -> Path`` and writes a checkpoint directory that loads
+#: through the normal settings (SAM_MODEL, GROUNDING_DINO_MODEL, SAM3_MODEL).
+FAMILIES = {
+    "sam-hq": ("backend.engine.tiny_segmenters", "build_tiny_sam_hq", "build_real_size_sam_hq"),
+    "sam2": ("backend.engine.tiny_segmenters", "build_tiny_sam2", "build_real_size_sam2"),
+    "sam3": ("backend.engine.tiny_sam3", "build_tiny_sam3", "build_real_size_sam3"),
+    "mm-grounding-dino": ("backend.engine.tiny", "build_tiny_mm_grounding_dino", "build_real_size_mm_grounding_dino"),
+}
+
+
+def make_family_model(out_dir: str | Path, family: str, seed: int = 0, real_size: bool = False) -> Path:
+    """Write ``out_dir/family`` (a random-weight checkpoint of ``family``, see :data:`FAMILIES`)."""
+    import importlib
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}: use one of {', '.join(FAMILIES)}")
+    module, tiny, real = FAMILIES[family]
+    build = getattr(importlib.import_module(module), real if real_size else tiny)
+    return build(Path(out_dir) / family, seed)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 from backend.bulk.runs import EmbeddedRuns
+from backend.errors import ModelLoadError
+from backend.modelinfo import model_sources
 from backend.ls.tasks import PredictRequest
 from backend.modes.base import MODEL_CLASS, Mode
 from backend.modes.projects import MemoryProjectStore
@@ -20,6 +22,7 @@ class EmbeddedBackend:
     mode = Mode.EMBEDDED
 
     def __init__(self, settings: Settings, pipeline: Pipeline | None = None):
+        self.settings = settings
         self.pipeline = pipeline or Pipeline(settings)
         self.model_version = self.pipeline.model_version
         self.limits = self.pipeline.limits
@@ -34,8 +37,18 @@ class EmbeddedBackend:
         return [self.model_version]
 
     def health(self) -> dict:
-        return {"status": "UP", "model_class": MODEL_CLASS, "model_version": self.model_version,
-                "mode": self.mode.value}
+        """UP, or DOWN with the reason when the models cannot be loaded (/health answers 503)."""
+        state = {"status": "UP", "model_class": MODEL_CLASS, "model_version": self.model_version,
+                 "mode": self.mode.value, "engine": self.settings.engine.value, "models": model_sources(self.settings)}
+        if self.pipeline.load_error is not None:
+            state.update(status="DOWN", reason=self.pipeline.load_error.reason)
+        return state
 
     def preload(self) -> None:
-        threading.Thread(target=self.pipeline.engine, name="preload-models", daemon=True).start()
+        threading.Thread(target=self._load, name="preload-models", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.pipeline.engine()
+        except ModelLoadError:
+            pass  # logged with its fix by Pipeline.engine; /health and /predict report it

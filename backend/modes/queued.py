@@ -15,7 +15,8 @@ from backend.ls.tasks import PredictRequest, plan_tasks
 from backend.metrics import Metrics
 from backend.modes.base import MODEL_CLASS, Mode
 from backend.modes.projects import RedisProjectStore
-from backend.pipeline.predict import model_version, prompt_limits
+from backend.modelinfo import model_version
+from backend.pipeline.predict import prompt_limits
 from backend.queue.client import QueueClient
 from backend.queue.liveness import live_model_versions
 from backend.settings import DEFAULT_BATCH_SIZE, Settings

@@ -31,6 +31,7 @@ from rq import SimpleWorker
 
 from backend.bulk.adopt import adopt_orphaned_runs
 from backend.bulk.chunkjob import prelabel_chunk_job
+from backend.errors import ModelLoadError
 from backend.pipeline.predict import Pipeline
 from backend.queue import liveness, resident
 from backend.queue.connection import backoff, connect
@@ -134,7 +135,10 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, addr=metrics_host, registry=pipeline.metrics.registry)
-    pipeline.engine()  # load now: the first job should not pay for it
+    try:
+        pipeline.engine()  # load now: the first job should not pay for it
+    except ModelLoadError as exc:  # exit non-zero so the process manager shows why, instead of serving
+        raise SystemExit(f"error: the models cannot be loaded: {exc.reason}") from None
     resident.install(pipeline)
     job_class = GsamJob.allowing(JOB_FUNCTIONS)
     name = f"gsam-{uuid.uuid4().hex[:12]}"

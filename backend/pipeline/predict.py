@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from backend.errors import ModelLoadError
 from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
+from backend.modelinfo import model_version
 from backend.ls.polygons import PolygonParams
 from backend.ls.regions import build_prediction, empty_prediction
 from backend.ls.selection import DropReason, SelectDefaults, request_thresholds
@@ -37,14 +39,6 @@ DOWNLOAD_THREADS = 8  # downloads wait on the network; decoding and resizing rel
 # overlap encoding with the engine, whose forward passes release the GIL.
 ENCODE_THREADS = 2
 LOOKAHEAD_BATCHES = 2  # images loaded ahead of the engine, in batches: bounds host memory
-
-
-def model_version(settings: Settings) -> str:
-    """``MODEL_VERSION`` if set, else the two model names: 'grounding-dino-tiny+sam-vit-huge'."""
-    if settings.model_version:
-        return settings.model_version
-    names = [s.rstrip("/").split("/")[-1] for s in (settings.grounding_dino_model, settings.sam_model)]
-    return "+".join(names)
 
 
 def prompt_limits(settings: Settings) -> PromptLimits:
@@ -105,19 +99,31 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self._engine_factory = engine_factory or self._default_engine
         self._engine = None
+        self.load_error: ModelLoadError | None = None
         self._engine_lock = threading.Lock()
 
     def _default_engine(self):
-        from backend.engine.engine import Engine  # torch is imported only by the process that runs models
+        from backend.engine.engine import build_engine  # torch is imported only by the process that runs models
 
-        return Engine.from_settings(self.settings, self.metrics)
+        return build_engine(self.settings, self.metrics)
 
     def engine(self):
-        """The engine, created on first use; concurrent first calls wait for one load."""
+        """The engine, created on first use; concurrent first calls wait for one load.
+
+        A load that fails with ModelLoadError is not retried: every later call raises the same
+        error (a missing directory or a wrong family stays so until the settings change and the
+        process restarts), and :attr:`load_error` holds it for /health."""
         with self._engine_lock:
+            if self.load_error is not None:
+                raise self.load_error
             if self._engine is None:
                 started = time.perf_counter()
-                self._engine = self._engine_factory()
+                try:
+                    self._engine = self._engine_factory()
+                except ModelLoadError as exc:
+                    self.load_error = exc
+                    log.error("the models cannot be loaded: %s", exc.reason)
+                    raise
                 self.metrics.models_loaded.set(1)
                 log.info("models ready in %.1f s", time.perf_counter() - started)
             return self._engine

@@ -23,6 +23,7 @@ from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, NotFound
 
+from backend.errors import ModelLoadError
 from backend.bulk.request import PrelabelError, RunRequest
 from backend.ls.client import LabelStudioApiError
 from backend.ls.labelconfig import LabelConfigError, parse_label_config
@@ -123,7 +124,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify(backend.health())
+        state = backend.health()
+        return jsonify(state), (503 if state.get("status") == "DOWN" else 200)
 
     @app.post("/setup")
     def setup():
@@ -235,6 +237,12 @@ def _register_errors(app: Flask) -> None:
     def _label_studio_error(exc):
         log.warning("502 on %s: %s", request.path, exc)
         return _error(502, f"Label Studio: {exc}")
+
+    @app.errorhandler(ModelLoadError)
+    def _models_not_loaded(exc: ModelLoadError):
+        # Logged once with the fix where the load failed; per request only the status line.
+        log.info("503 on %r: the models are not loaded", request.path[:100])
+        return _error(503, f"the models are not loaded: {exc.reason}")
 
     @app.errorhandler(QueueError)
     def _queue_error(exc):
