@@ -30,13 +30,15 @@ def recorded(name: str) -> dict:
     return json.loads((PROTOCOL / name).read_text())
 
 
-def wait_until_up(url: str, process: subprocess.Popen, log_path: Path, deadline_s: float = 60.0) -> None:
+def wait_until_up(url: str, process: subprocess.Popen, log_path: Path, deadline_s: float = 60.0,
+                  statuses: tuple[int, ...] = (200,)) -> None:
+    """Wait until ``/health`` answers one of ``statuses`` (503 too for a backend expected DOWN)."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
-            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+            if requests.get(f"{url}/health", timeout=1).status_code in statuses:
                 return
         except requests.RequestException:
             pass
@@ -117,7 +119,7 @@ def start_backend(tiny_env, tmp_path_factory):
     """
     started: list[BackendProcess] = []
 
-    def start(server: str = "wsgi", **env: str) -> BackendProcess:
+    def start(server: str = "wsgi", statuses: tuple[int, ...] = (200,), **env: str) -> BackendProcess:
         port = free_port()
         log_path = tmp_path_factory.mktemp("backend") / "backend.log"
         full_env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "LABEL_STUDIO_URL",
@@ -134,7 +136,7 @@ def start_backend(tiny_env, tmp_path_factory):
                                        start_new_session=True)
         backend = BackendProcess(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
         started.append(backend)
-        wait_until_up(backend.url, process, log_path)
+        wait_until_up(backend.url, process, log_path, statuses=statuses)
         return backend
 
     yield start
