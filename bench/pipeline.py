@@ -44,7 +44,8 @@ from backend.pipeline.predict import Pipeline  # noqa: E402
 from backend.rle import rle_to_mask  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.ls.tasks import PredictRequest  # noqa: E402
-from backend.engine.tiny import make_real_size_models, make_tiny_models  # noqa: E402
+from backend.engine.tiny import make_family_model, make_real_size_models, make_tiny_models  # noqa: E402
+from backend.settings import EngineKind  # noqa: E402
 from bench.anchor import AnchorPath  # noqa: E402
 
 PHRASES = ["cat", "dog", "car"]
@@ -54,6 +55,14 @@ CONFIG = ('<View><Image name="image" value="$image"/>'
           "".join(f'<Label value="{p}"/>' for p in PHRASES) + '</BrushLabels>'
           '<TextArea name="prompt" toName="image"/></View>')
 STAGES = ("images", "prepare", "engine", "regions")
+#: ``--engine``: the family checkpoint it adds to the default pair, and the settings that select it.
+ENGINES = {
+    "grounded-sam": (None, {}),
+    "sam-hq": ("sam-hq", {"sam_model": "sam-hq"}),
+    "sam2": ("sam2", {"sam_model": "sam2"}),
+    "mm-grounding-dino": ("mm-grounding-dino", {"grounding_dino_model": "mm-grounding-dino"}),
+    "sam3": ("sam3", {"engine": EngineKind.SAM3, "sam3_model": "sam3"}),
+}
 
 
 def jpeg(seed: int, width: int = 1920, height: int = 1080) -> bytes:
@@ -116,7 +125,7 @@ def run_fast(settings: Settings, blobs: dict[str, bytes], device: torch.device) 
     after = stage_seconds(pipeline)
     per_stage = {stage: 1000 * (after[stage] - before[stage]) / len(urls) for stage in STAGES}
     report = {
-        "images": len(urls), "seconds": wall, "images_per_s": len(urls) / wall,
+        "images": len(urls), "seconds": wall, "images_per_s": len(urls) / wall, "model_version": pipeline.model_version,
         "batch_size": pipeline.engine().batch_size,
         "stage_ms_per_image": per_stage,  # thread time: stages overlap, so these add up to more than wall
         "cpu_plumbing_ms_per_image": per_stage["images"] + per_stage["prepare"] + per_stage["regions"],
@@ -130,8 +139,9 @@ def run_fast(settings: Settings, blobs: dict[str, bytes], device: torch.device) 
     return report, [o.prediction for o in outcomes], pipeline
 
 
-def model_breakdown(engine: Engine, blobs: list[bytes], settings: Settings, device: torch.device) -> dict:
-    """Synchronised ms per image of DINO, SAM's encoder and SAM's decoder + mask upsampling, on one batch."""
+def model_breakdown(engine, blobs: list[bytes], settings: Settings, device: torch.device) -> dict:
+    """Synchronised ms per image of the detector, the segmenter's encoder and its decoder + mask
+    upsampling, on one batch (a detector + segmenter engine; SAM 3's is one model: whole ``run``)."""
     prepared = [engine.prepare(decode_image(b, settings.max_image_pixels)) for b in blobs]
     timings = {}
 
@@ -144,6 +154,9 @@ def model_breakdown(engine: Engine, blobs: list[bytes], settings: Settings, devi
         return value
 
     with torch.inference_mode():
+        if not isinstance(engine, Engine):
+            timed("sam3_run", lambda: engine.run(prepared, [PHRASES] * len(prepared)))
+            return timings
         detections = timed("dino", lambda: engine.detector.detect([p.dino for p in prepared], [PHRASES] * len(prepared)))
         embeddings = timed("sam_encoder", lambda: engine.segmenter.embed([p.sam for p in prepared]))
         boxes = [d.boxes for d in detections]
@@ -214,6 +227,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="fast-path images (default 256 cuda, 4 cpu)")
     parser.add_argument("--anchor-images", type=int, default=None, help="anchor images (default min(images, 32))")
     parser.add_argument("--models", choices=["real", "tiny"], default="real")
+    parser.add_argument("--engine", choices=list(ENGINES), default="grounded-sam",
+                        help="the fast path's engine; the anchor is always LS's example path (DINO-T + SAM ViT-H)")
     parser.add_argument("--models-dir", type=Path, default=None, help="reuse built models from here")
     parser.add_argument("--batch-size", default="auto", help="a number or auto")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
@@ -230,8 +245,12 @@ def main() -> None:
         if not (models_dir / "sam" / "config.json").exists():
             build = make_real_size_models if args.models == "real" else make_tiny_models
             build(models_dir)
+        family, chosen = ENGINES[args.engine]
+        if family and not (models_dir / family / "config.json").exists():
+            make_family_model(models_dir, family, real_size=args.models == "real")
+        chosen = {k: (v if isinstance(v, EngineKind) else str(models_dir / v)) for k, v in chosen.items()}
         settings = Settings(grounding_dino_model=str(models_dir / "grounding-dino"), sam_model=str(models_dir / "sam"),
-                            device=args.device, dtype=args.dtype, box_threshold=0.0, text_threshold=0.0,
+                            **chosen, device=args.device, dtype=args.dtype, box_threshold=0.0, text_threshold=0.0,
                             max_detections=5, batch_size=None if args.batch_size == "auto" else int(args.batch_size),
                             compile=args.compile, embedding_cache_mb=0.0)
         blobs = {f"mem://{i}": jpeg(i) for i in range(images)}
@@ -241,16 +260,19 @@ def main() -> None:
         sweep = memory_sweep(engine, device, [int(s) for s in args.memory_sweep.split(",")]) \
             if device.type == "cuda" else None
         del pipeline, engine
-        anchor, anchor_predictions = run_anchor(replace(settings, dtype="float32"), list(blobs.values())[:anchor_images],
-                                                device)
+        anchor_settings = replace(settings, dtype="float32", engine=EngineKind.GROUNDED_SAM,
+                                  grounding_dino_model=str(models_dir / "grounding-dino"), sam_model=str(models_dir / "sam"))
+        anchor, anchor_predictions = run_anchor(anchor_settings, list(blobs.values())[:anchor_images], device)
     dtype = str(settings.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     report = {
         "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "models": args.models, "dtype": dtype, "compile": args.compile, "image_size": "1920x1080",
+        "models": args.models, "engine": args.engine, "model_version": fast["model_version"], "dtype": dtype, "compile": args.compile, "image_size": "1920x1080",
         "phrases": PHRASES, "fast": fast, "model_ms_per_image": breakdown, "peak_gpu_mib_by_batch": sweep,
         "anchor": anchor, "speedup": fast["images_per_s"] / anchor["images_per_s"],
-        "agreement": agreement(fast_predictions[:anchor_images], anchor_predictions),
+        # Only the default engine runs the anchor's models: the others are compared for speed alone.
+        "agreement": agreement(fast_predictions[:anchor_images], anchor_predictions)
+        if args.engine == "grounded-sam" else None,
     }
     print(json.dumps(report, indent=2))
     if args.json:

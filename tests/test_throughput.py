@@ -74,16 +74,24 @@ def test_fast_path_gives_the_anchor_paths_detections_and_masks_in_fp32(tiny_sett
     assert figures["box_iou"]["min"] >= 0.98 and figures["mask_iou"]["min"] >= 0.98
 
 
-def test_benchmark_cpu_smoke(tmp_path):
+@pytest.mark.parametrize("engine", ["grounded-sam", "sam-hq", "sam2", "mm-grounding-dino", "sam3"])
+def test_benchmark_cpu_smoke(engine, tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "bench/pipeline.py", "--device", "cpu", "--models", "tiny", "--images", "4",
-                    "--anchor-images", "2", "--json", str(out)], cwd=REPO, check=True, capture_output=True, timeout=600)
+                    "--anchor-images", "2", "--engine", engine, "--models-dir", str(tmp_path / "models"),
+                    "--json", str(out)], cwd=REPO, check=True, capture_output=True, timeout=600)
     report = json.loads(out.read_text())
-    assert report["fast"]["images"] == 4 and report["anchor"]["images"] == 2
+    assert report["engine"] == engine and report["fast"]["images"] == 4 and report["anchor"]["images"] == 2
     assert report["fast"]["images_per_s"] > 0 and report["speedup"] > 0
     assert set(report["fast"]["stage_ms_per_image"]) == {"images", "prepare", "engine", "regions"}
-    assert set(report["model_ms_per_image"]) == {"dino", "sam_encoder", "sam_decoder_and_masks"}
-    assert report["agreement"]["mask_iou"]["min"] >= 0.98  # fp32 on the CPU
+    if engine == "sam3":
+        assert set(report["model_ms_per_image"]) == {"sam3_run"} and report["agreement"] is None
+    elif engine == "grounded-sam":
+        assert set(report["model_ms_per_image"]) == {"dino", "sam_encoder", "sam_decoder_and_masks"}
+        assert report["agreement"]["mask_iou"]["min"] >= 0.98  # fp32 on the CPU, the anchor's own models
+    else:
+        assert set(report["model_ms_per_image"]) == {"dino", "sam_encoder", "sam_decoder_and_masks"}
+        assert report["agreement"] is None
 
 
 # ------------------------------------------------------------------ pipelining
