@@ -102,17 +102,21 @@ def ours(detector, outputs, input_ids, image, threshold: float):
 
 
 def median_phrase_score(outputs, input_ids) -> float:
-    """A threshold that keeps about half the queries: both sides must drop some and keep some."""
-    return float(outputs.logits[0, :, phrase_span(input_ids)].sigmoid().max(-1).values.median())
+    """A threshold that keeps about half the queries (both sides must drop some and keep some),
+    halfway between two queries' scores so float rounding cannot move a query across it."""
+    scores = outputs.logits[0, :, phrase_span(input_ids)].float().sigmoid().max(-1).values.sort().values
+    middle = len(scores) // 2
+    return float(scores[middle - 1] + scores[middle]) / 2
 
 
 def clipped(boxes: np.ndarray, image: Image.Image) -> np.ndarray:
     return np.clip(boxes, 0, [image.width, image.height, image.width, image.height]).astype(np.float32)
 
 
-def assert_matches_reference(detections, expected: dict, outputs, input_ids, image, threshold: float) -> None:
+def assert_matches_reference(detections, expected: dict, outputs, input_ids, image, threshold: float,
+                             tol: float = 1e-6) -> None:
     """Ours ⊆ the reference's boxes (clipped), never scored higher; equal, and all present, for the
-    queries whose best token is a phrase token."""
+    queries whose best token is a phrase token. ``tol``: on score and box (pixels/1000)."""
     probs = outputs.logits[0].float().sigmoid().numpy()
     queries = np.flatnonzero(probs.max(-1) > threshold)  # the reference keeps these, in query order
     assert len(queries) == len(expected["scores"])
@@ -121,13 +125,13 @@ def assert_matches_reference(detections, expected: dict, outputs, input_ids, ima
     wide = (ref_boxes[:, 2] - ref_boxes[:, 0] >= 1) & (ref_boxes[:, 3] - ref_boxes[:, 1] >= 1)
     matched = set()
     for box, score in zip(detections.boxes, detections.scores):
-        hits = np.flatnonzero(np.abs(ref_boxes - box).max(axis=1) < 1e-3)
+        hits = np.flatnonzero(np.abs(ref_boxes - box).max(axis=1) < 1000 * tol)
         assert len(hits) == 1, f"our box {box} is not one of the reference's"
         index = int(hits[0])
         matched.add(index)
-        assert score <= expected["scores"][index] + 1e-6
+        assert score <= expected["scores"][index] + tol
         if in_phrase[index]:
-            assert score == pytest.approx(expected["scores"][index], abs=1e-6)
+            assert score == pytest.approx(expected["scores"][index], abs=tol)
     coinciding = set(np.flatnonzero(in_phrase & wide).tolist())
     assert len(coinciding) >= 2, "too few queries where the semantics coincide: the comparison would be vacuous"
     assert coinciding <= matched
@@ -175,14 +179,15 @@ def test_preprocessing_equals_the_pil_processor(detector, forward, orientation):
 
 @pytest.mark.parametrize("orientation", SIZES)
 def test_detect_end_to_end_agrees_with_the_reference_pipeline(detector, processor, forward, orientation):
-    """Our prepare + detect against the reference processor + model + post-processing."""
+    """Our prepare + detect against the reference processor + model + post-processing. Our pixels
+    are normalized in float32 on the device, the processor's in float64: outputs agree to ~1e-6."""
     image, inputs, outputs = forward[orientation]
     threshold = median_phrase_score(outputs, inputs["input_ids"])
     limits = DetectThresholds(threshold, threshold, NO_NMS, ALL)
     detections = detector.detect([image], [[PHRASE]], [limits])[0]
     expected = reference(processor, outputs, inputs["input_ids"], image, threshold)
     assert 0 < len(detections) < outputs.logits.shape[1]
-    assert_matches_reference(detections, expected, outputs, inputs["input_ids"], image, threshold)
+    assert_matches_reference(detections, expected, outputs, inputs["input_ids"], image, threshold, tol=1e-4)
 
 
 def test_batched_equals_one_by_one(detector):

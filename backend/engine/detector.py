@@ -1,4 +1,17 @@
-"""Grounding DINO: text phrases → boxes, in the pixel frame of the EXIF-transposed image.
+"""Grounding DINO and MM-Grounding-DINO: text phrases → boxes, in the pixel frame of the
+EXIF-transposed image.
+
+Against transformers' ``GroundingDinoProcessor.post_process_grounded_object_detection`` on the
+same model outputs (tests/test_detector_reference.py), boxes and scores are equal for a single
+phrase with NMS off, equal box/text thresholds and no cap, wherever a box's best token is one of
+the phrase's. The differences are by design:
+
+- a box's score is the best probability among its phrase's tokens (the reference takes all the
+  prompt's tokens, [CLS], '.' and [SEP] included, which can make a box score high for no phrase);
+- its label is the one whole prompt phrase that scores highest (the reference decodes whichever
+  tokens pass ``text_threshold``: part of a phrase, or pieces of two);
+- boxes are clipped to the image, slivers under a pixel dropped, NMS runs per phrase, and at most
+  ``max_detections`` are kept (the reference does none of these).
 
 Thresholds (box, text, NMS, max detections) are per image: the detector is built with the
 deployment's (:class:`DetectThresholds` from the env) and ``detect`` takes others per image, so one
@@ -72,7 +85,8 @@ def model_class(source: str):
 
 
 class GroundingDinoDetector:
-    """Text prompt → boxes with Grounding DINO (transformers implementation).
+    """Text prompt → boxes with Grounding DINO or MM-Grounding-DINO (transformers implementations,
+    chosen by the checkpoint's model_type: :data:`MODEL_CLASSES`).
 
     ``prepare(image)`` is the CPU half (resize, normalize, pad; thread-safe, run it ahead of the
     GPU); ``detect(inputs, phrases)`` runs the model on batches of prepared images and returns one
