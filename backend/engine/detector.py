@@ -1,4 +1,17 @@
-"""Grounding DINO: text phrases → boxes, in the pixel frame of the EXIF-transposed image.
+"""Grounding DINO and MM-Grounding-DINO: text phrases → boxes, in the pixel frame of the
+EXIF-transposed image.
+
+Against transformers' ``GroundingDinoProcessor.post_process_grounded_object_detection`` on the
+same model outputs (tests/test_detector_reference.py), boxes and scores are equal for a single
+phrase with NMS off, equal box/text thresholds and no cap, wherever a box's best token is one of
+the phrase's. The differences are by design:
+
+- a box's score is the best probability among its phrase's tokens (the reference takes all the
+  prompt's tokens, [CLS], '.' and [SEP] included, which can make a box score high for no phrase);
+- its label is the one whole prompt phrase that scores highest (the reference decodes whichever
+  tokens pass ``text_threshold``: part of a phrase, or pieces of two);
+- boxes are clipped to the image, slivers under a pixel dropped, NMS runs per phrase, and at most
+  ``max_detections`` are kept (the reference does none of these).
 
 Thresholds (box, text, NMS, max detections) are per image: the detector is built with the
 deployment's (:class:`DetectThresholds` from the env) and ``detect`` takes others per image, so one
@@ -14,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, GroundingDinoForObjectDetection
+from transformers import AutoConfig, AutoTokenizer, GroundingDinoForObjectDetection, MMGroundingDinoForObjectDetection
 from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
@@ -52,8 +65,28 @@ class DinoInput:
     size: tuple[int, int]
 
 
+#: model_type → the class that runs it. MM-Grounding-DINO (mm_grounding_dino_*, LLMDet) is Grounding
+#: DINO's architecture retrained (a learnt bias and a 1/sqrt(d) scale in its text-query similarity);
+#: everything around the model is the same: the BERT tokenizer with the same special ids ([CLS] 101,
+#: [SEP] 102, '.' 1012, '?' 1029 split the prompt's phrases inside both models), the
+#: GroundingDinoImageProcessor, logits of (B, Q, max_text_len) with -inf past the prompt, and
+#: transformers' one GroundingDinoProcessor for both. So only the model class differs here.
+MODEL_CLASSES = {"grounding-dino": GroundingDinoForObjectDetection,
+                 "mm-grounding-dino": MMGroundingDinoForObjectDetection}
+
+
+def model_class(source: str):
+    """The model class for the checkpoint ``source`` (hub id or directory), by its config's model_type."""
+    model_type = AutoConfig.from_pretrained(source).model_type
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"{source} is a {model_type!r} checkpoint: the detector takes "
+                         f"{' or '.join(map(repr, MODEL_CLASSES))} (a Grounding DINO or MM-Grounding-DINO checkpoint)")
+    return MODEL_CLASSES[model_type]
+
+
 class GroundingDinoDetector:
-    """Text prompt → boxes with Grounding DINO (transformers implementation).
+    """Text prompt → boxes with Grounding DINO or MM-Grounding-DINO (transformers implementations,
+    chosen by the checkpoint's model_type: :data:`MODEL_CLASSES`).
 
     ``prepare(image)`` is the CPU half (resize, normalize, pad; thread-safe, run it ahead of the
     GPU); ``detect(inputs, phrases)`` runs the model on batches of prepared images and returns one
@@ -73,10 +106,11 @@ class GroundingDinoDetector:
         self.device, self.dtype = device, dtype
         self.thresholds = DetectThresholds(box_threshold, text_threshold, nms_threshold, max_detections)
         self.batch_size = batch_size
+        cls = model_class(source)  # first: a checkpoint of another family fails with what to fix
         self.image_processor = GroundingDinoImageProcessorPil.from_pretrained(source)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         # Its multi-scale deformable attention has no SDPA form; the text/image attentions are eager.
-        self.model = GroundingDinoForObjectDetection.from_pretrained(source, dtype=dtype).to(device).eval()
+        self.model = cls.from_pretrained(source, dtype=dtype).to(device).eval()
         self.compiled = compile
         if compile:
             # The Swin backbone is most of DINO's arithmetic and sees only the two canvas shapes.

@@ -19,6 +19,8 @@ from transformers import (
     BertTokenizer,
     GroundingDinoConfig,
     GroundingDinoForObjectDetection,
+    MMGroundingDinoConfig,
+    MMGroundingDinoForObjectDetection,
     SamConfig,
     SamMaskDecoderConfig,
     SamModel,
@@ -55,10 +57,12 @@ def _check_special_ids(vocab: list[str]) -> None:
         raise RuntimeError(f"tiny vocab ids {actual} differ from bert-base-uncased's {expected}")
 
 
-def _save_grounding_dino(config: GroundingDinoConfig, vocab: list[str], image_processor, out_dir: Path,
-                         seed: int) -> Path:
+def _save_grounding_dino(config: GroundingDinoConfig | MMGroundingDinoConfig, vocab: list[str], image_processor,
+                         out_dir: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    model = GroundingDinoForObjectDetection(config).eval()
+    model_class = MMGroundingDinoForObjectDetection if config.model_type == "mm-grounding-dino" else \
+        GroundingDinoForObjectDetection
+    model = model_class(config).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True).save_pretrained(out_dir)
@@ -66,18 +70,32 @@ def _save_grounding_dino(config: GroundingDinoConfig, vocab: list[str], image_pr
     return out_dir
 
 
-def build_tiny_grounding_dino(out_dir: Path, seed: int = 0) -> Path:
-    vocab = bert_compatible_vocab()
-    _check_special_ids(vocab)
+def _tiny_dino_config(config_class, vocab: list[str]):
     backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
                           out_indices=[2, 3, 4])
     text = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=64)
     # decoder_layers=2: transformers ties bbox heads across decoder layers and refuses a single one.
-    config = GroundingDinoConfig(
+    # d_model=32: the input projections' GroupNorm has 32 groups.
+    return config_class(
         backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
         encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
         num_queries=30, encoder_n_points=2, decoder_n_points=2, max_text_len=64)
+
+
+def build_tiny_grounding_dino(out_dir: Path, seed: int = 0) -> Path:
+    vocab = bert_compatible_vocab()
+    _check_special_ids(vocab)
+    config = _tiny_dino_config(GroundingDinoConfig, vocab)
+    return _save_grounding_dino(config, vocab, GroundingDinoImageProcessorPil(size=TINY_DINO_SIZE), out_dir, seed)
+
+
+def build_tiny_mm_grounding_dino(out_dir: Path, seed: int = 0) -> Path:
+    """MM-Grounding-DINO (model_type ``mm-grounding-dino``, as mm_grounding_dino_* and LLMDet) at the
+    tiny size: the same BERT tokenizer and image processor as Grounding DINO, its own model class."""
+    vocab = bert_compatible_vocab()
+    _check_special_ids(vocab)
+    config = _tiny_dino_config(MMGroundingDinoConfig, vocab)
     return _save_grounding_dino(config, vocab, GroundingDinoImageProcessorPil(size=TINY_DINO_SIZE), out_dir, seed)
 
 
@@ -87,6 +105,14 @@ def build_real_size_grounding_dino(out_dir: Path, seed: int = 0) -> Path:
     vocab = bert_compatible_vocab()
     _check_special_ids(vocab)
     config = GroundingDinoConfig(text_config=BertConfig(vocab_size=len(vocab)))
+    return _save_grounding_dino(config, vocab, GroundingDinoImageProcessorPil(), out_dir, seed)
+
+
+def build_real_size_mm_grounding_dino(out_dir: Path, seed: int = 0) -> Path:
+    """mm_grounding_dino_tiny_o365v1_goldg's shapes: as :func:`build_real_size_grounding_dino`."""
+    vocab = bert_compatible_vocab()
+    _check_special_ids(vocab)
+    config = MMGroundingDinoConfig(text_config=BertConfig(vocab_size=len(vocab)))
     return _save_grounding_dino(config, vocab, GroundingDinoImageProcessorPil(), out_dir, seed)
 
 
