@@ -45,7 +45,6 @@ from backend.engine.families import SAM3_FAMILIES, load_error, require_family
 from backend.engine.masks import DEFAULT_BUDGET_BYTES
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas
 from backend.engine.sam3_prompts import refine_with_tracker, upsample_probabilities
-from backend.errors import ModelLoadError
 from backend.results import CompactMask, Detections, ImageResult, MaskPrompt
 from backend.settings import DetectThresholds
 
@@ -86,6 +85,16 @@ class Sam3Features:
     @property
     def nbytes(self) -> int:
         return self.hidden.numel() * self.hidden.element_size()
+
+
+def _embedding_cache(settings, metrics=None) -> EmbeddingCache:
+    """``backend.engine.engine.embedding_cache`` (EMBEDDING_CACHE_MB, metrics hooks): engine.py
+    imports this module, and the layout test counts lazy imports as cycles too, so it is rebuilt
+    here until it moves next to EmbeddingCache."""
+    hooks = {} if metrics is None else dict(on_hit=metrics.embedding_cache_hits.inc,
+                                            on_miss=metrics.embedding_cache_misses.inc,
+                                            on_size=metrics.embedding_cache_bytes.set)
+    return EmbeddingCache(int(settings.embedding_cache_mb * 2**20), **hooks)
 
 
 def image_processor_config(source: str) -> SimpleNamespace:
@@ -147,8 +156,6 @@ class Sam3Engine:
     @classmethod
     def from_settings(cls, settings, metrics=None) -> "Sam3Engine":
         """Load SAM3_MODEL. Raises ModelLoadError (naming SAM3_MODEL and the fix) when it cannot."""
-        from backend.engine.engine import embedding_cache  # engine.py imports this module lazily
-
         source = settings.sam3_model
         require_family("SAM3_MODEL", source, SAM3_CHECKPOINT_TYPES)
         device = resolve_device(settings.device)
@@ -157,10 +164,8 @@ class Sam3Engine:
         log.info("loading SAM 3 on %s (%s%s): %s", device, dtype, ", compiled" if settings.compile else "", source)
         try:
             engine = cls(source, device, dtype, thresholds=settings.detect_thresholds(),
-                         batch_size=settings.batch_size or 1, cache=embedding_cache(settings, metrics),
+                         batch_size=settings.batch_size or 1, cache=_embedding_cache(settings, metrics),
                          compile=settings.compile)
-        except ModelLoadError:
-            raise
         except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear state
             raise load_error("SAM3_MODEL", source, exc) from exc
         if settings.batch_size is None:
@@ -311,5 +316,7 @@ class Sam3Engine:
         if not prompts:
             return []
         with self._lock:
-            return refine_with_tracker(self, self.features(image, key), prompts)
+            features = self.features(image, key)
+            return refine_with_tracker(self.tracker, features.hidden, features.size, prompts, square=self.square,
+                                       budget_bytes=self.mask_budget_bytes)
 

@@ -3,13 +3,13 @@
 ``Sam3TrackerModel.forward(pixel_values=...)`` runs the ViT backbone, the tracker's own FPN neck,
 its level-0/1 projections (``conv_s0``/``conv_s1``) and adds its no-memory embedding to the
 coarsest level, then decodes the prompts. Here the backbone output comes from the cache
-(:class:`backend.engine.sam3.Sam3Features`, computed by the detector's pass), the rest is run once
+(``Sam3Features`` of ``backend.engine.sam3``, computed by the detector's pass), the rest is run once
 per call and the prompts are decoded through the model's own ``forward(image_embeddings=...)``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,9 +17,6 @@ import torch.nn.functional as F
 
 from backend.engine.masks import DEFAULT_BUDGET_BYTES, _to_host, chunk_size
 from backend.results import CompactMask, MaskPrompt
-
-if TYPE_CHECKING:
-    from backend.engine.sam3 import Sam3Engine, Sam3Features
 
 MASK_THRESHOLD = 0.5  # on mask probabilities, as Sam3ImageProcessor.post_process_instance_segmentation
 
@@ -46,11 +43,13 @@ def to_square(coords: np.ndarray, size: tuple[int, int], square: int) -> np.ndar
 
 
 @torch.inference_mode()
-def refine_with_tracker(engine: "Sam3Engine", features: "Sam3Features",
-                        prompts: Sequence[MaskPrompt]) -> list[tuple[CompactMask, float]]:
-    """Per prompt (points and/or a box) the best of the tracker's 3 masks by predicted IoU."""
-    tracker, device, dtype = engine.tracker, engine.device, engine.dtype
-    embeddings = tracker_embeddings(tracker, features.hidden)
+def refine_with_tracker(tracker, hidden: torch.Tensor, size: tuple[int, int], prompts: Sequence[MaskPrompt], *,
+                        square: int, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> list[tuple[CompactMask, float]]:
+    """Per prompt (points and/or a box, pixels of the (H, W) = ``size`` image) the best of the
+    tracker's 3 masks by predicted IoU: (mask, IoU). ``hidden``: the image's (1, h*w, C) backbone
+    output; ``square``: side S of the model input."""
+    device, dtype = hidden.device, hidden.dtype
+    embeddings = tracker_embeddings(tracker, hidden)
     results = []
     for prompt in prompts:
         kwargs = {}
@@ -59,11 +58,11 @@ def refine_with_tracker(engine: "Sam3Engine", features: "Sam3Features",
             labels = np.asarray(prompt.point_labels).reshape(-1)
             if len(labels) != len(points):
                 raise ValueError(f"a prompt has {len(points)} points but {len(labels)} labels: pass one label per point")
-            scaled = to_square(points, features.size, engine.square)
+            scaled = to_square(points, size, square)
             kwargs["input_points"] = torch.tensor(scaled[None, None], device=device, dtype=dtype)
             kwargs["input_labels"] = torch.tensor(labels[None, None], device=device, dtype=torch.long)
         if prompt.box is not None:
-            box = to_square(np.asarray(prompt.box, np.float64).reshape(2, 2), features.size, engine.square)
+            box = to_square(np.asarray(prompt.box, np.float64).reshape(2, 2), size, square)
             kwargs["input_boxes"] = torch.tensor(box.reshape(1, 1, 4), device=device, dtype=dtype)
         if not kwargs:
             raise ValueError("a prompt has neither points nor a box: give at least one")
@@ -71,8 +70,8 @@ def refine_with_tracker(engine: "Sam3Engine", features: "Sam3Features",
         scores = outputs.iou_scores[0, 0].float()  # (3,)
         best = int(scores.argmax())
         # Sam3Processor.post_process_masks: logits resized straight to the image, threshold 0.
-        mask = upsample_probabilities(outputs.pred_masks[0, 0, best:best + 1], features.size, threshold=0.0,
-                                      budget_bytes=engine.mask_budget_bytes)[0]
+        mask = upsample_probabilities(outputs.pred_masks[0, 0, best:best + 1], size, threshold=0.0,
+                                      budget_bytes=budget_bytes)[0]
         results.append((mask, float(scores[best])))
     return results
 
