@@ -93,6 +93,16 @@ def test_vision_features_are_computed_once_per_image(sam3, images, backbone_call
     assert backbone_calls == [2]  # one batch of both images, whatever the phrase count
 
 
+def test_detect_is_run_without_masks_and_images_without_phrases_skip_the_model(sam3, images, backbone_calls):
+    full = sam3.run(images[:1], PHRASES[:1])[0]
+    backbone_calls.clear()
+    detected, nothing = sam3.detect(images, [PHRASES[0], []])
+    assert backbone_calls == [1] and len(nothing) == 0 and len(detected) > 0
+    assert detected.phrases == full.detections.phrases
+    np.testing.assert_array_equal(detected.boxes, full.detections.boxes)
+    np.testing.assert_array_equal(detected.scores, full.detections.scores)
+
+
 def test_preprocessing_is_a_pil_resize_and_normalise(sam3, images):
     size = sam3.square
     for image in images:

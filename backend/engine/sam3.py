@@ -37,7 +37,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from backend.batching import chunks
-from backend.engine.compiling import maybe_compile
+from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
 from backend.engine.detector import nms
 from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, resolve_dtype
 from backend.engine.embedcache import EmbeddingCache
@@ -222,23 +222,36 @@ class Sam3Engine:
         for name, values in (("keys", keys), ("thresholds", thresholds)):
             if values is not None and len(values) != len(images):
                 raise ValueError(f"got {len(images)} images but {len(values)} {name}: pass one per image")
-        prepared = self._prepared(images)
-        limits = [self.thresholds if t is None else t for t in (thresholds or [None] * len(images))]
-        results: list[ImageResult] = []
-        with self._lock:
-            for chunk in chunks(list(range(len(prepared))), self._batch_size):
-                results += self._run_chunk([prepared[i] for i in chunk], [phrases[i] for i in chunk],
-                                           [keys[i] if keys else None for i in chunk], [limits[i] for i in chunk])
-        return results
+        return self._run(images, phrases, keys, thresholds, with_masks=True)
 
     def detect(self, images: Sequence[Sam3Input | Image.Image], phrases: Sequence[Sequence[str]],
                thresholds: Sequence[DetectThresholds | None] | None = None) -> list[Detections]:
-        return [result.detections for result in self.run(images, phrases, thresholds=thresholds)]
+        """:meth:`run` without upsampling the masks: per image its detections."""
+        if len(images) != len(phrases):
+            raise ValueError(f"got {len(images)} images but {len(phrases)} phrase lists: pass one per image")
+        return [result.detections for result in self._run(images, phrases, None, thresholds, with_masks=False)]
+
+    def _run(self, images, phrases, keys, thresholds, *, with_masks: bool) -> list[ImageResult]:
+        prepared = self._prepared(images)
+        limits = [self.thresholds if t is None else t for t in (thresholds or [None] * len(images))]
+        results = [ImageResult(p.size[1], p.size[0], Detections.empty(), ()) for p in prepared]
+        todo = [i for i, image_phrases in enumerate(phrases) if image_phrases]  # no phrase: no model run
+        with self._lock:
+            for chunk in chunks(todo, self._batch_size):
+                batch = self._run_chunk([prepared[i] for i in chunk], [phrases[i] for i in chunk],
+                                        [keys[i] if keys else None for i in chunk], [limits[i] for i in chunk],
+                                        with_masks)
+                for index, result in zip(chunk, batch):
+                    results[index] = result
+        return results
 
     @torch.inference_mode()
     def _vision(self, pixels: torch.Tensor) -> Sam3VisionEncoderOutput:
         """``Sam3Model.get_vision_features`` with the (possibly compiled) backbone."""
-        hidden = self._backbone(pixels).last_hidden_state  # (B, h*w, C)
+        count = pixels.shape[0]
+        if self.compiled:  # round the batch up to a bucket so the compiled backbone is reused
+            pixels = pad_rows(pixels, batch_bucket(count, self._batch_size))
+        hidden = self._backbone(pixels).last_hidden_state[:count]  # (B, h*w, C)
         grid = self.square // self.model.config.vision_config.backbone_config.patch_size
         spatial = hidden.view(hidden.shape[0], grid, grid, -1).permute(0, 3, 1, 2)
         fpn, positions = self.model.vision_encoder.neck(spatial)
@@ -246,13 +259,13 @@ class Sam3Engine:
 
     @torch.inference_mode()
     def _run_chunk(self, items: list[Sam3Input], phrases: list[Sequence[str]], keys: list[str | None],
-                   limits: list[DetectThresholds]) -> list[ImageResult]:
+                   limits: list[DetectThresholds], with_masks: bool) -> list[ImageResult]:
         vision = self._vision(self.pixel_values(items))
         for row, (item, key) in enumerate(zip(items, keys)):
             if key is not None:  # a copy: a row view would keep the whole batch's features alive
                 self.cache.put(key, Sam3Features(vision.last_hidden_state[row:row + 1].clone(), item.size))
         pairs = [(image, phrase) for image, image_phrases in enumerate(phrases) for phrase in image_phrases]
-        found: list[list[tuple]] = [[] for _ in items]  # per image: (box, score, phrase, mask probabilities)
+        found: list[list[tuple]] = [[] for _ in items]  # per image: (box, score, phrase, mask logits)
         if pairs:
             unique = list(dict.fromkeys(phrase for _, phrase in pairs))
             text = self.tokenize(unique)
@@ -266,34 +279,54 @@ class Sam3Engine:
                         fpn_position_encoding=tuple(p[image_rows] for p in vision.fpn_position_encoding)),
                     text_embeds=BaseModelOutputWithPooling(pooler_output=embeds[text_rows]),
                     attention_mask=text["attention_mask"][text_rows])
-                for row, (image, phrase) in enumerate(rows):
-                    found[image] += self._instances(outputs, row, phrase, items[image].size, limits[image].box)
-        return [self._result(item, instances, limit) for item, instances, limit in zip(items, found, limits)]
+                self._collect(outputs, rows, items, limits, found)
+        return [self._result(item, instances, limit, with_masks)
+                for item, instances, limit in zip(items, found, limits)]
 
     @staticmethod
-    def _instances(outputs, row: int, phrase: str, size: tuple[int, int], threshold: float) -> list[tuple]:
-        """The queries of one (image, phrase) row scoring above ``threshold``: (box, score, phrase,
-        (h, w) mask probabilities), box XYXY in pixels of the image, clipped to it."""
-        scores = outputs.pred_logits[row].float().sigmoid() * outputs.presence_logits[row].float().sigmoid()
-        keep = torch.nonzero(scores > threshold).flatten()
-        height, width = size
-        scale = torch.tensor([width, height, width, height], device=scores.device, dtype=torch.float32)
-        boxes = torch.minimum(torch.clamp(outputs.pred_boxes[row, keep].float() * scale, min=0), scale)
-        probabilities = outputs.pred_masks[row, keep].float().sigmoid()
-        values = scores[keep].tolist()
-        return [(boxes[i], values[i], phrase, probabilities[i]) for i in range(len(values))]
+    def _collect(outputs, rows: list[tuple[int, str]], items: list[Sam3Input], limits: list[DetectThresholds],
+                 found: list[list[tuple]]) -> None:
+        """Append to ``found[image]`` the queries of each (image, phrase) row scoring above the
+        image's ``box`` threshold, at most its ``max_detections`` best per row (only those can be
+        among the image's best after NMS unless NMS removes some of them; this bounds the mask
+        logits held per image): (box, score, phrase, (h, w) mask logits). Boxes are XYXY pixels of
+        the image, clipped to it. One device→host copy of scores and boxes per forward."""
+        scores = (outputs.pred_logits.float().sigmoid() * outputs.presence_logits.float().sigmoid()).cpu()  # (R, Q)
+        boxes = outputs.pred_boxes.float().cpu()  # (R, Q, 4) XYXY in [0, 1] of the image
+        picked_rows, picked_queries, picked = [], [], []
+        for row, (image, phrase) in enumerate(rows):
+            height, width = items[image].size
+            limit = limits[image]
+            keep = torch.nonzero(scores[row] > limit.box).flatten()
+            keep = keep[torch.argsort(scores[row, keep], descending=True, stable=True)][: limit.max_detections]
+            scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+            pixels = torch.minimum(torch.clamp(boxes[row, keep] * scale, min=0), scale).numpy()
+            for query, box, score in zip(keep.tolist(), pixels, scores[row, keep].tolist()):
+                picked_rows.append(row)
+                picked_queries.append(query)
+                picked.append((image, box, score, phrase))
+        if picked:
+            device = outputs.pred_masks.device
+            logits = outputs.pred_masks[torch.tensor(picked_rows, device=device),
+                                        torch.tensor(picked_queries, device=device)]  # (K, h, w)
+            for (image, box, score, phrase), mask in zip(picked, logits):
+                found[image].append((box, score, phrase, mask))
 
-    def _result(self, item: Sam3Input, instances: list[tuple], limits: DetectThresholds) -> ImageResult:
+    def _result(self, item: Sam3Input, instances: list[tuple], limits: DetectThresholds,
+                with_masks: bool) -> ImageResult:
         height, width = item.size
         if not instances:
             return ImageResult(width, height, Detections.empty(), ())
-        boxes = torch.stack([i[0] for i in instances]).cpu().numpy().astype(np.float32)
+        boxes = np.stack([i[0] for i in instances]).astype(np.float32)
         scores = np.array([i[1] for i in instances], np.float32)
         kept = nms(boxes, scores, limits.nms)[: limits.max_detections]
         detections = Detections(boxes=boxes[kept], scores=scores[kept],
                                 phrases=tuple(instances[i][2] for i in kept))
-        masks = upsample_probabilities(torch.stack([instances[i][3] for i in kept]), item.size,
-                                       budget_bytes=self.mask_budget_bytes)
+        if not with_masks:
+            return ImageResult(width, height, detections, ())
+        # Sam3ImageProcessor.post_process_instance_segmentation: sigmoid, then resize, then threshold.
+        probabilities = torch.stack([instances[i][3] for i in kept]).float().sigmoid()
+        masks = upsample_probabilities(probabilities, item.size, budget_bytes=self.mask_budget_bytes)
         return ImageResult(width, height, detections, tuple(masks))
 
     # -- clicks / boxes → masks -------------------------------------------------------------------
