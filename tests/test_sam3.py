@@ -177,3 +177,15 @@ def test_a_non_sam3_checkpoint_is_a_load_error_naming_sam3_model(tiny_models):
     settings = Settings.from_env({"ENGINE": "sam3", "SAM3_MODEL": str(tiny_models / "sam"), "DEVICE": "cpu"})
     with pytest.raises(ModelLoadError, match="SAM3_MODEL"):
         Sam3Engine.from_settings(settings)
+
+
+def test_a_detector_only_checkpoint_is_a_load_error_naming_the_tracker(sam3, tiny_family, tmp_path):
+    from backend.engine.sam3 import Sam3Engine
+
+    source = tiny_family("sam3")
+    sam3.model.save_pretrained(tmp_path)  # a bare 'sam3' checkpoint: no tracker weights
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    settings = Settings.from_env({"ENGINE": "sam3", "SAM3_MODEL": str(tmp_path), "DEVICE": "cpu"})
+    with pytest.raises(ModelLoadError, match="SAM3_MODEL.*no tracker weights"):
+        Sam3Engine.from_settings(settings)

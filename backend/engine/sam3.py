@@ -119,8 +119,9 @@ class Sam3Engine:
       as in ``post_process_instance_segmentation``, is above it. ``text`` has no counterpart (SAM 3
       scores a whole phrase, not tokens) and is ignored.
     - ``nms``: box NMS across all phrases of the image: one object found by two phrases ("cat",
-      "kitten") is one region, under the phrase that scored it higher. SAM 3 already de-duplicates
-      within a phrase (its DETR decoder is trained one-to-one), so per-phrase NMS would add little.
+      "kitten") is one region, under the phrase that scored it higher. Within a phrase it acts as
+      the detector's per-phrase NMS does (transformers' image post-processing applies none;
+      SAM 3's video model applies a mask NMS per prompt).
     - ``max_detections``: the best instances of the image, over all phrases.
     """
 
