@@ -53,7 +53,9 @@ def _save_sam3(config: Sam3VideoConfig, size: int, out_dir: Path, seed: int) -> 
 
 
 def _fix_feature_sizes(config: Sam3VideoConfig, size: int) -> Sam3VideoConfig:
-    # The tracker's vision sub-config is built with the 1008-pixel feature sizes whatever is passed.
+    # The tracker's sub-configs are built with the 1008-pixel sizes whatever is passed; the
+    # config's own setter propagates the input size to every part that derives sizes from it.
+    config.image_size = size
     grid = size // PATCH
     sizes = [[4 * grid, 4 * grid], [2 * grid, 2 * grid], [grid, grid]]
     config.detector_config.vision_config.backbone_feature_sizes = sizes
