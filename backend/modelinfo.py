@@ -2,7 +2,7 @@
 
 The family of a checkpoint is its config's ``model_type`` (never its name): SAM_MODEL takes
 ``sam``, ``sam_hq`` and ``sam2``; GROUNDING_DINO_MODEL takes ``grounding-dino`` and
-``mm-grounding-dino``; SAM3_MODEL takes ``sam3``. The engine reads the type through transformers
+``mm-grounding-dino``; SAM3_MODEL takes ``sam3_video`` (the hub checkpoint) and ``sam3``. The engine reads the type through transformers
 (hub ids too, see :mod:`backend.engine.families`); this module only reads a local directory's
 ``config.json``, so the web process can name the models without importing torch or transformers.
 
@@ -19,7 +19,9 @@ from backend.settings import EngineKind, Settings
 #: model_type → the word that names the family in ``model_version`` (for local directories).
 SEGMENTER_FAMILIES = {"sam": "sam", "sam_hq": "hq", "sam2": "sam2"}
 DETECTOR_FAMILIES = {"grounding-dino": "grounding-dino", "mm-grounding-dino": "mm"}
-SAM3_FAMILIES = {"sam3": "sam3"}
+# The hub's facebook/sam3 is a ``sam3_video`` checkpoint (detector + tracker); a bare ``sam3`` one
+# (detector only) passes the family check and fails at load for want of the tracker.
+SAM3_FAMILIES = {"sam3_video": "sam3", "sam3": "sam3"}
 
 
 def local_model_type(source: str) -> str | None:

@@ -63,3 +63,12 @@ class EmbeddingCache(Generic[T]):
                     self._bytes -= evicted.nbytes
             size = self._bytes
         self._on_size(size)
+
+
+def embedding_cache(settings, metrics=None) -> EmbeddingCache:
+    """The deployment's cache (EMBEDDING_CACHE_MB), reporting hits, misses and size to ``metrics``
+    (a :class:`backend.metrics.Metrics`) when given; one per engine."""
+    hooks = {} if metrics is None else dict(on_hit=metrics.embedding_cache_hits.inc,
+                                            on_miss=metrics.embedding_cache_misses.inc,
+                                            on_size=metrics.embedding_cache_bytes.set)
+    return EmbeddingCache(int(settings.embedding_cache_mb * 2**20), **hooks)

@@ -22,7 +22,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from backend.engine.embedcache import EmbeddingCache
+from backend.engine.embedcache import EmbeddingCache, embedding_cache
 from backend.engine.families import DETECTOR_FAMILIES, SEGMENTER_FAMILIES, load_error, require_family, segmenter_class
 from backend.engine.detector import DinoInput, GroundingDinoDetector, nms
 from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, resolve_dtype
@@ -33,14 +33,6 @@ from backend.settings import DEFAULT_BATCH_SIZE, DetectThresholds, EngineKind
 __all__ = ["Engine", "PreparedImage"]
 
 log = logging.getLogger(__name__)
-
-
-def embedding_cache(settings, metrics=None) -> EmbeddingCache:
-    """The LRU of image embeddings for clicks (EMBEDDING_CACHE_MB), reporting to ``metrics``."""
-    hooks = {} if metrics is None else dict(on_hit=metrics.embedding_cache_hits.inc,
-                                            on_miss=metrics.embedding_cache_misses.inc,
-                                            on_size=metrics.embedding_cache_bytes.set)
-    return EmbeddingCache(int(settings.embedding_cache_mb * 2**20), **hooks)
 
 
 def build_engine(settings, metrics=None):

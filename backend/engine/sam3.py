@@ -40,7 +40,7 @@ from backend.batching import chunks
 from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
 from backend.engine.detector import nms
 from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, resolve_dtype
-from backend.engine.embedcache import EmbeddingCache
+from backend.engine.embedcache import EmbeddingCache, embedding_cache
 from backend.engine.families import SAM3_FAMILIES, load_error, require_family
 from backend.engine.masks import DEFAULT_BUDGET_BYTES
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas
@@ -48,13 +48,10 @@ from backend.engine.sam3_prompts import refine_with_tracker, upsample_probabilit
 from backend.results import CompactMask, Detections, ImageResult, MaskPrompt
 from backend.settings import DetectThresholds
 
-__all__ = ["Sam3Engine", "Sam3Input", "Sam3Features", "SAM3_CHECKPOINT_TYPES"]
+__all__ = ["Sam3Engine", "Sam3Input", "Sam3Features"]
 
 log = logging.getLogger(__name__)
 
-#: model_types SAM3_MODEL takes here: the hub checkpoint is ``sam3_video`` (detector + tracker).
-#: A bare ``sam3`` (detector-only) checkpoint passes this check but fails at load: no tracker.
-SAM3_CHECKPOINT_TYPES = {**SAM3_FAMILIES, "sam3_video": "sam3"}
 # The tracker's weights sit under tracker_model.* in the checkpoint; transformers' own renaming of
 # that prefix does not apply when Sam3TrackerModel loads a sam3_video checkpoint (5.23: the
 # decoder would stay random), so the mapping is given explicitly. Backbone and neck are renamed
@@ -85,16 +82,6 @@ class Sam3Features:
     @property
     def nbytes(self) -> int:
         return self.hidden.numel() * self.hidden.element_size()
-
-
-def _embedding_cache(settings, metrics=None) -> EmbeddingCache:
-    """``backend.engine.engine.embedding_cache`` (EMBEDDING_CACHE_MB, metrics hooks): engine.py
-    imports this module, and the layout test counts lazy imports as cycles too, so it is rebuilt
-    here until it moves next to EmbeddingCache."""
-    hooks = {} if metrics is None else dict(on_hit=metrics.embedding_cache_hits.inc,
-                                            on_miss=metrics.embedding_cache_misses.inc,
-                                            on_size=metrics.embedding_cache_bytes.set)
-    return EmbeddingCache(int(settings.embedding_cache_mb * 2**20), **hooks)
 
 
 def image_processor_config(source: str) -> SimpleNamespace:
@@ -158,14 +145,14 @@ class Sam3Engine:
     def from_settings(cls, settings, metrics=None) -> "Sam3Engine":
         """Load SAM3_MODEL. Raises ModelLoadError (naming SAM3_MODEL and the fix) when it cannot."""
         source = settings.sam3_model
-        require_family("SAM3_MODEL", source, SAM3_CHECKPOINT_TYPES)
+        require_family("SAM3_MODEL", source, SAM3_FAMILIES)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         enable_tf32(device)
         log.info("loading SAM 3 on %s (%s%s): %s", device, dtype, ", compiled" if settings.compile else "", source)
         try:
             engine = cls(source, device, dtype, thresholds=settings.detect_thresholds(),
-                         batch_size=settings.batch_size or 1, cache=_embedding_cache(settings, metrics),
+                         batch_size=settings.batch_size or 1, cache=embedding_cache(settings, metrics),
                          compile=settings.compile)
         except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear state
             raise load_error("SAM3_MODEL", source, exc) from exc
