@@ -1,7 +1,9 @@
 """SAM's low-resolution mask logits → compact full-size masks, on the model's device.
 
 This is ``SamImageProcessor.post_process_masks`` (bilinear upsample to the padded square, crop
-the padding, bilinear upsample to the original size, threshold) done where the logits already
+the padding, bilinear upsample to the original size, threshold), or with ``square=None``
+``Sam2ImageProcessor.post_process_masks`` (SAM 2 stretches the image to its square without
+padding: bilinear upsample straight to the original size, threshold), done where the logits already
 are, a bounded number of masks at a time, and returning each mask as the crop of its foreground's
 bounding box (:class:`CompactMask`), so only that crop crosses to the host.
 """
@@ -18,9 +20,10 @@ from backend.results import CompactMask
 DEFAULT_BUDGET_BYTES = 512 * 2**20
 
 
-def chunk_size(height: int, width: int, square: int, budget_bytes: int) -> int:
-    """Masks upsampled at once so that their float32 buffers fit ``budget_bytes`` (at least 1)."""
-    per_mask = 4 * (height * width + square * square) + height * width  # two float stages + bool
+def chunk_size(height: int, width: int, square: int | None, budget_bytes: int) -> int:
+    """Masks upsampled at once so that their float32 buffers fit ``budget_bytes`` (at least 1);
+    ``square=None``: no intermediate square stage (SAM 2)."""
+    per_mask = 4 * (height * width + (square or 0) ** 2) + height * width  # float stage(s) + bool
     return max(1, budget_bytes // per_mask)
 
 
@@ -36,21 +39,24 @@ def _bounds(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(rows.any(dim=1, keepdim=True), bounds, torch.zeros_like(bounds))
 
 
-def upsample_masks(logits: torch.Tensor, square: int, reshaped_size: tuple[int, int],
+def upsample_masks(logits: torch.Tensor, square: int | None, reshaped_size: tuple[int, int] | None,
                    original_size: tuple[int, int], *, threshold: float = 0.0,
                    budget_bytes: int = DEFAULT_BUDGET_BYTES) -> list[CompactMask]:
     """(N, h, w) decoder logits of one image → N compact (H, W) masks of the original image.
 
     ``square``: side of SAM's padded input (1024); ``reshaped_size``: (rh, rw) of the resized image
     inside it; ``original_size``: (H, W) of the EXIF-transposed image. Runs on ``logits.device``.
+    ``square=None`` (SAM 2: the input is the whole image stretched, no padding to crop): the
+    logits go straight to the original size and ``reshaped_size`` is not used.
     """
     height, width = original_size
     step = chunk_size(height, width, square, budget_bytes)
     masks: list[CompactMask] = []
     for start in range(0, logits.shape[0], step):
         chunk = logits[start:start + step, None].float()  # (C, 1, h, w)
-        chunk = F.interpolate(chunk, (square, square), mode="bilinear", align_corners=False)
-        chunk = chunk[..., : reshaped_size[0], : reshaped_size[1]]
+        if square is not None:
+            chunk = F.interpolate(chunk, (square, square), mode="bilinear", align_corners=False)
+            chunk = chunk[..., : reshaped_size[0], : reshaped_size[1]]
         chunk = F.interpolate(chunk, (height, width), mode="bilinear", align_corners=False)
         binary = chunk[:, 0] > threshold  # (C, H, W) bool
         del chunk

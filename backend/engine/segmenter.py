@@ -35,16 +35,23 @@ class SamInput:
 
 @dataclass(frozen=True)
 class ImageEmbedding:
-    """SAM's image embedding of one image: (1, C, h, w) on the model's device, plus the sizes
-    (H, W) of the original image and of its resized copy inside SAM's padded square."""
+    """The image encoder's output for one image, on the model's device: ``tensors``, each with a
+    batch dimension of 1 (SAM: the (1, C, h, w) embedding; SAM-HQ and SAM 2 add the features their
+    decoders also read, see their ``_encode_pixels``), plus the sizes (H, W) of the original image
+    and of its resized copy inside the model's input square."""
 
-    embeddings: torch.Tensor
+    tensors: tuple[torch.Tensor, ...]
     original_size: tuple[int, int]
     reshaped_size: tuple[int, int]
 
     @property
+    def embeddings(self) -> torch.Tensor:
+        """The first tensor (SAM and SAM-HQ: the image embedding)."""
+        return self.tensors[0]
+
+    @property
     def nbytes(self) -> int:
-        return self.embeddings.numel() * self.embeddings.element_size()
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
 class SamSegmenter:
@@ -56,27 +63,50 @@ class SamSegmenter:
     per batch for all its boxes, and the masks are upsampled on the device. With ``keys`` (content
     hashes) embeddings go through ``cache``, so a later click on the image skips the encoder.
     ``refine(image, key, prompts)`` runs the decoder on click/box prompts (see :class:`MaskPrompt`).
+
+    Other SAM families subclass it and override the hooks: ``model_class``, ``_load_processor``,
+    ``_resized_shape``, ``_encode_pixels``, ``_decoder_inputs``, ``_to_sam_frame`` and ``_masks``.
     """
+
+    model_class = SamModel
 
     def __init__(self, source: str, device: torch.device, dtype: torch.dtype, *, batch_size: int,
                  cache: EmbeddingCache | None = None, compile: bool = False,
                  mask_budget_bytes: int = DEFAULT_BUDGET_BYTES):
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
-        self.image_processor = SamImageProcessorPil.from_pretrained(source)
-        self.processor = SamProcessor(image_processor=self.image_processor)
-        self.model = SamModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-        self.square = self.image_processor.pad_size["height"]
-        self.normalize = Normalizer(self.image_processor)
+        self._load_processor(source)
+        self.model = self.model_class.from_pretrained(source, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         self.cache = cache if cache is not None else EmbeddingCache(0)
         self.compiled = compile
-        self._encode = maybe_compile(self.model.get_image_embeddings, compile, "sam-encoder")
+        self._encode = maybe_compile(self._encode_pixels, compile, f"{self.model.config.model_type}-encoder")
         self.mask_budget_bytes = mask_budget_bytes
 
-    def prepare(self, image: Image.Image) -> SamInput:
+    def _load_processor(self, source: str) -> None:
+        """Sets ``square`` (side of the model's input), ``resample`` and ``normalize``."""
+        self.image_processor = SamImageProcessorPil.from_pretrained(source)
+        self.processor = SamProcessor(image_processor=self.image_processor)
+        self.square = self.image_processor.pad_size["height"]
+        self.resample = self.image_processor.resample
+        self.normalize = Normalizer(self.image_processor)
+
+    def _resized_shape(self, height: int, width: int) -> tuple[int, int]:
         # The processor's own resize rule (pinned transformers: a private helper).
-        resized = self.image_processor._get_preprocess_shape((image.height, image.width),
-                                                             self.image_processor.size["longest_edge"])
-        canvas = to_canvas(image, resized, (self.square, self.square), self.image_processor.resample)
+        return self.image_processor._get_preprocess_shape((height, width), self.image_processor.size["longest_edge"])
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, 3, S, S) normalized pixels → the tensors :class:`ImageEmbedding` holds, batched."""
+        return (self.model.get_image_embeddings(pixels),)
+
+    def _decoder_inputs(self, tensors: Sequence[torch.Tensor]) -> dict:
+        """The model's keyword arguments for batched embedding ``tensors``."""
+        return {"image_embeddings": tensors[0]}
+
+    def _batched(self, embeddings: Sequence[ImageEmbedding]) -> dict:
+        return self._decoder_inputs([torch.cat(level) for level in zip(*(e.tensors for e in embeddings))])
+
+    def prepare(self, image: Image.Image) -> SamInput:
+        resized = self._resized_shape(image.height, image.width)
+        canvas = to_canvas(image, resized, (self.square, self.square), self.resample)
         return SamInput(canvas, (image.height, image.width))
 
     def _prepared(self, items: Sequence[SamInput | Image.Image]) -> list[SamInput]:
@@ -101,10 +131,10 @@ class SamSegmenter:
                 canvases += [canvases[-1]] * (batch_bucket(len(canvases), self.batch_size) - len(canvases))
             encoded = self._encode(self.normalize(canvases, self.device, self.dtype)[0])
             for row, (i, item) in enumerate(zip(missing, prepared)):
-                embedding = ImageEmbedding(encoded[row:row + 1], item.original_size, item.reshaped_size)
+                # A cached row view would keep the whole batch's embeddings alive: copy it out.
+                rows = tuple(t[row:row + 1].clone() if keys[i] is not None else t[row:row + 1] for t in encoded)
+                embedding = ImageEmbedding(rows, item.original_size, item.reshaped_size)
                 if keys[i] is not None:
-                    # A cached row view would keep the whole batch's embeddings alive: copy it out.
-                    embedding = ImageEmbedding(embedding.embeddings.clone(), item.original_size, item.reshaped_size)
                     self.cache.put(keys[i], embedding)
                 found[i] = embedding
         return [found[i] for i in range(len(inputs))]
@@ -138,7 +168,7 @@ class SamSegmenter:
         most = max(len(b) for b in boxes)
         padded = np.stack([self._to_sam_frame(np.concatenate([b, np.repeat(b[:1], most - len(b), axis=0)]), e, True)
                            for b, e in zip(boxes, embeddings)])
-        outputs = self.model(image_embeddings=torch.cat([e.embeddings for e in embeddings]), multimask_output=False,
+        outputs = self.model(**self._batched(embeddings), multimask_output=False,
                              input_boxes=to_device(torch.from_numpy(padded), self.device, self.dtype))
         # pred_masks: (B, most, 1, h, w) logits
         return [self._masks(outputs.pred_masks[b, : len(image_boxes), 0], embeddings[b])
@@ -162,7 +192,7 @@ class SamSegmenter:
             if prompt.box is not None:
                 box = self._to_sam_frame(np.asarray(prompt.box, np.float64)[None], embedding, True)
                 kwargs["input_boxes"] = torch.tensor(box[None], device=self.device, dtype=self.dtype)
-            outputs = self.model(image_embeddings=embedding.embeddings, multimask_output=True, **kwargs)
+            outputs = self.model(**self._decoder_inputs(embedding.tensors), multimask_output=True, **kwargs)
             scores = outputs.iou_scores[0, 0].float()  # (3,)
             best = int(scores.argmax())
             mask = self._masks(outputs.pred_masks[0, 0, best:best + 1], embedding)[0]
