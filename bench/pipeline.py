@@ -249,8 +249,9 @@ def main() -> None:
         if family and not (models_dir / family / "config.json").exists():
             make_family_model(models_dir, family, real_size=args.models == "real")
         chosen = {k: (v if isinstance(v, EngineKind) else str(models_dir / v)) for k, v in chosen.items()}
-        settings = Settings(grounding_dino_model=str(models_dir / "grounding-dino"), sam_model=str(models_dir / "sam"),
-                            **chosen, device=args.device, dtype=args.dtype, box_threshold=0.0, text_threshold=0.0,
+        models = {"grounding_dino_model": str(models_dir / "grounding-dino"), "sam_model": str(models_dir / "sam"),
+                  **chosen}
+        settings = Settings(**models, device=args.device, dtype=args.dtype, box_threshold=0.0, text_threshold=0.0,
                             max_detections=5, batch_size=None if args.batch_size == "auto" else int(args.batch_size),
                             compile=args.compile, embedding_cache_mb=0.0)
         blobs = {f"mem://{i}": jpeg(i) for i in range(images)}
