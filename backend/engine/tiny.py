@@ -125,20 +125,28 @@ def _save_sam(config: SamConfig, image_processor, out_dir: Path, seed: int) -> P
     return out_dir
 
 
-def build_tiny_sam(out_dir: Path, seed: int = 0) -> Path:
-    vision = SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-                             output_channels=32, image_size=TINY_SAM_SIZE, patch_size=16, window_size=4,
-                             global_attn_indexes=[1], num_pos_feats=16)
-    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=TINY_SAM_SIZE, patch_size=16, mask_input_channels=4)
-    decoder = SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-                                   iou_head_hidden_dim=32)
+#: The tiny SAM's sub-configs, shared by the SAM-HQ build (backend.engine.tiny_segmenters).
+TINY_SAM_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, output_channels=32,
+                       image_size=TINY_SAM_SIZE, patch_size=16, window_size=4, global_attn_indexes=[1],
+                       num_pos_feats=16)
+TINY_SAM_PROMPT = dict(hidden_size=32, image_size=TINY_SAM_SIZE, patch_size=16, mask_input_channels=4)
+TINY_SAM_DECODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                        iou_head_hidden_dim=32)
+
+
+def tiny_sam_processor() -> SamImageProcessorPil:
+    """SAM's processor at the tiny input size (SAM-HQ uses the same one)."""
     low_res = TINY_SAM_SIZE // 4  # SAM's decoder upsamples the embedding grid 4x
-    processor = SamImageProcessorPil(
+    return SamImageProcessorPil(
         size={"longest_edge": TINY_SAM_SIZE}, pad_size={"height": TINY_SAM_SIZE, "width": TINY_SAM_SIZE},
-        mask_size={"longest_edge": low_res}, mask_pad_size={"height": low_res, "width": low_res},
-    )
-    config = SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
-    return _save_sam(config, processor, out_dir, seed)
+        mask_size={"longest_edge": low_res}, mask_pad_size={"height": low_res, "width": low_res})
+
+
+def build_tiny_sam(out_dir: Path, seed: int = 0) -> Path:
+    config = SamConfig(vision_config=SamVisionConfig(**TINY_SAM_VISION),
+                       prompt_encoder_config=SamPromptEncoderConfig(**TINY_SAM_PROMPT),
+                       mask_decoder_config=SamMaskDecoderConfig(**TINY_SAM_DECODER))
+    return _save_sam(config, tiny_sam_processor(), out_dir, seed)
 
 
 SAM_VISION_SIZES = {  # SamVisionConfig of the published checkpoints (all 1024 input, patch 16)

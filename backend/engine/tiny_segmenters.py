@@ -29,7 +29,8 @@ from transformers import (
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 
-from backend.engine.tiny import SAM_VISION_SIZES, TINY_SAM_SIZE
+from backend.engine.tiny import (SAM_VISION_SIZES, TINY_SAM_DECODER, TINY_SAM_PROMPT, TINY_SAM_SIZE, TINY_SAM_VISION,
+                                 tiny_sam_processor)
 
 SAM2_SIZE = 1024  # SAM 2.1's input side
 
@@ -43,23 +44,13 @@ def _save(model_class, config, out_dir: Path, seed: int, write_processor) -> Pat
     return out_dir
 
 
-def _tiny_sam_processor() -> SamImageProcessorPil:
-    low_res = TINY_SAM_SIZE // 4  # SAM's decoder upsamples the embedding grid 4x
-    return SamImageProcessorPil(
-        size={"longest_edge": TINY_SAM_SIZE}, pad_size={"height": TINY_SAM_SIZE, "width": TINY_SAM_SIZE},
-        mask_size={"longest_edge": low_res}, mask_pad_size={"height": low_res, "width": low_res})
-
-
 def build_tiny_sam_hq(out_dir: Path, seed: int = 0) -> Path:
-    vision = SamHQVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-                               output_channels=32, image_size=TINY_SAM_SIZE, patch_size=16, window_size=4,
-                               global_attn_indexes=[1], num_pos_feats=16)
-    prompt = SamHQPromptEncoderConfig(hidden_size=32, image_size=TINY_SAM_SIZE, patch_size=16, mask_input_channels=4)
     # vit_dim: HQ's decoder reads the ViT's first global-attention block, so it takes the ViT's width.
-    decoder = SamHQMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
-                                     iou_head_hidden_dim=32, vit_dim=32)
-    config = SamHQConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
-    return _save(SamHQModel, config, out_dir, seed, _tiny_sam_processor().save_pretrained)
+    config = SamHQConfig(vision_config=SamHQVisionConfig(**TINY_SAM_VISION),
+                         prompt_encoder_config=SamHQPromptEncoderConfig(**TINY_SAM_PROMPT),
+                         mask_decoder_config=SamHQMaskDecoderConfig(**TINY_SAM_DECODER,
+                                                                    vit_dim=TINY_SAM_VISION["hidden_size"]))
+    return _save(SamHQModel, config, out_dir, seed, tiny_sam_processor().save_pretrained)
 
 
 def build_real_size_sam_hq(out_dir: Path, seed: int = 0) -> Path:
