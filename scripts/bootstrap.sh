@@ -55,3 +55,15 @@ ensure_redis_server() {  # the queue tests start their own redis-server processe
     exit 1
   fi
 }
+
+ensure_postgres() {  # Label Studio on PostgreSQL (tests/test_e2e_postgres.py): the machine's, or one the suite starts
+  if (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then return 0; fi
+  if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing postgresql (the suite starts its own server for the LS-on-PostgreSQL e2e test)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "warning: no PostgreSQL on 127.0.0.1:5432 and no server binaries: the LS-on-PostgreSQL e2e test" \
+         "will be skipped (Debian/Ubuntu: sudo apt-get install postgresql)" >&2
+  fi
+}
