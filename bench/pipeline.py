@@ -27,7 +27,6 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -227,8 +226,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="fast-path images (default 256 cuda, 4 cpu)")
     parser.add_argument("--anchor-images", type=int, default=None, help="anchor images (default min(images, 32))")
     parser.add_argument("--models", choices=["real", "tiny"], default="real")
-    parser.add_argument("--engine", choices=list(ENGINES), default="grounded-sam",
-                        help="the fast path's engine; the anchor is always LS's example path (DINO-T + SAM ViT-H)")
+    parser.add_argument("--engine", default="grounded-sam",
+                        help=f"the fast path's engine, or several comma-separated ({', '.join(ENGINES)}); the "
+                             "anchor is LS's example path (DINO-T + SAM ViT-H), run once for all of them")
     parser.add_argument("--models-dir", type=Path, default=None, help="reuse built models from here")
     parser.add_argument("--batch-size", default="auto", help="a number or auto")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
@@ -240,44 +240,62 @@ def main() -> None:
     images = args.images or (256 if device.type == "cuda" else 4)
     anchor_images = min(images, args.anchor_images or 32)
 
+    engines = args.engine.split(",")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        parser.error(f"unknown engine(s) {unknown}: use {', '.join(ENGINES)} (comma-separated)")
     with tempfile.TemporaryDirectory() as tmp:
         models_dir = args.models_dir or Path(tmp)
         if not (models_dir / "sam" / "config.json").exists():
             build = make_real_size_models if args.models == "real" else make_tiny_models
             build(models_dir)
-        family, chosen = ENGINES[args.engine]
-        if family and not (models_dir / family / "config.json").exists():
-            make_family_model(models_dir, family, real_size=args.models == "real")
-        chosen = {k: (v if isinstance(v, EngineKind) else str(models_dir / v)) for k, v in chosen.items()}
-        models = {"grounding_dino_model": str(models_dir / "grounding-dino"), "sam_model": str(models_dir / "sam"),
-                  **chosen}
-        settings = Settings(**models, device=args.device, dtype=args.dtype, box_threshold=0.0, text_threshold=0.0,
-                            max_detections=5, batch_size=None if args.batch_size == "auto" else int(args.batch_size),
-                            compile=args.compile, embedding_cache_mb=0.0)
         blobs = {f"mem://{i}": jpeg(i) for i in range(images)}
-        fast, fast_predictions, pipeline = run_fast(settings, blobs, device)
-        engine = pipeline.engine()
-        breakdown = model_breakdown(engine, list(blobs.values())[: engine.batch_size], settings, device)
-        sweep = memory_sweep(engine, device, [int(s) for s in args.memory_sweep.split(",")]) \
-            if device.type == "cuda" else None
-        del pipeline, engine
-        anchor_settings = replace(settings, dtype="float32", engine=EngineKind.GROUNDED_SAM,
-                                  grounding_dino_model=str(models_dir / "grounding-dino"), sam_model=str(models_dir / "sam"))
+        runs = {name: run_engine(name, models_dir, args, device, blobs) for name in engines}
+        # The anchor (LS's example path) runs once, on the default pair, for every engine of this run.
+        anchor_settings = Settings(grounding_dino_model=str(models_dir / "grounding-dino"),
+                                   sam_model=str(models_dir / "sam"), device=args.device, dtype="float32",
+                                   box_threshold=0.0, text_threshold=0.0, max_detections=5, embedding_cache_mb=0.0)
         anchor, anchor_predictions = run_anchor(anchor_settings, list(blobs.values())[:anchor_images], device)
-    dtype = str(settings.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    report = {
-        "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "models": args.models, "engine": args.engine, "model_version": fast["model_version"], "dtype": dtype, "compile": args.compile, "image_size": "1920x1080",
-        "phrases": PHRASES, "fast": fast, "model_ms_per_image": breakdown, "peak_gpu_mib_by_batch": sweep,
-        "anchor": anchor, "speedup": fast["images_per_s"] / anchor["images_per_s"],
-        # Only the default engine runs the anchor's models: the others are compared for speed alone.
-        "agreement": agreement(fast_predictions[:anchor_images], anchor_predictions)
-        if args.engine == "grounded-sam" else None,
-    }
-    print(json.dumps(report, indent=2))
+    reports = []
+    for name, (settings, fast, predictions, breakdown, sweep) in runs.items():
+        reports.append({
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "models": args.models, "engine": name, "model_version": fast["model_version"],
+            "dtype": str(settings.dtype or ("bfloat16" if device.type == "cuda" else "float32")),
+            "compile": args.compile, "image_size": "1920x1080", "phrases": PHRASES, "fast": fast,
+            "model_ms_per_image": breakdown, "peak_gpu_mib_by_batch": sweep,
+            "anchor": anchor, "speedup": fast["images_per_s"] / anchor["images_per_s"],
+            # Only the default engine runs the anchor's models: the others are compared for speed alone.
+            "agreement": agreement(predictions[:anchor_images], anchor_predictions) if name == "grounded-sam" else None,
+        })
+    output = reports[0] if len(reports) == 1 else reports
+    print(json.dumps(output, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(output, indent=2))
+
+
+def run_engine(name: str, models_dir: Path, args, device: torch.device, blobs: dict[str, bytes]):
+    """One engine's fast path: (settings, figures, predictions, model breakdown, memory sweep)."""
+    family, chosen = ENGINES[name]
+    if family and not (models_dir / family / "config.json").exists():
+        make_family_model(models_dir, family, real_size=args.models == "real")
+    chosen = {k: (v if isinstance(v, EngineKind) else str(models_dir / v)) for k, v in chosen.items()}
+    models = {"grounding_dino_model": str(models_dir / "grounding-dino"), "sam_model": str(models_dir / "sam"),
+              **chosen}
+    settings = Settings(**models, device=args.device, dtype=args.dtype, box_threshold=0.0, text_threshold=0.0,
+                        max_detections=5, batch_size=None if args.batch_size == "auto" else int(args.batch_size),
+                        compile=args.compile, embedding_cache_mb=0.0)
+    fast, predictions, pipeline = run_fast(settings, blobs, device)
+    engine = pipeline.engine()
+    breakdown = model_breakdown(engine, list(blobs.values())[: engine.batch_size], settings, device)
+    sweep = memory_sweep(engine, device, [int(s) for s in args.memory_sweep.split(",")]) \
+        if device.type == "cuda" else None
+    del pipeline, engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the next engine's weights and the anchor's need the room
+    return settings, fast, predictions, breakdown, sweep
 
 
 if __name__ == "__main__":
