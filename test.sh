@@ -7,5 +7,6 @@ source "$REPO/scripts/bootstrap.sh"
 bootstrap_app
 bootstrap_label_studio
 ensure_redis_server
+ensure_chromium
 cd "$REPO"
 exec .venv/bin/python -m pytest "$@"
