@@ -8,5 +8,6 @@ bootstrap_app
 bootstrap_label_studio
 ensure_redis_server
 ensure_postgres
+ensure_chromium
 cd "$REPO"
 exec .venv/bin/python -m pytest "$@"

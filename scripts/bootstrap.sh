@@ -67,3 +67,15 @@ ensure_postgres() {  # Label Studio on PostgreSQL (tests/test_e2e_postgres.py): 
          "will be skipped (Debian/Ubuntu: sudo apt-get install postgresql)" >&2
   fi
 }
+
+ensure_chromium() {  # the browser e2e test drives Debian's chromium with Playwright (no browser downloads)
+  if [ -x /usr/bin/chromium ]; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium (browser e2e test)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "error: /usr/bin/chromium is missing; install it (Debian: sudo apt-get install chromium)," >&2
+    echo "       or skip the browser test with: ./test.sh -m 'not browser'" >&2
+    exit 1
+  fi
+}
