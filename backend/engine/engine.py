@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -171,8 +171,15 @@ class Engine:
             return self.detector.detect(inputs, phrases)
         return self.detector.detect(inputs, phrases, thresholds)
 
-    def refine(self, image: Image.Image, key: str | None, prompts: Sequence[MaskPrompt]) -> list[tuple[CompactMask, float]]:
-        """Clicks/boxes → masks on one image, reusing its cached SAM embedding when there is one."""
+    def refine(self, image: Image.Image | Callable[[], Image.Image], key: str | None,
+               prompts: Sequence[MaskPrompt]) -> list[tuple[CompactMask, float]]:
+        """Clicks/boxes → masks on one image, reusing its cached SAM embedding when there is one.
+
+        ``image`` may be a callable returning the pixels (a deferred image): it is called only when
+        the embedding is not cached, and then before taking the lock, so decoding never holds up
+        other requests' model calls (if the entry is evicted in between, the segmenter calls it)."""
+        if callable(image) and not (hasattr(self.segmenter, "has_embedding") and self.segmenter.has_embedding(key)):
+            image = image()
         with self._lock:
             return self.segmenter.refine(image, key, prompts)
 

@@ -11,6 +11,7 @@ as the env says.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -265,8 +266,14 @@ class Pipeline:
     def _refine_all(self, plans: list[TaskPlan], request: PredictRequest, smart) -> list[TaskOutcome]:
         """Smart-tool clicks/boxes (with the text prompt's detections when the context has text)."""
         text = request.prompt_text()
-        with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(plans)) or 1) as loaders:
-            loaded = list(loaders.map(self._load, plans))
+        # Clicks alone need no pixels when the image's embedding is cached: load the bytes, hash
+        # them, and decode only if the engine asks (text needs the detector, so pixels, at once).
+        load = functools.partial(self._load, defer=not text)
+        if len(plans) == 1:  # a smart-tool call has one task: no pool to start per click
+            loaded = [load(plans[0])]
+        else:
+            with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(plans)) or 1) as loaders:
+                loaded = list(loaders.map(load, plans))
         # per request: the project's tolerance over POLYGON_TOLERANCE (no minimum area: the annotator
         # asked for each mask), and the detector thresholds of the text part
         polygon = PolygonParams(tolerance=request.options.tolerance(self.polygon.tolerance),
@@ -307,11 +314,14 @@ class Pipeline:
             log.debug("task %s: detections left out by selection: %s", plan.task_id, selected_out)
         log.info("task %s: %d regions", plan.task_id, stats.regions)
 
-    def _load(self, plan: TaskPlan) -> LoadedImage | ImageFailure:
-        """The plan's image, or the reason it has none (safe to log: no tokens, no bodies)."""
+    def _load(self, plan: TaskPlan, defer: bool = False) -> LoadedImage | ImageFailure:
+        """The plan's image, or the reason it has none (safe to log: no tokens, no bodies);
+        ``defer``: see :meth:`ImageLoader.load`."""
         if plan.error:
             return ImageFailure(plan.error)
         try:
+            if defer:
+                return self.loader.load(plan.image_url, task_id=plan.task_id, defer=True)
             return self.loader.load(plan.image_url, task_id=plan.task_id)
         except ImageError as exc:
             return ImageFailure(exc.reason)
