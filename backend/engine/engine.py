@@ -171,6 +171,19 @@ class Engine:
             return self.detector.detect(inputs, phrases)
         return self.detector.detect(inputs, phrases, thresholds)
 
+    def warm(self, image: Image.Image | PreparedImage | Callable[[], Image.Image], key: str) -> bool:
+        """Encode ``image`` into the embedding cache under ``key`` unless it is there already (one
+        encoder call under the lock, for pre-warming); True when it encoded."""
+        if self.segmenter.has_embedding(key):
+            return False
+        image = image() if callable(image) else image  # a deferred image decodes only now
+        sam = image.for_segmenter() if isinstance(image, PreparedImage) else image
+        if isinstance(sam, Image.Image) and hasattr(self.segmenter, "prepare"):
+            sam = self.segmenter.prepare(sam)  # CPU work: outside the lock
+        with self._lock:
+            self.segmenter.embed([sam], [key])
+        return True
+
     def refine(self, image: Image.Image | Callable[[], Image.Image], key: str | None,
                prompts: Sequence[MaskPrompt]) -> list[tuple[CompactMask, float]]:
         """Clicks/boxes → masks on one image, reusing its cached SAM embedding when there is one.

@@ -331,6 +331,18 @@ class Sam3Engine:
             self.cache.put(key, features)
         return features
 
+    def warm(self, image, key: str) -> bool:
+        """Compute ``image``'s backbone output into the cache under ``key`` unless it is there
+        (pre-warming); True when it computed. ``image``: PIL, a Sam3Input or a PreparedImage-like
+        object with ``for_segmenter()``."""
+        if self.has_embedding(key):
+            return False
+        image = image() if callable(image) else image  # a deferred image decodes only now
+        image = image.for_segmenter() if hasattr(image, "for_segmenter") else image
+        with self._lock:
+            self.features(image, key)
+        return True
+
     def has_embedding(self, key: str | None) -> bool:
         """Whether ``key``'s backbone output is cached now (no hit or miss counted)."""
         return key is not None and key in self.cache

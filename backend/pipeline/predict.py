@@ -102,6 +102,8 @@ class Pipeline:
         self._engine = None
         self.load_error: ModelLoadError | None = None
         self._engine_lock = threading.Lock()
+        self._active = 0  # predict calls in progress: background work (pre-warming) waits for 0
+        self._idle = threading.Condition()
 
     def _default_engine(self):
         from backend.engine.engine import build_engine  # torch is imported only by the process that runs models
@@ -135,6 +137,22 @@ class Pipeline:
 
     def predict_outcomes(self, request: PredictRequest) -> list[TaskOutcome]:
         """Like :meth:`predict`, with the reason each failed task's prediction is empty."""
+        with self._idle:
+            self._active += 1
+        try:
+            return self._predict_outcomes(request)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no predict call is running (True), or ``timeout`` seconds (False). Background
+        work calls it before each engine call so it never goes ahead of an annotator's request."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def _predict_outcomes(self, request: PredictRequest) -> list[TaskOutcome]:
         smart = parse_smart_prompt(request.context, request.config)
         check_smart_prompt(request, smart, self.limits)
         if asks_for_nothing(request):
