@@ -91,3 +91,38 @@ def test_frame_cache_is_bounded_and_least_recently_used_goes_first():
     assert off.get("a") is None
     with pytest.raises(ValueError, match="max_entries"):
         FrameCache(max_entries=-1)
+
+
+class ListedTasks:
+    """The one LS call pre-warming makes, answered from a list (the real call is tested end to end in
+    tests/test_e2e_prewarm.py): tasks after ``after`` in id order, ``page_size`` at most."""
+
+    def __init__(self, tasks):
+        self.tasks, self.calls = tasks, []
+
+    def iter_tasks(self, project, page_size=100, after=None):
+        from backend.ls.client import TaskRef
+
+        self.calls.append((project, page_size, after))
+        return iter([TaskRef(id=i, data=d) for i, d in self.tasks if after is None or i > after][:page_size])
+
+
+def test_prewarming_stays_within_half_the_embedding_cache_and_skips_cached_images(tiny_settings):
+    from dataclasses import replace
+
+    from backend.ls.labelconfig import parse_label_config
+    from backend.pipeline.prewarm import Prewarmer, WarmRequest
+    from tests.test_refine import CONFIG
+
+    one_embedding = 32 * 16 * 16 * 4  # tiny SAM: (1, 32, 16, 16) float32
+    pipeline = Pipeline(replace(tiny_settings, embedding_cache_mb=5 * one_embedding / 2**20))
+    api = ListedTasks([(n, {"image": uri(40 + n, 30 + n)}) for n in range(1, 6)])
+    prewarmer = Prewarmer(pipeline, api_factory=lambda: api)
+    config = parse_label_config(CONFIG)
+    assert prewarmer.warm(WarmRequest(project=7, after=1, count=4, config=config)) == 2  # 2.5 fit in half
+    assert api.calls == [(7, 4, 1)]
+    assert pipeline.metrics.prewarmed._value.get() == 2
+    encoder = encoder_calls(pipeline)
+    predict(pipeline, uri(42, 32), keypoint(50, 50))  # task 2's image: pre-warmed, so no encoder call
+    assert encoder == []
+    assert prewarmer.warm(WarmRequest(project=7, after=1, count=2, config=config)) == 0  # both cached
