@@ -162,6 +162,34 @@ def cmd_prelabel(args) -> int:
     return 0 if status.status == "done" else 1
 
 
+def cmd_warm(args) -> int:
+    """Ask the running backend (embedded mode: the process whose cache the clicks hit) to encode a
+    project's next tasks now, through ``POST /warm`` with the backend's basic auth."""
+    import requests
+
+    from backend.settings import Settings
+
+    settings = Settings.from_env()
+    url = (args.url or f"http://localhost:{settings.port}").rstrip("/") + "/warm"
+    auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
+    body = {"project": args.project, "tasks": args.tasks or settings.prewarm_tasks or 3}
+    if args.after is not None:
+        body["after"] = args.after
+    try:
+        answer = requests.post(url, json=body, auth=auth, timeout=args.timeout)
+    except requests.RequestException as exc:
+        print(f"error: cannot reach the backend at {url} ({type(exc).__name__}): start it or pass --url",
+              file=sys.stderr)
+        return 2
+    if answer.status_code != 200:
+        message = answer.json().get("message") if answer.headers.get("content-type", "").startswith(
+            "application/json") else answer.reason
+        print(f"error: {url} answered {answer.status_code}: {message}", file=sys.stderr)
+        return 2
+    print(f"project {args.project}: {answer.json()['encoded']} embeddings encoded")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="queue mode: the version to label with when the live workers serve several "
                                "(default: the one they serve); embedded: must be this process's")
     prelabel.set_defaults(func=cmd_prelabel)
+
+    warm = commands.add_parser("warm", help="encode a project's next tasks' SAM embeddings in the running backend")
+    warm.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    warm.add_argument("--tasks", type=int, default=None, help="how many tasks (1-100; default PREWARM_TASKS or 3)")
+    warm.add_argument("--after", type=int, default=None, help="start after this task id (default: the first task)")
+    warm.add_argument("--url", default=None, help="the backend (default http://localhost:$PORT)")
+    warm.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the backend")
+    warm.set_defaults(func=cmd_warm)
 
     serve = commands.add_parser("serve", help="serve the LS ML-backend API (development server)")
     serve.add_argument("--port", type=int, default=None, help="default PORT or 9090")

@@ -23,6 +23,9 @@ class Metrics:
                                             "Clicks/boxes served from a cached SAM image embedding", registry=r)
         self.embedding_cache_misses = Counter("gsam_embedding_cache_misses",
                                               "SAM image encoder runs for a keyed (interactive) image", registry=r)
+        self.prewarmed = Counter("gsam_prewarmed_embeddings",
+                                 "Next tasks' image embeddings encoded ahead of the annotator (PREWARM_TASKS)",
+                                 registry=r)
         self.embedding_cache_bytes = Gauge("gsam_embedding_cache_bytes", "Bytes held by the embedding cache",
                                            registry=r)
         self.models_loaded = Gauge("gsam_models_loaded", "1 once the models are loaded in this process",

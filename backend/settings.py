@@ -138,6 +138,7 @@ class Settings:
     preload_models: bool = True  # the web process starts loading the models at start (embedded mode)
     model_version: str | None = None  # None = derived from the two model ids
     remember_prompt: bool = True  # a project's last submitted prompt is its default (backend.modes.projects)
+    prewarm_tasks: int = 3  # after a /predict for one task, encode the project's next N tasks (0 = off)
 
     #: What to do when a bulk run is asked for without LS credentials.
     LS_CREDENTIALS_NEEDED = "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend to pre-label projects"
@@ -209,4 +210,5 @@ class Settings:
             preload_models=_bool(env, "PRELOAD_MODELS", True),
             model_version=_text(env, "MODEL_VERSION", None),
             remember_prompt=_bool(env, "REMEMBER_PROMPT", True),
+            prewarm_tasks=_number(env, "PREWARM_TASKS", 3, int, 0, 100),
         )

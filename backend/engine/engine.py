@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -171,8 +171,28 @@ class Engine:
             return self.detector.detect(inputs, phrases)
         return self.detector.detect(inputs, phrases, thresholds)
 
-    def refine(self, image: Image.Image, key: str | None, prompts: Sequence[MaskPrompt]) -> list[tuple[CompactMask, float]]:
-        """Clicks/boxes → masks on one image, reusing its cached SAM embedding when there is one."""
+    def warm(self, image: Image.Image | PreparedImage | Callable[[], Image.Image], key: str) -> bool:
+        """Encode ``image`` into the embedding cache under ``key`` unless it is there already (one
+        encoder call under the lock, for pre-warming); True when it encoded."""
+        if self.segmenter.has_embedding(key):
+            return False
+        image = image() if callable(image) else image  # a deferred image decodes only now
+        sam = image.for_segmenter() if isinstance(image, PreparedImage) else image
+        if isinstance(sam, Image.Image) and hasattr(self.segmenter, "prepare"):
+            sam = self.segmenter.prepare(sam)  # CPU work: outside the lock
+        with self._lock:
+            self.segmenter.embed([sam], [key])
+        return True
+
+    def refine(self, image: Image.Image | Callable[[], Image.Image], key: str | None,
+               prompts: Sequence[MaskPrompt]) -> list[tuple[CompactMask, float]]:
+        """Clicks/boxes → masks on one image, reusing its cached SAM embedding when there is one.
+
+        ``image`` may be a callable returning the pixels (a deferred image): it is called only when
+        the embedding is not cached, and then before taking the lock, so decoding never holds up
+        other requests' model calls (if the entry is evicted in between, the segmenter calls it)."""
+        if callable(image) and not (hasattr(self.segmenter, "has_embedding") and self.segmenter.has_embedding(key)):
+            image = image()
         with self._lock:
             return self.segmenter.refine(image, key, prompts)
 

@@ -325,17 +325,35 @@ class Sam3Engine:
         cached = self.cache.get(key) if key is not None else None
         if cached is not None:
             return cached
-        item = self._prepared([image])[0]
+        item = self._prepared([image() if callable(image) else image])[0]  # a deferred image decodes here
         features = Sam3Features(self._backbone(self.pixel_values([item])).last_hidden_state, item.size)
         if key is not None:
             self.cache.put(key, features)
         return features
+
+    def warm(self, image, key: str) -> bool:
+        """Compute ``image``'s backbone output into the cache under ``key`` unless it is there
+        (pre-warming); True when it computed. ``image``: PIL, a Sam3Input or a PreparedImage-like
+        object with ``for_segmenter()``."""
+        if self.has_embedding(key):
+            return False
+        image = image() if callable(image) else image  # a deferred image decodes only now
+        image = image.for_segmenter() if hasattr(image, "for_segmenter") else image
+        with self._lock:
+            self.features(image, key)
+        return True
+
+    def has_embedding(self, key: str | None) -> bool:
+        """Whether ``key``'s backbone output is cached now (no hit or miss counted)."""
+        return key is not None and key in self.cache
 
     def refine(self, image: Sam3Input | Image.Image, key: str | None,
                prompts: Sequence[MaskPrompt]) -> list[tuple[CompactMask, float]]:
         """Per prompt the best of the tracker's three candidate masks by predicted IoU: (mask, IoU)."""
         if not prompts:
             return []
+        if callable(image) and not self.has_embedding(key):  # decode outside the lock (see Engine.refine)
+            image = image()
         with self._lock:
             features = self.features(image, key)
             return refine_with_tracker(self.tracker, features.hidden, features.size, prompts, square=self.square,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -109,8 +109,15 @@ class SamSegmenter:
         canvas = to_canvas(image, resized, (self.square, self.square), self.resample)
         return SamInput(canvas, (image.height, image.width))
 
-    def _prepared(self, items: Sequence[SamInput | Image.Image]) -> list[SamInput]:
-        return [item if isinstance(item, SamInput) else self.prepare(item) for item in items]
+    def _prepared(self, items: Sequence[SamInput | Image.Image | Callable[[], Image.Image]]) -> list[SamInput]:
+        """Items as SAM inputs; a callable (a deferred image's ``pixels``) is called only here, so an
+        image whose embedding is cached is never decoded."""
+        return [item if isinstance(item, SamInput) else self.prepare(item() if callable(item) else item)
+                for item in items]
+
+    def has_embedding(self, key: str | None) -> bool:
+        """Whether ``key``'s embedding is cached now (no hit or miss counted)."""
+        return key is not None and key in self.cache
 
     @torch.inference_mode()
     def embed(self, inputs: Sequence[SamInput | Image.Image], keys: Sequence[str | None] | None = None) -> list[ImageEmbedding]:

@@ -41,7 +41,6 @@ import hashlib
 import io
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -184,18 +183,21 @@ def decode_image(data: bytes, max_image_pixels: int, budget: PixelBudget | None 
             return _decode_pixels(opened, width, height, max_image_pixels)
 
 
-@dataclass(frozen=True, eq=False)
 class LoadedImage:
-    """A decoded task image.
+    """A task image: its size, digest and URL, and its pixels (decoded now, or on first use).
 
     ``image`` is RGB and EXIF-transposed: its size is the size LS displays, and the pixel frame all
     model outputs refer to. ``sha256`` is the hex digest of the downloaded (encoded) bytes, ``url``
-    the task URL as given. Compared by identity (PIL images are not hashable).
+    the task URL as given. ``width``/``height`` are the EXIF-transposed size, known without decoding
+    for a :meth:`deferred` image. Compared by identity (PIL images are not hashable).
     """
 
-    image: Image.Image
-    sha256: str
-    url: str
+    def __init__(self, image: Image.Image, sha256: str, url: str):
+        self.sha256, self.url = sha256, url
+        self.width, self.height = image.width, image.height
+        self._image: Image.Image | None = image
+        self._pending: tuple[bytes, int, PixelBudget | None] | None = None
+        self._lock = threading.Lock()
 
     @classmethod
     def from_bytes(
@@ -206,15 +208,41 @@ class LoadedImage:
         image = decode_image(data, max_image_pixels, budget)
         return cls(image=image, sha256=hashlib.sha256(data).hexdigest(), url=url)
 
-    @property
-    def width(self) -> int:
-        """Width of the EXIF-transposed image, in pixels."""
-        return self.image.width
+    @classmethod
+    def deferred(cls, data: bytes, sha256: str, url: str, size: tuple[int, int], max_image_pixels: int,
+                 budget: PixelBudget | None = None) -> LoadedImage:
+        """An image whose bytes decoded before to ``size`` (width, height; see
+        :class:`~backend.images.frames.FrameCache`): decoded only if :attr:`image` is read, with
+        the same limits as :meth:`from_bytes`. Holds the encoded bytes until then."""
+        loaded = cls.__new__(cls)
+        loaded.sha256, loaded.url = sha256, url
+        loaded.width, loaded.height = size
+        loaded._image, loaded._pending = None, (data, max_image_pixels, budget)
+        loaded._lock = threading.Lock()
+        return loaded
 
     @property
-    def height(self) -> int:
-        """Height of the EXIF-transposed image, in pixels."""
-        return self.image.height
+    def decoded(self) -> bool:
+        """Whether the pixels are in memory (False for a :meth:`deferred` image not used yet)."""
+        return self._image is not None
+
+    @property
+    def image(self) -> Image.Image:
+        """The RGB, EXIF-transposed pixels; a deferred image decodes here, once (thread-safe)."""
+        with self._lock:
+            if self._image is None:
+                data, max_image_pixels, budget = self._pending  # type: ignore[misc]
+                image = decode_image(data, max_image_pixels, budget)
+                if (image.width, image.height) != (self.width, self.height):  # same bytes, same decoder
+                    raise ImageError(f"the image decoded to {image.width}x{image.height}, not the "
+                                     f"{self.width}x{self.height} recorded for its bytes")
+                self._image, self._pending = image, None
+            return self._image
+
+    def pixels(self) -> Image.Image:
+        """:attr:`image` as a call: hand ``loaded.pixels`` to code that needs the pixels only
+        sometimes (a click on a cached embedding never calls it)."""
+        return self.image
 
 
 def _decode_pixels(opened: Image.Image, width: int, height: int, max_image_pixels: int) -> Image.Image:

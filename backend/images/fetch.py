@@ -24,6 +24,7 @@ May import: every image module and :mod:`backend.ls.auth` (the LS token).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -32,8 +33,9 @@ import requests
 from backend.images.cloud import cloud_scheme, presign_url
 from backend.images.config import FetchSettings
 from backend.errors import ImageError
-from backend.images.decode import LoadedImage, PixelBudget
+from backend.images.decode import LoadedImage, PixelBudget, decode_image
 from backend.images.download import Downloader, auth_session
+from backend.images.frames import FrameCache
 from backend.images.safefetch import PinnedHTTP, ca_bundle_from_env, parse_target
 from backend.images.sources import (
     absolute_url,
@@ -64,6 +66,9 @@ class ImageLoader:
     ``budget`` bounds the pixels all loads of this loader decode at once; by default a new
     :class:`~backend.images.decode.PixelBudget` of ``settings.decode_budget_pixels``. A process has
     one loader (its pipeline's), so this is the per-process decoding bound.
+
+    ``frames`` remembers the size each decoded image's bytes gave (by content hash, bounded), so
+    ``load(..., defer=True)`` of bytes seen before skips decoding until the pixels are used.
     """
 
     def __init__(
@@ -74,8 +79,10 @@ class ImageLoader:
         session: requests.Session | None = None,
         resolver: Resolver | None = None,
         budget: PixelBudget | None = None,
+        frames: FrameCache | None = None,
     ) -> None:
         self._settings = settings
+        self.frames = frames if frames is not None else FrameCache()
         self.budget = budget if budget is not None else PixelBudget(settings.decode_budget_pixels)
         ca_bundle = settings.ca_bundle or ca_bundle_from_env()
         self._http = PinnedHTTP(ca_bundle)
@@ -116,19 +123,27 @@ class ImageLoader:
     def __repr__(self) -> str:
         return f"ImageLoader(label_studio_url={self._ls_base!r}, auth={self._auth!r})"
 
-    def load(self, url: str, task_id: object = None) -> LoadedImage:
+    def load(self, url: str, task_id: object = None, defer: bool = False) -> LoadedImage:
         """Resolve, fetch and decode the image at ``url`` (a task's image value).
 
         ``task_id`` is the task's Label Studio id: cloud storage URIs are resolved per task
-        (``/tasks/<id>/presign/``) and fail without it; other URLs ignore it.
+        (``/tasks/<id>/presign/``) and fail without it; other URLs ignore it. ``defer``: when these
+        exact bytes (same SHA-256) were decoded before, return a :meth:`LoadedImage.deferred`
+        image (size known, pixels decoded on first use) instead of decoding now. The bytes are
+        fetched either way, under the same URL policy, credentials and limits.
 
         Returns an RGB, EXIF-transposed :class:`LoadedImage`; raises :class:`ImageError` for every
         failure, logged at WARNING with the reason only.
         """
         try:
-            return LoadedImage.from_bytes(
-                self._fetch(url, task_id), url, self._settings.max_image_pixels, self.budget
-            )
+            data = self._fetch(url, task_id)
+            sha256 = hashlib.sha256(data).hexdigest()
+            size = self.frames.get(sha256) if defer else None
+            if size is not None:
+                return LoadedImage.deferred(data, sha256, url, size, self._settings.max_image_pixels, self.budget)
+            image = decode_image(data, self._settings.max_image_pixels, self.budget)
+            self.frames.put(sha256, (image.width, image.height))
+            return LoadedImage(image, sha256, url)
         except ImageError as exc:
             log.warning("image load failed: %s", exc.reason)
             raise

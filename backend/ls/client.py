@@ -137,12 +137,13 @@ class LabelStudioApi:
             raise LabelStudioApiError(f"project {project} has no label config: set one up in Label Studio first")
         return config
 
-    def iter_tasks(self, project: int, page_size: int = 100) -> Iterator[TaskRef]:
-        """Every task of ``project`` once, by ascending id, ``page_size`` per request (see module doc)."""
+    def iter_tasks(self, project: int, page_size: int = 100, after: int | None = None) -> Iterator[TaskRef]:
+        """Every task of ``project`` once, by ascending id (the Data Manager's default order),
+        ``page_size`` per request (see module doc); ``after``: only tasks whose id is greater."""
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
         hidden = self._hidden_columns(project)
-        last_id = None
+        last_id = after
         while True:
             query: dict[str, Any] = {"hiddenColumns": {"explore": hidden, "labeling": hidden}}
             if last_id is not None:

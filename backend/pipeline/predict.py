@@ -11,6 +11,7 @@ as the env says.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -101,6 +102,8 @@ class Pipeline:
         self._engine = None
         self.load_error: ModelLoadError | None = None
         self._engine_lock = threading.Lock()
+        self._active = 0  # predict calls in progress: background work (pre-warming) waits for 0
+        self._idle = threading.Condition()
 
     def _default_engine(self):
         from backend.engine.engine import build_engine  # torch is imported only by the process that runs models
@@ -134,6 +137,22 @@ class Pipeline:
 
     def predict_outcomes(self, request: PredictRequest) -> list[TaskOutcome]:
         """Like :meth:`predict`, with the reason each failed task's prediction is empty."""
+        with self._idle:
+            self._active += 1
+        try:
+            return self._predict_outcomes(request)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no predict call is running (True), or ``timeout`` seconds (False). Background
+        work calls it before each engine call so it never goes ahead of an annotator's request."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def _predict_outcomes(self, request: PredictRequest) -> list[TaskOutcome]:
         smart = parse_smart_prompt(request.context, request.config)
         check_smart_prompt(request, smart, self.limits)
         if asks_for_nothing(request):
@@ -265,8 +284,14 @@ class Pipeline:
     def _refine_all(self, plans: list[TaskPlan], request: PredictRequest, smart) -> list[TaskOutcome]:
         """Smart-tool clicks/boxes (with the text prompt's detections when the context has text)."""
         text = request.prompt_text()
-        with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(plans)) or 1) as loaders:
-            loaded = list(loaders.map(self._load, plans))
+        # Clicks alone need no pixels when the image's embedding is cached: load the bytes, hash
+        # them, and decode only if the engine asks (text needs the detector, so pixels, at once).
+        load = functools.partial(self._load, defer=not text)
+        if len(plans) == 1:  # a smart-tool call has one task: no pool to start per click
+            loaded = [load(plans[0])]
+        else:
+            with ThreadPoolExecutor(min(DOWNLOAD_THREADS, len(plans)) or 1) as loaders:
+                loaded = list(loaders.map(load, plans))
         # per request: the project's tolerance over POLYGON_TOLERANCE (no minimum area: the annotator
         # asked for each mask), and the detector thresholds of the text part
         polygon = PolygonParams(tolerance=request.options.tolerance(self.polygon.tolerance),
@@ -307,11 +332,14 @@ class Pipeline:
             log.debug("task %s: detections left out by selection: %s", plan.task_id, selected_out)
         log.info("task %s: %d regions", plan.task_id, stats.regions)
 
-    def _load(self, plan: TaskPlan) -> LoadedImage | ImageFailure:
-        """The plan's image, or the reason it has none (safe to log: no tokens, no bodies)."""
+    def _load(self, plan: TaskPlan, defer: bool = False) -> LoadedImage | ImageFailure:
+        """The plan's image, or the reason it has none (safe to log: no tokens, no bodies);
+        ``defer``: see :meth:`ImageLoader.load`."""
         if plan.error:
             return ImageFailure(plan.error)
         try:
+            if defer:
+                return self.loader.load(plan.image_url, task_id=plan.task_id, defer=True)
             return self.loader.load(plan.image_url, task_id=plan.task_id)
         except ImageError as exc:
             return ImageFailure(exc.reason)

@@ -89,7 +89,8 @@ def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, sma
         detections = above_own_threshold(detected, config, options, default_box)
     fallback = (config.brush or config.polygon or config.rectangle).labels[0]
     prompts, names = plan_prompts(smart, detections, width, height, fallback)
-    outputs = engine.refine(loaded.image, loaded.sha256, prompts)
+    # ``loaded.pixels``, not the image: a click on an image whose embedding is cached never decodes it
+    outputs = engine.refine(loaded.pixels, loaded.sha256, prompts)
     stats, kept = RegionStats(), []
     for (mask, score), name in zip(outputs, names):
         if mask.is_empty:

@@ -159,7 +159,26 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
             predictions = backend.predict(parsed)
             log.info("predict: %d tasks, %d regions, %.2f s", len(parsed.tasks),
                      sum(len(p["result"]) for p in predictions), time.perf_counter() - started)
+            prewarm = getattr(backend, "prewarm", None)  # embedded mode: the next tasks' embeddings
+            if prewarm is not None and project is not None:
+                prewarm(project, parsed)
         return jsonify({"results": predictions, "model_version": backend.model_version})
+
+    @app.post("/warm")
+    def warm():
+        body = json_object(request)
+        project = project_id(body.get("project"))
+        tasks, after = body.get("tasks", settings.prewarm_tasks or 3), body.get("after")
+        if project is None or not isinstance(tasks, int) or (after is not None and not isinstance(after, int)):
+            raise RequestError("POST /warm takes {\"project\": ID, \"tasks\"?: 1-100, \"after\"?: task id}")
+        if getattr(backend, "warm", None) is None:
+            return _error(501, "pre-warming runs in embedded mode only: in queue mode each worker holds its "
+                               "own embedding cache")
+        try:
+            encoded = backend.warm(project, tasks, after)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        return jsonify({"project": project, "encoded": encoded})
 
     @app.post("/prelabel")
     def prelabel():

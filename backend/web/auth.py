@@ -13,9 +13,9 @@ from backend.settings import Settings
 #: LS sends /health checks and its auto-created webhook without credentials.
 UNAUTHENTICATED_PATHS = frozenset({"/health", "/webhook"})
 #: Flask endpoints that act in LS with the backend's own API key.
-BULK_ENDPOINTS = frozenset({"prelabel", "run_status", "cancel"})
+BULK_ENDPOINTS = frozenset({"prelabel", "run_status", "cancel", "warm"})
 
-BULK_NEEDS_AUTH = ("bulk routes (/prelabel, /jobs) act in Label Studio with the backend's API key: set "
+BULK_NEEDS_AUTH = ("bulk routes (/prelabel, /jobs, /warm) act in Label Studio with the backend's API key: set "
                    "BASIC_AUTH_USER and BASIC_AUTH_PASS on the backend (or, on a trusted network only, "
                    "ALLOW_UNAUTHENTICATED_BULK=true)")
 CREDENTIALS_NEEDED = "authentication required: use the backend's basic-auth user and password"

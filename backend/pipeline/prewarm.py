@@ -1,0 +1,136 @@
+"""Pre-warming: after a /predict for one task, encode the SAM embeddings of the project's next few
+tasks in the background, so the annotator's first click on the next task is a cache hit.
+
+One daemon thread per pipeline does the work, at low priority: before each image it waits until no
+predict call is running (:meth:`Pipeline.wait_idle`), and it holds the engine for one encoder call
+at a time, so an annotator's request waits at most one encoder call behind it. Requests that come
+while it works replace what it was asked to do (only the latest task's neighbours matter), and
+tasks already cached are skipped (no encoder call). What it may keep is bounded by the embedding
+cache: it stops once the embeddings it added would take more than half of ``EMBEDDING_CACHE_MB``,
+so the annotator's current image is never pushed out by its own pre-warming.
+
+"Next" is the Data Manager's default order (ascending task id) through the LS API
+(:meth:`backend.ls.client.LabelStudioApi.iter_tasks`), read with the backend's LS credentials; the
+images are fetched by the pipeline's loader under the usual URL policy and limits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from backend.errors import ImageError, ReasonError
+from backend.ls.client import LabelStudioApi
+from backend.ls.labelconfig import LabelConfig, parse_label_config
+from backend.ls.tasks import PredictRequest, plan_tasks
+
+log = logging.getLogger(__name__)
+
+MAX_WARM_TASKS = 100  # same bound as PREWARM_TASKS
+IDLE_WAIT_S = 0.5  # re-check for newer work this often while predict calls keep the pipeline busy
+
+
+@dataclass(frozen=True)
+class WarmRequest:
+    """Encode the next ``count`` tasks of ``project`` after task ``after`` (None: from the first)."""
+
+    project: int
+    after: int | None
+    count: int
+    config: LabelConfig
+
+
+class Prewarmer:
+    """``submit(WarmRequest)`` returns at once; :meth:`warm` does the same work in the caller's
+    thread (the CLI, tests). ``api_factory`` builds the LS client (default: from the settings)."""
+
+    def __init__(self, pipeline, api_factory: Callable[[], LabelStudioApi] | None = None):
+        self.pipeline = pipeline
+        settings = pipeline.settings
+        self._api_factory = api_factory or (lambda: LabelStudioApi(settings.label_studio_url,
+                                                                   settings.label_studio_api_key))
+        self._api: LabelStudioApi | None = None
+        self._pending: WarmRequest | None = None
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, request: WarmRequest) -> None:
+        """Ask for ``request`` in the background, replacing any request not started yet."""
+        with self._wake:
+            self._pending = request
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="gsam-prewarm", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def warm_project(self, project: int, count: int, after: int | None = None) -> int:
+        """:meth:`warm` in the caller's thread for ``project``'s first ``count`` tasks after
+        ``after``, with the project's label config read from LS (``python -m backend warm``)."""
+        if not 1 <= count <= MAX_WARM_TASKS:
+            raise ValueError(f"tasks={count}: warm between 1 and {MAX_WARM_TASKS} tasks")
+        if self._api is None:
+            self._api = self._api_factory()
+        config = parse_label_config(self._api.label_config(project))
+        return self.warm(WarmRequest(project, after, count, config))
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._pending is not None)
+                request, self._pending = self._pending, None
+            try:
+                self.warm(request, background=True)
+            except ReasonError as exc:  # LS unreachable, an image error: pre-warming is best effort
+                log.warning("pre-warming project %d failed: %s", request.project, exc.reason)
+            except Exception:  # noqa: BLE001 - the thread must survive anything one request raises
+                log.warning("pre-warming project %d failed", request.project, exc_info=True)
+
+    def _superseded(self) -> bool:
+        with self._wake:
+            return self._pending is not None
+
+    def warm(self, request: WarmRequest, background: bool = False) -> int:
+        """Encode the next tasks' images into the embedding cache; how many it encoded (cached ones
+        and tasks without a usable image are skipped). ``background``: yield to predict calls and
+        stop early when a newer request arrives."""
+        if self._api is None:
+            self._api = self._api_factory()
+        engine = self.pipeline.engine()
+        cache = getattr(getattr(engine, "segmenter", engine), "cache", None)
+        budget = cache.max_bytes // 2 if cache is not None else 0
+        if budget == 0:
+            log.info("pre-warming skipped: the embedding cache is off (EMBEDDING_CACHE_MB=0)")
+            return 0
+        tasks = itertools.islice(self._api.iter_tasks(request.project, page_size=request.count,
+                                                      after=request.after), request.count)
+        encoded, added = 0, 0
+        for task in tasks:
+            if background and self._superseded():
+                break
+            plan = plan_tasks(PredictRequest([{"id": task.id, "data": task.data}], request.config, None),
+                              self.pipeline.limits)[0]
+            if plan.error:
+                log.info("pre-warming: task %d skipped: %s", task.id, plan.error)
+                continue
+            try:
+                loaded = self.pipeline.loader.load(plan.image_url, task_id=task.id, defer=True)
+            except ImageError as exc:  # logged by the loader; the next task may be fine
+                log.info("pre-warming: task %d skipped: %s", task.id, exc.reason)
+                continue
+            before = cache.nbytes
+            if background:
+                while not self.pipeline.wait_idle(IDLE_WAIT_S):
+                    if self._superseded():
+                        return encoded
+            if engine.warm(loaded.pixels, loaded.sha256):  # decodes only when not cached
+                encoded += 1
+                self.pipeline.metrics.prewarmed.inc()
+                added += max(cache.nbytes - before, 0)
+                if added * (encoded + 1) / encoded > budget:  # one more would pass half the cache
+                    break
+        log.info("pre-warming project %d: %d embeddings encoded after task %s", request.project, encoded,
+                 request.after)
+        return encoded
