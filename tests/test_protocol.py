@@ -95,8 +95,11 @@ def check_prediction(prediction: dict, size: tuple[int, int], labels: set[str]) 
 def test_health_and_setup(backend):
     health = replay(backend, "health_request.json")
     assert health.status_code == 200
-    assert health.json() == {"status": "UP", "model_class": "GroundedSAM", "model_version": "grounding-dino+sam",
-                             "mode": "embedded"}
+    state = health.json()
+    models = state.pop("models")
+    assert state == {"status": "UP", "model_class": "GroundedSAM", "model_version": "grounding-dino+sam",
+                     "mode": "embedded", "engine": "grounded-sam"}
+    assert set(models) == {"GROUNDING_DINO_MODEL", "SAM_MODEL"} and models["SAM_MODEL"].endswith("/sam")
     setup = replay(backend, "setup_request.json")
     assert setup.status_code == 200 and setup.json() == {"model_version": "grounding-dino+sam"}
 
