@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,28 +27,45 @@ def buildah(*args: str, timeout: float = 120, check: bool = True) -> subprocess.
     return done
 
 
-def pip_build_options(environ: dict[str, str] | None = None) -> list[str]:
+def host_pip_settings() -> dict[str, list[str]]:
+    """pip's settings on this host, from its config files and PIP_* variables (``pip config list``).
+
+    ``{"find-links": [...], "cert": [...], "index-url": [...], "extra-index-url": [...]}``, each
+    list in pip's order (environment first; repeats kept), space-separated values split.
+    """
+    done = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    settings: dict[str, list[str]] = {}
+    for line in done.stdout.splitlines():  # e.g. global.find-links='/opt/wheels' or :env:.cert='...'
+        key, _, value = line.partition("=")
+        values = value.strip().strip("'\"").split()
+        settings.setdefault(key.rsplit(".", 1)[-1], []).extend(values)
+    return settings
+
+
+def pip_build_options(settings: dict[str, list[str]] | None = None) -> list[str]:
     """The host's pip setup carried into ``buildah bud`` with the Dockerfile's documented PIP_* args.
 
-    A local wheelhouse (PIP_FIND_LINKS directories: here the CPU torch wheel) is mounted read-only
-    at /wheels/<n>; the host's CA bundle (PIP_CERT, else the system one) at /etc/pip-ca.pem, so pip
-    trusts what the host trusts; PIP_INDEX_URL / PIP_EXTRA_INDEX_URL pass through when http(s).
+    Local wheelhouses (find-links directories: here the CPU torch wheel, without which pip would
+    take PyPI's CUDA build) are mounted read-only at /wheels/<n>; the host's CA bundle (pip's cert,
+    else the system one) at /etc/pip-ca.pem, so pip trusts what the host trusts; http(s) index URLs
+    pass through.
     """
-    environ = dict(os.environ if environ is None else environ)
+    settings = host_pip_settings() if settings is None else settings
     options: list[str] = []
-    links = [part for part in environ.get("PIP_FIND_LINKS", "").split() if Path(part).is_dir()]
+    links = list(dict.fromkeys(part for part in settings.get("find-links", []) if Path(part).is_dir()))
     if links:
         targets = [f"/wheels/{n}" for n in range(len(links))]
         for source, target in zip(links, targets):
             options += ["-v", f"{source}:{target}:ro"]
         options += ["--build-arg", "PIP_FIND_LINKS=" + " ".join(targets)]
-    ca = Path(environ.get("PIP_CERT") or HOST_CA)
+    ca = next((Path(c) for c in settings.get("cert", []) if Path(c).is_file()), HOST_CA)
     if ca.is_file():
         options += ["-v", f"{ca}:/etc/pip-ca.pem:ro", "--build-arg", "PIP_CERT=/etc/pip-ca.pem"]
-    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
-        urls = [url for url in environ.get(name, "").split() if url.startswith(("http://", "https://"))]
+    for name in ("index-url", "extra-index-url"):
+        urls = list(dict.fromkeys(u for u in settings.get(name, []) if u.startswith(("http://", "https://"))))
         if urls:
-            options += ["--build-arg", f"{name}={' '.join(urls)}"]
+            options += ["--build-arg", f"PIP_{name.upper().replace('-', '_')}={' '.join(urls[:1] if name == 'index-url' else urls)}"]
     return options
 
 
