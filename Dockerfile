@@ -1,7 +1,19 @@
 # Grounded-SAM ML backend for Label Studio.
 #   CPU:  docker build -t grounded-sam .
 #   GPU:  docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t grounded-sam .
+# Python packages from a mirror, a private CA or a wheelhouse (pip's own variables, used by the
+# pip installs below and kept out of the image's environment; unset ones change nothing):
+#   --build-arg PIP_INDEX_URL=https://pypi.example.com/simple  [--build-arg PIP_TRUSTED_HOST=...]
+#   buildah bud -v /srv/wheels:/wheels:ro --build-arg PIP_FIND_LINKS=/wheels ...   (a wheelhouse)
+#   buildah bud -v /etc/ssl/certs/ca-certificates.crt:/etc/pip-ca.pem:ro --build-arg PIP_CERT=/etc/pip-ca.pem
+# No registry for the base image: scripts/build-base-image.sh builds it locally (README, "Docker").
 FROM python:3.11-slim
+
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ARG PIP_CERT
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX=""
