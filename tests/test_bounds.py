@@ -72,14 +72,16 @@ def recorder():
 @pytest.fixture(scope="module")
 def plain(start_backend, recorder):
     """No basic auth, no opt-in: the bulk routes are closed; caps lowered so tests stay small."""
+    # PREWARM_TASKS=0: a one-task /predict would otherwise list and fetch the next tasks in the
+    # background, and those requests would land in the recorder of whichever test runs next.
     return start_backend(LABEL_STUDIO_URL=recorder.base, LABEL_STUDIO_API_KEY=TOKEN, PRELOAD_MODELS="false",
-                         MAX_TASKS_PER_REQUEST="5", MAX_SMART_PROMPTS="4")
+                         MAX_TASKS_PER_REQUEST="5", MAX_SMART_PROMPTS="4", PREWARM_TASKS="0")
 
 
 @pytest.fixture(scope="module")
 def opted_in(start_backend, recorder):
     return start_backend(LABEL_STUDIO_URL=recorder.base, LABEL_STUDIO_API_KEY=TOKEN, PRELOAD_MODELS="false",
-                         ALLOW_UNAUTHENTICATED_BULK="true")
+                         ALLOW_UNAUTHENTICATED_BULK="true", PREWARM_TASKS="0")
 
 
 def post(backend, path, payload, **kwargs):
