@@ -20,7 +20,7 @@ from backend.ls.tasks import PredictRequest, PromptLimits
 from backend.metrics import Metrics
 from backend.modes.base import MODEL_CLASS, Mode
 from backend.modes.projects import MemoryProjectStore
-from backend.queue.errors import QueueTimeout, QueueUnavailable
+from backend.queue.errors import NotInQueueMode, QueueTimeout, QueueUnavailable
 from backend.settings import Settings
 from backend.web.app import create_app
 
@@ -65,6 +65,8 @@ class StubBackend:
         self.projects = MemoryProjectStore()  # the real embedded store: the web layer applies project settings
         self.requests: list[PredictRequest] = []
         self.raises: Exception | None = None
+        self.prewarmed: list[tuple] = []
+        self.warmed: list[tuple] = []
 
     def predict(self, request: PredictRequest) -> list[dict]:
         self.requests.append(request)
@@ -77,6 +79,15 @@ class StubBackend:
 
     def preload(self) -> None:
         raise AssertionError("create_app(preload=False) must not preload")
+
+    def prewarm(self, project: int, request: PredictRequest) -> None:
+        self.prewarmed.append((project, [t["id"] for t in request.tasks]))
+
+    def warm(self, project: int, count: int, after: int | None = None) -> int:
+        self.warmed.append((project, count, after))
+        if self.raises is not None:
+            raise self.raises
+        return count
 
 
 @pytest.fixture()
@@ -156,3 +167,29 @@ def test_run_routes_ask_the_runs(served):
     assert requests.delete(url + "/jobs/0123456789abcdef", timeout=5).status_code == 200
     assert requests.get(url + "/jobs/fedcba9876543210", timeout=5).status_code == 404
     assert requests.get(url + "/jobs/not-a-run", timeout=5).status_code == 404
+
+
+def test_warm_route_checks_its_body_and_maps_the_modes_answer(served):
+    url, backend = served
+    for body in ({}, {"project": "x"}, {"project": 1, "tasks": "3"}, {"project": 1, "tasks": True},
+                 {"project": 1, "tasks": 2.5}, {"project": 1, "after": "7"}, {"project": 1, "after": False},
+                 [1, 2], {"project": -4}):
+        answer = requests.post(url + "/warm", json=body, timeout=10)
+        assert answer.status_code == 400, (body, answer.text)
+    assert backend.warmed == [], "a refused /warm body must not reach the backend"
+    answer = requests.post(url + "/warm", json={"project": 2, "tasks": 4, "after": 10}, timeout=10)
+    assert answer.status_code == 200 and answer.json() == {"project": 2, "encoded": 4}
+    backend.raises = ValueError("tasks=500: warm between 1 and 100 tasks")
+    answer = requests.post(url + "/warm", json={"project": 2, "tasks": 500}, timeout=10)
+    assert answer.status_code == 400 and "between 1 and 100" in answer.json()["message"]
+    backend.raises = NotInQueueMode("pre-warming runs in embedded mode only")
+    answer = requests.post(url + "/warm", json={"project": 2}, timeout=10)
+    assert answer.status_code == 501 and "embedded mode only" in answer.json()["message"]
+
+
+def test_a_one_task_predict_of_a_project_asks_the_mode_to_prewarm(served):
+    url, backend = served
+    assert requests.post(url + "/predict", json=predict_body(1), timeout=10).status_code == 200
+    without_project = {k: v for k, v in predict_body(1).items() if k != "project"}
+    assert requests.post(url + "/predict", json=without_project, timeout=10).status_code == 200
+    assert backend.prewarmed == [(1, [1])]

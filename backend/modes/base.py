@@ -55,3 +55,13 @@ class Backend(Protocol):
     def preload(self) -> None:
         """Start loading the models in the background, if this process runs them."""
         ...
+
+    def prewarm(self, project: int, request: PredictRequest) -> None:
+        """After a /predict of ``project``: start encoding its next tasks' embeddings, where this
+        mode can (returns at once; a no-op where it cannot)."""
+        ...
+
+    def warm(self, project: int, count: int, after: int | None = None) -> int:
+        """Encode ``project``'s first ``count`` tasks after ``after`` now (``POST /warm``): how many.
+        Raises ValueError for a count out of bounds, a QueueError where the mode cannot."""
+        ...

@@ -18,6 +18,7 @@ from backend.modes.projects import RedisProjectStore
 from backend.modelinfo import model_version
 from backend.pipeline.predict import prompt_limits
 from backend.queue.client import QueueClient
+from backend.queue.errors import NotInQueueMode
 from backend.queue.liveness import live_model_versions
 from backend.settings import DEFAULT_BATCH_SIZE, Settings
 
@@ -59,3 +60,10 @@ class QueueBackend:
 
     def preload(self) -> None:
         """Nothing to load here: the workers keep the models."""
+
+    def prewarm(self, project: int, request: PredictRequest) -> None:
+        """Nothing: each worker holds its own embedding cache and a click may reach any of them."""
+
+    def warm(self, project: int, count: int, after: int | None = None) -> int:
+        raise NotInQueueMode("pre-warming runs in embedded mode only: in queue mode each worker holds its own "
+                             "embedding cache")

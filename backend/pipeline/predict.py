@@ -338,8 +338,6 @@ class Pipeline:
         if plan.error:
             return ImageFailure(plan.error)
         try:
-            if defer:
-                return self.loader.load(plan.image_url, task_id=plan.task_id, defer=True)
-            return self.loader.load(plan.image_url, task_id=plan.task_id)
+            return self.loader.load(plan.image_url, task_id=plan.task_id, defer=defer)
         except ImageError as exc:
             return ImageFailure(exc.reason)

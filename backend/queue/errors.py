@@ -13,6 +13,12 @@ class QueueError(RuntimeError):
     http_status = 500
 
 
+class NotInQueueMode(QueueError):
+    """What queue mode does not do (pre-warming: each worker holds its own embedding cache)."""
+
+    http_status = 501
+
+
 class QueueUnavailable(QueueError):
     """Redis cannot be reached."""
 

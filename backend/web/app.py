@@ -45,6 +45,11 @@ MAX_REQUEST_BYTES = 64 * 2**20
 MAX_EXTRA_PARAMS_CHARS = 65536  # extra_params as text (LS's connection form): far more than any options need
 
 
+def _is_int(value) -> bool:
+    """A JSON integer (JSON's true/false are bools, which Python counts as ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _error(status: int, message: str):
     return jsonify({"status": "error", "message": message}), status
 
@@ -159,9 +164,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
             predictions = backend.predict(parsed)
             log.info("predict: %d tasks, %d regions, %.2f s", len(parsed.tasks),
                      sum(len(p["result"]) for p in predictions), time.perf_counter() - started)
-            prewarm = getattr(backend, "prewarm", None)  # embedded mode: the next tasks' embeddings
-            if prewarm is not None and project is not None:
-                prewarm(project, parsed)
+            if project is not None:  # the next tasks' embeddings, where the mode can
+                backend.prewarm(project, parsed)
         return jsonify({"results": predictions, "model_version": backend.model_version})
 
     @app.post("/warm")
@@ -169,11 +173,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
         body = json_object(request)
         project = project_id(body.get("project"))
         tasks, after = body.get("tasks", settings.prewarm_tasks or 3), body.get("after")
-        if project is None or not isinstance(tasks, int) or (after is not None and not isinstance(after, int)):
+        if project is None or not _is_int(tasks) or (after is not None and not _is_int(after)):
             raise RequestError("POST /warm takes {\"project\": ID, \"tasks\"?: 1-100, \"after\"?: task id}")
-        if getattr(backend, "warm", None) is None:
-            return _error(501, "pre-warming runs in embedded mode only: in queue mode each worker holds its "
-                               "own embedding cache")
         try:
             encoded = backend.warm(project, tasks, after)
         except ValueError as exc:
