@@ -85,7 +85,8 @@ class MemoryLoader:
     def __init__(self, blobs: dict[str, bytes], max_image_pixels: int):
         self.blobs, self.max_image_pixels = blobs, max_image_pixels
 
-    def load(self, url: str, task_id: object = None) -> LoadedImage:
+    def load(self, url: str, task_id: object = None, defer: bool = False) -> LoadedImage:
+        # defer is a hint (decode later if these bytes were seen): decoding now always satisfies it
         return LoadedImage.from_bytes(self.blobs[url], url, self.max_image_pixels)
 
 

@@ -119,7 +119,7 @@ def test_images_load_while_the_engine_runs_and_order_survives_failures(tiny_sett
     overlapped = []
 
     class GatedLoader(MemoryLoader):
-        def load(self, url, task_id=None):
+        def load(self, url, task_id=None, defer=False):
             if url != urls[0] and url != urls[1]:
                 # Images after the first batch wait until the engine has started: a pipeline that
                 # loaded everything before running the engine would time out here.
@@ -127,7 +127,7 @@ def test_images_load_while_the_engine_runs_and_order_survives_failures(tiny_sett
             if url not in self.blobs:
                 from backend.images.decode import ImageError
                 raise ImageError(f"{url}: no such image")
-            return super().load(url)
+            return super().load(url, task_id, defer)
 
     pipeline = Pipeline(settings, engine_factory=lambda: engine, loader=GatedLoader(blobs, settings.max_image_pixels))
     outcomes = pipeline.predict_outcomes(request_for(urls, parse_label_config(CONFIG)))
