@@ -163,8 +163,9 @@ def cmd_prelabel(args) -> int:
 
 
 def cmd_warm(args) -> int:
-    """Ask the running backend (embedded mode: the process whose cache the clicks hit) to encode a
-    project's next tasks now, through ``POST /warm`` with the backend's basic auth."""
+    """Ask the running backend to encode a project's next tasks now, through ``POST /warm`` with the
+    backend's basic auth: embedded mode encodes in the process whose cache the clicks hit; queue
+    mode sends the request to every worker (each has its own cache)."""
     import requests
 
     from backend.settings import Settings
@@ -186,7 +187,11 @@ def cmd_warm(args) -> int:
             "application/json") else answer.reason
         print(f"error: {url} answered {answer.status_code}: {message}", file=sys.stderr)
         return 2
-    print(f"project {args.project}: {answer.json()['encoded']} embeddings encoded")
+    body = answer.json()
+    if "workers" in body:  # queue mode: the workers encode in the background
+        print(f"project {args.project}: sent to {body['workers']} worker(s), which encode in the background")
+    else:
+        print(f"project {args.project}: {body['encoded']} embeddings encoded")
     return 0
 
 

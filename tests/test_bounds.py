@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from backend.web.jsonbody import MAX_JSON_DEPTH, json_depth
+from backend.jsonbounds import MAX_JSON_DEPTH, json_depth
 from backend.images.decode import PixelBudget, decode_image
 from backend.ls.labelconfig import parse_label_config
 from backend.pipeline.predict import Pipeline

@@ -230,3 +230,46 @@ def test_web_process_never_unpickles_a_forged_result(tmp_path_factory, start_bac
         assert not marker.exists(), "the web process unpickled a result"
     finally:
         lonely.stop()
+
+
+def test_warm_listener_drops_hostile_messages_survives_a_redis_restart_and_takes_the_next(tmp_path_factory):
+    """Pre-warming's pub/sub channel is writable by anyone who can write to Redis: a bad message is
+    dropped with its reason, never unpickled, and the listener keeps serving (also across a restart)."""
+    from backend.pipeline.prewarm import WarmRequest
+    from backend.queue.prewarm import MAX_MESSAGE_BYTES, WarmListener, publish_warm
+
+    server = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("warm")).start()
+    received: list[WarmRequest] = []
+    listener = WarmListener(server.url, received.append).start()
+    connection = redis.Redis.from_url(server.url)
+    try:
+        assert listener.subscribed.wait(10)
+        hostile = [b"not json", b"[" * 500_000, b'"' + b"x" * (MAX_MESSAGE_BYTES + 1) + b'"', pickle.dumps({"project": 1}),
+                   json.dumps({"project": 1, "after": None, "count": 500, "label_config": None}),
+                   json.dumps({"project": True, "after": None, "count": 2, "label_config": None}),
+                   json.dumps({"project": 1, "after": "7", "count": 2, "label_config": None}),
+                   json.dumps({"project": 1, "after": None, "count": 2, "label_config": "<View>"}),
+                   json.dumps([1, 2])]
+        for message in hostile:
+            assert connection.publish(keys.PREWARM_CHANNEL, message) == 1
+        assert publish_warm(connection, WarmRequest(project=3, after=9, count=2)) == 1
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [(r.project, r.after, r.count, r.config) for r in received] == [(3, 9, 2, None)]
+
+        server.restart()
+        connection = redis.Redis.from_url(server.url)
+        deadline = time.monotonic() + 30  # the listener reconnects with backoff (1 s, 2 s, ...)
+        while connection.pubsub_numsub(keys.PREWARM_CHANNEL) != [(keys.PREWARM_CHANNEL.encode(), 1)]:
+            assert time.monotonic() < deadline, "the listener did not subscribe again after Redis restarted"
+            time.sleep(0.1)
+        assert publish_warm(connection, WarmRequest(project=4, after=None, count=1)) == 1
+        deadline = time.monotonic() + 10
+        while len(received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [(r.project, r.after) for r in received] == [(3, 9), (4, None)]
+        assert connection.keys("gsam:*") == [], "pub/sub writes no key"
+    finally:
+        listener.stop()
+        server.stop()

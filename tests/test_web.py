@@ -20,7 +20,7 @@ from backend.ls.tasks import PredictRequest, PromptLimits
 from backend.metrics import Metrics
 from backend.modes.base import MODEL_CLASS, Mode
 from backend.modes.projects import MemoryProjectStore
-from backend.queue.errors import NotInQueueMode, QueueTimeout, QueueUnavailable
+from backend.queue.errors import NoWorkerListening, QueueTimeout, QueueUnavailable
 from backend.settings import Settings
 from backend.web.app import create_app
 
@@ -83,11 +83,11 @@ class StubBackend:
     def prewarm(self, project: int, request: PredictRequest) -> None:
         self.prewarmed.append((project, [t["id"] for t in request.tasks]))
 
-    def warm(self, project: int, count: int, after: int | None = None) -> int:
+    def warm(self, project: int, count: int, after: int | None = None) -> dict:
         self.warmed.append((project, count, after))
         if self.raises is not None:
             raise self.raises
-        return count
+        return {"encoded": count}
 
 
 @pytest.fixture()
@@ -182,9 +182,9 @@ def test_warm_route_checks_its_body_and_maps_the_modes_answer(served):
     backend.raises = ValueError("tasks=500: warm between 1 and 100 tasks")
     answer = requests.post(url + "/warm", json={"project": 2, "tasks": 500}, timeout=10)
     assert answer.status_code == 400 and "between 1 and 100" in answer.json()["message"]
-    backend.raises = NotInQueueMode("pre-warming runs in embedded mode only")
+    backend.raises = NoWorkerListening("no worker is listening for warm requests")
     answer = requests.post(url + "/warm", json={"project": 2}, timeout=10)
-    assert answer.status_code == 501 and "embedded mode only" in answer.json()["message"]
+    assert answer.status_code == 503 and "no worker is listening" in answer.json()["message"]
 
 
 def test_a_one_task_predict_of_a_project_asks_the_mode_to_prewarm(served):

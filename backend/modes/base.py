@@ -61,7 +61,9 @@ class Backend(Protocol):
         mode can (returns at once; a no-op where it cannot)."""
         ...
 
-    def warm(self, project: int, count: int, after: int | None = None) -> int:
-        """Encode ``project``'s first ``count`` tasks after ``after`` now (``POST /warm``): how many.
-        Raises ValueError for a count out of bounds, a QueueError where the mode cannot."""
+    def warm(self, project: int, count: int, after: int | None = None) -> dict:
+        """Encode ``project``'s first ``count`` tasks after ``after`` (``POST /warm``): the answer's
+        body, ``{"encoded": n}`` when done here and now (embedded), ``{"workers": n}`` when ``n``
+        workers took the request and encode in the background (queue). Raises ValueError for a
+        count out of bounds, a QueueError where the mode cannot."""
         ...

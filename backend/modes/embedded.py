@@ -11,7 +11,7 @@ from backend.ls.tasks import PredictRequest
 from backend.modes.base import MODEL_CLASS, Mode
 from backend.modes.projects import MemoryProjectStore
 from backend.pipeline.predict import Pipeline
-from backend.pipeline.prewarm import Prewarmer, WarmRequest
+from backend.pipeline.prewarm import Prewarmer, after_predict
 from backend.settings import Settings
 
 
@@ -36,16 +36,16 @@ class EmbeddedBackend:
     def prewarm(self, project: int, request: PredictRequest) -> None:
         """After a /predict for one task of ``project``: encode its next PREWARM_TASKS tasks'
         embeddings in the background (see :mod:`backend.pipeline.prewarm`); returns at once."""
-        task_id = request.tasks[0].get("id") if len(request.tasks) == 1 else None
-        if self.prewarmer is None or self.settings.prewarm_tasks == 0 or not isinstance(task_id, int):
-            return
-        self.prewarmer.submit(WarmRequest(project, task_id, self.settings.prewarm_tasks, request.config))
+        warm = after_predict(project, request, self.settings.prewarm_tasks)
+        if self.prewarmer is not None and warm is not None:
+            self.prewarmer.submit(warm)
 
-    def warm(self, project: int, count: int, after: int | None = None) -> int:
-        """Encode ``project``'s first ``count`` tasks after ``after`` now (POST /warm); how many."""
+    def warm(self, project: int, count: int, after: int | None = None) -> dict:
+        """Encode ``project``'s first ``count`` tasks after ``after`` now (POST /warm):
+        ``{"encoded": how many}``."""
         if self.prewarmer is None:
             raise ValueError(Settings.LS_CREDENTIALS_NEEDED.replace("pre-label projects", "pre-warm tasks"))
-        return self.prewarmer.warm_project(project, count, after)
+        return {"encoded": self.prewarmer.warm_project(project, count, after)}
 
     def predict(self, request: PredictRequest) -> list[dict]:
         return self.pipeline.predict(request)

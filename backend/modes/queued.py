@@ -1,7 +1,7 @@
 """Queue mode (``REDIS_URL`` set): this process validates and enqueues; RQ workers run the models.
 
-Never imports torch: the pipeline module is imported only for its torch-free helpers
-(model version, prompt limits).
+Never imports torch: the pipeline modules are imported only for their torch-free helpers
+(model version, prompt limits, the warm request).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from backend.modes.base import MODEL_CLASS, Mode
 from backend.modes.projects import RedisProjectStore
 from backend.modelinfo import model_version
 from backend.pipeline.predict import prompt_limits
+from backend.pipeline.prewarm import WarmRequest, after_predict
 from backend.queue.client import QueueClient
-from backend.queue.errors import NotInQueueMode
+from backend.queue.errors import NoWorkerListening, QueueUnavailable
 from backend.queue.liveness import live_model_versions
+from backend.queue.prewarm import publish_warm
 from backend.settings import DEFAULT_BATCH_SIZE, Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class QueueBackend:
                                  chunk_size=settings.batch_size or DEFAULT_BATCH_SIZE)
         self.runs = QueueRuns(settings, self.queue.connection)
         self.projects = RedisProjectStore(self.queue.connection, remember=settings.remember_prompt)
+        self.prewarm_tasks = settings.prewarm_tasks
 
     def predict(self, request: PredictRequest) -> list[dict]:
         plan_tasks(request, self.limits)  # a bad prompt is a 400 here, not a failed job
@@ -62,8 +65,25 @@ class QueueBackend:
         """Nothing to load here: the workers keep the models."""
 
     def prewarm(self, project: int, request: PredictRequest) -> None:
-        """Nothing: each worker holds its own embedding cache and a click may reach any of them."""
+        """After a /predict for one task of ``project``: ask every worker to encode its next
+        PREWARM_TASKS tasks (:mod:`backend.queue.prewarm`); returns at once, never fails the call."""
+        warm = after_predict(project, request, self.prewarm_tasks)
+        if warm is None:
+            return
+        try:
+            publish_warm(self.queue.connection, warm)
+        except redis.RedisError as exc:  # the predictions are already made: pre-warming is best effort
+            log.warning("pre-warming project %d not sent: Redis unreachable (%s)", project, type(exc).__name__)
 
-    def warm(self, project: int, count: int, after: int | None = None) -> int:
-        raise NotInQueueMode("pre-warming runs in embedded mode only: in queue mode each worker holds its own "
-                             "embedding cache")
+    def warm(self, project: int, count: int, after: int | None = None) -> dict:
+        """Ask every worker to encode ``project``'s first ``count`` tasks after ``after`` (POST
+        /warm); each reads the label config from LS and encodes in the background:
+        ``{"workers": how many took the request}``."""
+        try:
+            workers = publish_warm(self.queue.connection, WarmRequest(project, after, count))
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"Redis is unreachable ({type(exc).__name__}): check REDIS_URL") from None
+        if workers == 0:
+            raise NoWorkerListening("no worker is listening for warm requests: start `python -m backend worker` "
+                                    "with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set (it reads the tasks from LS)")
+        return {"workers": workers}

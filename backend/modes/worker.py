@@ -7,8 +7,9 @@ functions it may run (:data:`JOB_FUNCTIONS`); jobs are read as JSON (:mod:`backe
 RQ's default ``Worker`` forks a child per job, which would reload the models for every job and
 breaks CUDA; this one subclasses ``SimpleWorker`` (jobs run in the worker's own process). A daemon
 thread keeps the worker's liveness entry fresh, re-queues jobs of dead workers and adopts bulk runs
-whose supervisor died (see :mod:`backend.queue.liveness`). If Redis goes away the worker reconnects
-with :func:`backend.queue.connection.backoff` instead of exiting.
+whose supervisor died (see :mod:`backend.queue.liveness`). Another encodes the next tasks the web
+process asks every worker to pre-warm (:mod:`backend.queue.prewarm`). If Redis goes away the worker
+reconnects with :func:`backend.queue.connection.backoff` instead of exiting.
 
 CPU threads: several workers on one host each get torch's default thread pool (one thread per core)
 and OpenMP threads that spin while waiting, so they fight for the cores (a 6 ms job took 3 s with two
@@ -33,9 +34,11 @@ from backend.bulk.adopt import adopt_orphaned_runs
 from backend.bulk.chunkjob import prelabel_chunk_job
 from backend.errors import ModelLoadError
 from backend.pipeline.predict import Pipeline
+from backend.pipeline.prewarm import Prewarmer
 from backend.queue import liveness, resident
 from backend.queue.connection import backoff, connect
 from backend.queue.jobs import predict_job
+from backend.queue.prewarm import WarmListener
 from backend.queue.transport import QUEUES, SERIALIZER, GsamJob, function_path, queue
 from backend.settings import Settings
 
@@ -112,6 +115,16 @@ def limit_cpu_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def listen_for_warm_requests(settings: Settings, pipeline: Pipeline) -> WarmListener | None:
+    """Encode what the web process broadcasts to pre-warm (:mod:`backend.queue.prewarm`) into this
+    worker's embedding cache, between jobs; None without LS credentials (the tasks come from LS)."""
+    if not settings.has_label_studio_credentials:
+        log.info("pre-warming off in this worker: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to have it "
+                 "encode the next tasks' embeddings")
+        return None
+    return WarmListener(settings.redis_url, Prewarmer(pipeline).submit).start()
+
+
 def run_worker(settings: Settings, queues: list[str], batch_size: int | None = None, burst: bool = False,
                metrics_port: int | None = None, metrics_host: str = "127.0.0.1", threads: int = 1) -> None:
     """Load the models, then serve ``queues`` (in priority order) until stopped.
@@ -140,6 +153,7 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
     except ModelLoadError as exc:  # exit non-zero so the process manager shows why, instead of serving
         raise SystemExit(f"error: the models cannot be loaded: {exc.reason}") from None
     resident.install(pipeline)
+    listen_for_warm_requests(settings, pipeline)
     job_class = GsamJob.allowing(JOB_FUNCTIONS)
     name = f"gsam-{uuid.uuid4().hex[:12]}"
     pauses = backoff(1.0, 30.0)

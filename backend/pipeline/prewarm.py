@@ -33,14 +33,53 @@ MAX_WARM_TASKS = 100  # same bound as PREWARM_TASKS
 IDLE_WAIT_S = 0.5  # re-check for newer work this often while predict calls keep the pipeline busy
 
 
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
 class WarmRequest:
-    """Encode the next ``count`` tasks of ``project`` after task ``after`` (None: from the first)."""
+    """Encode the next ``count`` tasks of ``project`` after task ``after`` (None: from the first).
+    ``config``: the project's label config, or None to read it from LS first."""
 
     project: int
     after: int | None
     count: int
-    config: LabelConfig
+    config: LabelConfig | None = None
+
+    def __post_init__(self):
+        if not _is_id(self.project):
+            raise ValueError(f"project={self.project!r}: a Label Studio project id is a positive integer")
+        if self.after is not None and not _is_id(self.after):
+            raise ValueError(f"after={self.after!r}: a Label Studio task id is a positive integer")
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or not 1 <= self.count <= MAX_WARM_TASKS:
+            raise ValueError(f"tasks={self.count!r}: warm between 1 and {MAX_WARM_TASKS} tasks")
+
+    def to_json(self) -> dict:
+        """``{"project", "after", "count", "label_config": XML | None}`` (queue mode's broadcast)."""
+        return {"project": self.project, "after": self.after, "count": self.count,
+                "label_config": self.config.xml if self.config is not None else None}
+
+    @classmethod
+    def from_json(cls, value: object) -> WarmRequest:
+        """The inverse of :meth:`to_json`, checking everything (it crossed Redis): ValueError says what."""
+        if not isinstance(value, dict):
+            raise ValueError("a warm request is a JSON object")
+        xml = value.get("label_config")
+        if xml is not None and not isinstance(xml, str):
+            raise ValueError("'label_config' must be the project's XML label config or null")
+        config = parse_label_config(xml) if xml is not None else None  # LabelConfigError is a ValueError
+        return cls(value.get("project"), value.get("after"), value.get("count"), config)
+
+
+def after_predict(project: int, request: PredictRequest, count: int) -> WarmRequest | None:
+    """What to warm after a /predict of ``project``: its ``count`` tasks after the request's one task;
+    None when there is nothing to do (``count`` 0, several tasks: a bulk call, not an annotator, or a
+    task without a usable id)."""
+    task_id = request.tasks[0].get("id") if len(request.tasks) == 1 else None
+    if count == 0 or not _is_id(task_id) or not _is_id(project):
+        return None
+    return WarmRequest(project, task_id, count, request.config)
 
 
 class Prewarmer:
@@ -68,13 +107,9 @@ class Prewarmer:
 
     def warm_project(self, project: int, count: int, after: int | None = None) -> int:
         """:meth:`warm` in the caller's thread for ``project``'s first ``count`` tasks after
-        ``after``, with the project's label config read from LS (``python -m backend warm``)."""
-        if not 1 <= count <= MAX_WARM_TASKS:
-            raise ValueError(f"tasks={count}: warm between 1 and {MAX_WARM_TASKS} tasks")
-        if self._api is None:
-            self._api = self._api_factory()
-        config = parse_label_config(self._api.label_config(project))
-        return self.warm(WarmRequest(project, after, count, config))
+        ``after``, with the project's label config read from LS (``POST /warm``). ValueError for a
+        count out of bounds."""
+        return self.warm(WarmRequest(project, after, count))
 
     def _loop(self) -> None:
         while True:
@@ -98,6 +133,7 @@ class Prewarmer:
         stop early when a newer request arrives."""
         if self._api is None:
             self._api = self._api_factory()
+        config = request.config or parse_label_config(self._api.label_config(request.project))
         engine = self.pipeline.engine()
         cache = getattr(getattr(engine, "segmenter", engine), "cache", None)
         budget = cache.max_bytes // 2 if cache is not None else 0
@@ -110,7 +146,7 @@ class Prewarmer:
         for task in tasks:
             if background and self._superseded():
                 break
-            plan = plan_tasks(PredictRequest([{"id": task.id, "data": task.data}], request.config, None),
+            plan = plan_tasks(PredictRequest([{"id": task.id, "data": task.data}], config, None),
                               self.pipeline.limits)[0]
             if plan.error:
                 log.info("pre-warming: task %d skipped: %s", task.id, plan.error)

@@ -13,10 +13,10 @@ class QueueError(RuntimeError):
     http_status = 500
 
 
-class NotInQueueMode(QueueError):
-    """What queue mode does not do (pre-warming: each worker holds its own embedding cache)."""
+class NoWorkerListening(QueueError):
+    """A broadcast (pre-warming) reached no worker."""
 
-    http_status = 501
+    http_status = 503
 
 
 class QueueUnavailable(QueueError):

@@ -16,6 +16,10 @@ code that writes the key, the names live here::
     gsam:lock:<project>:<task>:<sha1(model_version)[:16]>   write-back lock (SET NX PX)
     gsam:project:<project>       hash: a project's settings (``options`` JSON, remembered ``prompt``)
 
+Pub/sub channels (no key is written)::
+
+    gsam:prewarm                 warm requests for every worker (:mod:`backend.queue.prewarm`)
+
 RQ's own keys (``rq:job:*``, ``rq:queue:*``, registries) are RQ's; jobs are given TTLs when enqueued.
 Imports nothing of the backend.
 """
@@ -35,6 +39,7 @@ RUN_PARTS = ("tasks", "done", "failed", "jobs", "lease")
 #: A bulk run's id: 16 lowercase hex characters (``backend.bulk.runstore.new_run_id``).
 RUN_ID = re.compile(r"[0-9a-f]{16}")
 PROJECT_PREFIX = "gsam:project:"
+PREWARM_CHANNEL = "gsam:prewarm"
 
 
 def run_key(run_id: str, part: str | None = None) -> str:

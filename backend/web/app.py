@@ -7,7 +7,7 @@ parse and validate, call the deployment's :class:`~backend.modes.base.Backend` (
 once, whatever the mode), serialize. Every error is JSON with a message; nothing here touches torch.
 
 Bounds enforced here: bodies up to 64 MB, JSON nested at most
-:data:`~backend.web.jsonbody.MAX_JSON_DEPTH` levels (checked before parsing), the per-request caps of
+:data:`~backend.jsonbounds.MAX_JSON_DEPTH` levels (checked before parsing), the per-request caps of
 :mod:`backend.ls.tasks` (413/400). Who may call what: :mod:`backend.web.auth`.
 
 May import modes, bulk (request and errors), queue (errors), ls and the foundation modules.
@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, NotFound
 
 from backend.errors import ModelLoadError
+from backend.jsonbounds import loads_bounded
 from backend.bulk.request import PrelabelError, RunRequest
 from backend.ls.client import LabelStudioApiError
 from backend.ls.labelconfig import LabelConfigError, parse_label_config
@@ -37,7 +38,7 @@ from backend.queue import keys
 from backend.queue.errors import QueueError
 from backend.settings import Settings
 from backend.web.auth import BULK_NEEDS_AUTH, CREDENTIALS_NEEDED, Access, check_access
-from backend.web.jsonbody import BoundedJSONProvider, json_object, json_value, loads_bounded
+from backend.web.jsonbody import BoundedJSONProvider, json_object, json_value
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +177,10 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
         if project is None or not _is_int(tasks) or (after is not None and not _is_int(after)):
             raise RequestError("POST /warm takes {\"project\": ID, \"tasks\"?: 1-100, \"after\"?: task id}")
         try:
-            encoded = backend.warm(project, tasks, after)
+            answer = backend.warm(project, tasks, after)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-        return jsonify({"project": project, "encoded": encoded})
+        return jsonify({"project": project, **answer})
 
     @app.post("/prelabel")
     def prelabel():
