@@ -504,6 +504,12 @@ class LabelStudioClient:
     def task(self, task_id: int) -> dict:
         return self.get(f"/api/tasks/{task_id}")
 
+    def create_view(self, project_id: int, data: dict) -> int:
+        """A Data Manager tab (``POST /api/dm/views``), e.g. ``data={"ordering": ["-tasks:id"],
+        "filters": {"conjunction": "and", "items": [{"filter": "filter:tasks:id", "operator":
+        "not_equal", "type": "Number", "value": 3}]}}``; tabs come in the order they were made."""
+        return self.post("/api/dm/views", json={"project": project_id, "data": data})["id"]
+
     def add_local_files_storage(self, project_id: int, path, title: str = "local files",
                                 regex_filter: str = r".*\.(png|jpe?g)$", use_blob_urls: bool = True) -> int:
         """Register ``path`` (a dir under the server's ``local_files_root``) as a local-files import

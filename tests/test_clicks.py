@@ -94,17 +94,18 @@ def test_frame_cache_is_bounded_and_least_recently_used_goes_first():
 
 
 class ListedTasks:
-    """The one LS call pre-warming makes, answered from a list (the real call is tested end to end in
-    tests/test_e2e_prewarm.py): tasks after ``after`` in id order, ``page_size`` at most."""
+    """The one LS call pre-warming makes, answered from a list (the real call is tested against LS in
+    tests/test_dm_order.py and end to end in tests/test_e2e_prewarm.py): tasks after ``after`` in id
+    order, ``count`` at most."""
 
     def __init__(self, tasks):
         self.tasks, self.calls = tasks, []
 
-    def iter_tasks(self, project, page_size=100, after=None):
+    def next_tasks(self, project, after, count):
         from backend.ls.client import TaskRef
 
-        self.calls.append((project, page_size, after))
-        return iter([TaskRef(id=i, data=d) for i, d in self.tasks if after is None or i > after][:page_size])
+        self.calls.append((project, after, count))
+        return [TaskRef(id=i, data=d) for i, d in self.tasks if after is None or i > after][:count]
 
 
 def test_prewarming_stays_within_half_the_embedding_cache_and_skips_cached_images(tiny_settings):
@@ -120,7 +121,7 @@ def test_prewarming_stays_within_half_the_embedding_cache_and_skips_cached_image
     prewarmer = Prewarmer(pipeline, api_factory=lambda: api)
     config = parse_label_config(CONFIG)
     assert prewarmer.warm(WarmRequest(project=7, after=1, count=4, config=config)) == 2  # 2.5 fit in half
-    assert api.calls == [(7, 4, 1)]
+    assert api.calls == [(7, 1, 4)]
     assert pipeline.metrics.prewarmed._value.get() == 2
     encoder = encoder_calls(pipeline)
     predict(pipeline, uri(42, 32), keypoint(50, 50))  # task 2's image: pre-warmed, so no encoder call

@@ -1,7 +1,8 @@
 """Pre-warmed next tasks, end to end: a real Label Studio 1.23 with several tasks, the backend as a
-real subprocess. After the annotator's click on task 1, the backend encodes the next tasks' SAM
-embeddings in the background (Data Manager order, read through the LS API), so the first click on
-task 2 is an embedding-cache hit; ``python -m backend warm`` does the same on demand.
+real subprocess. After the annotator's click on a task, the backend encodes the next tasks' SAM
+embeddings in the background (in the order of the project's first Data Manager tab, read through
+the LS API), so the first click on the next task is an embedding-cache hit; ``python -m backend
+warm`` does the same on demand.
 Run: ``pytest -m e2e tests/test_e2e_prewarm.py``."""
 
 from __future__ import annotations
@@ -46,15 +47,17 @@ def wait_for_metric(backend, name: str, value: float, timeout_s: float = 120) ->
         time.sleep(0.2)
 
 
-def test_click_on_task_1_prewarms_task_2_whose_first_click_is_a_cache_hit(label_studio, ls, images, start_backend):
+def test_a_click_prewarms_the_next_task_of_the_data_manager_tab_whose_first_click_is_a_cache_hit(
+        label_studio, ls, images, start_backend):
     project_id = ls.create_project("e2e prewarm", SMART_CONFIG)
     task_ids = ls.import_images(project_id, [images["landscape"], images["portrait"], images["odd"]])
+    ls.create_view(project_id, {"ordering": ["-tasks:id"]})  # the annotator's tab: newest task first
     backend = start_backend(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.legacy_token,
                             PREWARM_TASKS="2")
     with logs_on_failure(label_studio, backend):
         ml_id = connect(ls, project_id, backend, "grounded-sam prewarm")
-        click(ls, ml_id, task_ids[0])
-        wait_for_metric(backend, "gsam_prewarmed_embeddings_total", 2)  # tasks 2 and 3
+        click(ls, ml_id, task_ids[2])  # the last by id, the first in the tab
+        wait_for_metric(backend, "gsam_prewarmed_embeddings_total", 2)  # tasks 2 and 1, the tab's next ones
         hits, misses = (metric(backend, f"gsam_embedding_cache_{k}_total") for k in ("hits", "misses"))
         click(ls, ml_id, task_ids[1])
         assert metric(backend, "gsam_embedding_cache_hits_total") == hits + 1

@@ -25,10 +25,16 @@ Listing tasks cheaply: :meth:`LabelStudioApi.iter_tasks` uses the Data Manager t
 (``GroupConcat`` on sqlite, an ``ArrayAgg`` rendered without quotes on PostgreSQL). Where it may be
 truncated the task's versions are read exactly from ``GET /api/predictions/?task=ID``; a version
 that itself contains a comma is split (see :meth:`TaskRef.has_version` for how the planner copes).
+
+The next tasks in the Data Manager's order (:meth:`LabelStudioApi.next_tasks`, for pre-warming):
+the project's first DM tab (``GET /api/dm/views``) gives the filters and the sort key, sent in
+``query`` beside the hidden columns. Not ``view=<id>``: with it LS ignores ``query``, so it would
+compute every column the tab shows and keep only the rows checked in it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -45,6 +51,10 @@ DEFAULT_TIMEOUT_S = 30.0
 #: LS cuts ``predictions_model_versions`` at 500 characters (``DataManagerTaskSerializer.CHAR_LIMITS``).
 _DM_CHAR_LIMIT = 500
 _VERSIONS_COLUMN = "predictions_model_versions"
+#: how many tasks of a sorted Data Manager tab :meth:`LabelStudioApi.next_tasks` reads at most
+#: looking for the current task (10 requests of 100)
+MAX_VIEW_SCAN = 1000
+_VIEW_PAGE_SIZE = 100
 
 
 class LabelStudioApiError(ReasonError):
@@ -140,35 +150,105 @@ class LabelStudioApi:
     def iter_tasks(self, project: int, page_size: int = 100, after: int | None = None) -> Iterator[TaskRef]:
         """Every task of ``project`` once, by ascending id (the Data Manager's default order),
         ``page_size`` per request (see module doc); ``after``: only tasks whose id is greater."""
+        return self._keyset_tasks(project, page_size, after, [], versions=True)
+
+    def next_tasks(self, project: int, after: int | None, count: int) -> list[TaskRef]:
+        """Up to ``count`` tasks that follow task ``after`` (None: from the first) in the order of
+        the project's first Data Manager tab: its sorting and its filters (not its checked rows),
+        as LS's Data Manager lists them; fewer where the tab ends. Without a tab, or where the tab
+        does not sort, that is ascending id (LS's default), read by keyset (module doc). A sorted
+        tab is paged through from its start: where ``after`` is not among its first
+        :data:`MAX_VIEW_SCAN` tasks (filtered out, or too far down) the tasks with greater ids
+        follow instead. Raw data as LS sends it to /predict; ``model_versions`` are not read."""
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        filters, ordering, display_types = _view_order(self._first_view(project))
+        items = (filters or {}).get("items") or []
+        if _orders_by_id(ordering) and ((filters or {}).get("conjunction") == "and" or len(items) <= 1):
+            # ascending id: the cheap keyset path, the tab's filters ANDed with the id bound
+            return list(itertools.islice(self._keyset_tasks(project, count, after, items, versions=False), count))
+        query: dict[str, Any] = {"ordering": ordering, "columnsDisplayType": display_types}
+        if items:
+            query["filters"] = filters
+        found = self._scan_view(project, query, after, count)
+        if found is not None:
+            return found
+        log.info("next tasks of project %d: task %s is not among the first %d tasks of its first Data Manager "
+                 "tab; taking the tasks with greater ids", project, after, MAX_VIEW_SCAN)
+        return list(itertools.islice(self._keyset_tasks(project, count, after, [], versions=False), count))
+
+    def _keyset_tasks(self, project: int, page_size: int, after: int | None, filters: list[dict],
+                      *, versions: bool) -> Iterator[TaskRef]:
+        """Tasks by ascending id after ``after`` that pass every filter item of ``filters``."""
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
-        hidden = self._hidden_columns(project)
         last_id = after
         while True:
-            query: dict[str, Any] = {"hiddenColumns": {"explore": hidden, "labeling": hidden}}
+            items = list(filters)
             if last_id is not None:
-                query["filters"] = {"conjunction": "and", "items": [
-                    {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": last_id}]}
-            pager = self._call(
-                f"list tasks of project {project}", self._client.tasks.list, project=project, page=1,
-                page_size=page_size, include=f"id,data,{_VERSIONS_COLUMN}", fields="task_only",
-                # raw data, as LS sends it to /predict: a cloud URI (s3://...) is presigned by the
-                # image loader on the LS origin, never resolved to LS's HOSTNAME (maybe another address)
-                resolve_uri=False, query=json.dumps(query))
-            items = list(pager.items or [])
-            for item in items:
-                task_id = int(item.id)
-                versions, ambiguous = parse_model_versions(getattr(item, _VERSIONS_COLUMN, None))
-                if ambiguous:  # capped string: read this task's versions exactly
-                    versions, ambiguous = frozenset(self.prediction_versions(task_id)), False
-                yield TaskRef(id=task_id, data=dict(item.data or {}), model_versions=versions,
-                              versions_ambiguous=ambiguous)
-            if len(items) < page_size:
+                items.append({"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": last_id})
+            query = {"filters": {"conjunction": "and", "items": items}} if items else {}
+            page, _ = self._task_page(project, query, 1, page_size, versions=versions)
+            yield from page
+            if len(page) < page_size:
                 return
-            new_last = int(items[-1].id)
+            new_last = page[-1].id
             if last_id is not None and new_last <= last_id:  # defensive: never loop on one page
                 raise LabelStudioApiError(f"Label Studio returned tasks out of id order for project {project}")
             last_id = new_last
+
+    def _scan_view(self, project: int, query: dict, after: int | None, count: int) -> list[TaskRef] | None:
+        """The ``count`` tasks after ``after`` in the order ``query`` sets, paging from its start;
+        None where ``after`` is not among the first :data:`MAX_VIEW_SCAN` tasks."""
+        page_size = count if after is None else _VIEW_PAGE_SIZE
+        found, out, seen, number = after is None, [], set(), 1
+        while True:
+            page, total = self._task_page(project, query, number, page_size, versions=False)
+            for task in page:
+                if task.id in seen:  # ties in the sort key may shift between pages: never twice
+                    continue
+                seen.add(task.id)
+                if found:
+                    out.append(task)
+                    if len(out) == count:
+                        return out
+                found = found or task.id == after
+            if not page or number * page_size >= total:  # past the last page LS answers 404
+                return out if found else None
+            if not found and number * page_size >= MAX_VIEW_SCAN:
+                return None
+            number += 1
+
+    def _task_page(self, project: int, query: dict, page: int, page_size: int, *,
+                   versions: bool) -> tuple[list[TaskRef], int]:
+        """One page of ``GET /api/tasks`` with ``query`` (filters, ordering) and every other DM
+        column hidden (module doc); (tasks in LS's order, how many tasks the query matches)."""
+        hidden = self._hidden_columns(project) + ([] if versions else [f"tasks:{_VERSIONS_COLUMN}"])
+        query = {**query, "hiddenColumns": {"explore": hidden, "labeling": hidden}}
+        pager = self._call(
+            f"list tasks of project {project}", self._client.tasks.list, project=project, page=page,
+            page_size=page_size, include="id,data" + (f",{_VERSIONS_COLUMN}" if versions else ""),
+            fields="task_only",
+            # raw data, as LS sends it to /predict: a cloud URI (s3://...) is presigned by the
+            # image loader on the LS origin, never resolved to LS's HOSTNAME (maybe another address)
+            resolve_uri=False, query=json.dumps(query))
+        refs = []
+        for item in pager.items or []:
+            task_id = int(item.id)
+            found, ambiguous = frozenset(), False
+            if versions:
+                found, ambiguous = parse_model_versions(getattr(item, _VERSIONS_COLUMN, None))
+                if ambiguous:  # capped string: read this task's versions exactly
+                    found, ambiguous = frozenset(self.prediction_versions(task_id)), False
+            refs.append(TaskRef(id=task_id, data=dict(item.data or {}), model_versions=found,
+                                versions_ambiguous=ambiguous))
+        return refs, int(getattr(pager.response, "total", None) or 0)
+
+    def _first_view(self, project: int):
+        """The project's first Data Manager tab (LS lists them by their ``order``, then id), or None."""
+        views = self._call(f"list the Data Manager tabs of project {project}", self._client.views.list,
+                           project=project)
+        return min(views, key=lambda v: (v.order or 0, v.id or 0)) if views else None
 
     def predictions(self, task_id: int) -> list[tuple[int, str | None]]:
         """(prediction id, model_version) of every prediction of the task."""
@@ -248,6 +328,30 @@ class LabelStudioApi:
         if status is None or status >= 500 or status == 429:
             return LabelStudioUnavailable(f"could not {what}: Label Studio answered HTTP {status}: {detail}", status)
         return LabelStudioApiError(f"could not {what}: Label Studio answered HTTP {status}: {detail}", status)
+
+
+def _view_order(view) -> tuple[dict | None, list[str], dict]:
+    """A DM tab (the SDK's ``View``, or None) → (filters ``{"conjunction", "items"}`` or None,
+    ordering: LS sorts by its first key alone, [] = by id; ``columnsDisplayType``, which makes LS
+    sort a data field as a number), read from the tab's ``data`` the way LS serializes it."""
+    data = getattr(view, "data", None) if view is not None else None
+    data = data if isinstance(data, dict) else {}
+    filters = data.get("filters")
+    ordering = getattr(view, "ordering", None) or data.get("ordering")
+    display_types = data.get("columnsDisplayType")
+    return (filters if isinstance(filters, dict) and filters.get("items") else None,
+            [str(key) for key in ordering] if isinstance(ordering, list) else [],
+            display_types if isinstance(display_types, dict) else {})
+
+
+def _orders_by_id(ordering: list[str]) -> bool:
+    """Whether LS lists by ascending id: no sort key, or ``id`` with LS's optional prefixes."""
+    if not ordering:
+        return True
+    key = ordering[0]
+    for prefix in ("filter:", "tasks:"):  # in this order, as LS's preprocess_field_name strips them
+        key = key[len(prefix):] if key.startswith(prefix) else key
+    return key == "id"
 
 
 def _api_error_detail(exc) -> str:

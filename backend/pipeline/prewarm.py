@@ -9,14 +9,14 @@ tasks already cached are skipped (no encoder call). What it may keep is bounded 
 cache: it stops once the embeddings it added would take more than half of ``EMBEDDING_CACHE_MB``,
 so the annotator's current image is never pushed out by its own pre-warming.
 
-"Next" is the Data Manager's default order (ascending task id) through the LS API
-(:meth:`backend.ls.client.LabelStudioApi.iter_tasks`), read with the backend's LS credentials; the
-images are fetched by the pipeline's loader under the usual URL policy and limits.
+"Next" is the order of the project's first Data Manager tab, its sorting and filters (ascending
+task id without one), through the LS API (:meth:`backend.ls.client.LabelStudioApi.next_tasks`), read
+with the backend's LS credentials; the images are fetched by the pipeline's loader under the usual
+URL policy and limits.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 from dataclasses import dataclass
@@ -140,8 +140,7 @@ class Prewarmer:
         if budget == 0:
             log.info("pre-warming skipped: the embedding cache is off (EMBEDDING_CACHE_MB=0)")
             return 0
-        tasks = itertools.islice(self._api.iter_tasks(request.project, page_size=request.count,
-                                                      after=request.after), request.count)
+        tasks = self._api.next_tasks(request.project, request.after, request.count)
         encoded, added = 0, 0
         for task in tasks:
             if background and self._superseded():
