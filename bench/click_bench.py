@@ -30,6 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from backend.engine.device import configure_device  # noqa: E402
 from backend.engine.embedcache import EmbeddingCache  # noqa: E402
 from backend.engine.segmenter import SamSegmenter  # noqa: E402
 from backend.results import MaskPrompt  # noqa: E402
@@ -58,6 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    configure_device(device)  # as the engine does: before any torch work (FLUSH_DENORMALS' default)
 
     with tempfile.TemporaryDirectory() as tmp:
         source = build_real_size_sam(Path(tmp) / "sam", size=args.size)

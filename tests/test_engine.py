@@ -1,11 +1,19 @@
 """The real engine on tiny random-weight models: loading, frames, batching."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from backend.engine.detector import nms
 from backend.engine.device import resolve_device, resolve_dtype
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def shapes(width, height, seed):
@@ -73,3 +81,19 @@ def test_phrase_spans_stay_aligned_with_the_prompt(engine):
     assert len(spans) == 3 and spans[1][0] == spans[1][1]
     assert tokenizer.decode(ids[spans[0][0]:spans[0][1]]) == "red car"
     assert tokenizer.decode(ids[spans[2][0]:spans[2][1]]) == "dog"
+
+
+@pytest.mark.parametrize("flush", ["1", "0"])
+def test_the_engine_flushes_subnormal_floats_on_the_cpu_unless_told_not_to(tiny_env, flush):
+    """FLUSH_DENORMALS (default on): once the engine has loaded, a product below float32's smallest
+    normal number is zero (x86 would otherwise take a slow microcode path for each such operand).
+    A fresh process: the flag is per thread and inherited, so the engine sets it before any torch work."""
+    script = ("import torch; from backend.settings import Settings; from backend.engine.engine import build_engine; "
+              "build_engine(Settings.from_env()); "
+              "print(float(torch.tensor([1e-30]) * torch.tensor([1e-10])))")
+    env = {**os.environ, **tiny_env, "FLUSH_DENORMALS": flush}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    product = float(done.stdout.strip().splitlines()[-1])
+    assert (product == 0.0) if flush == "1" else (0.0 < product < 1.2e-38), product

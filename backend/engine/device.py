@@ -41,6 +41,24 @@ def enable_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def configure_device(device: torch.device, flush_denormals: bool = True) -> None:
+    """Process-wide torch flags for ``device``, set once when the engine loads, before its models.
+
+    CUDA: TF32 (:func:`enable_tf32`). CPU, with ``flush_denormals`` (``FLUSH_DENORMALS``, default
+    on): subnormal floats (below ~1.2e-38) are treated and returned as zero. On x86 every operation
+    on a subnormal takes a microcode assist, and SAM's image encoder makes many of them (softmax
+    tails in its global attention, the padding below a landscape image): a 1920x1080 image took
+    117 s instead of 8.7 s for the ViT-B encoder on 2 cores (``bench/denormal_bench.py``). The flag
+    lives in each thread's MXCSR register and threads inherit it when they are created, so it must be
+    set before torch starts its CPU thread pool, i.e. before the first parallel operation of the
+    process: the engine calls this first thing, and in a process that already ran torch work it
+    reaches only the calling thread (harmless, just less effective).
+    """
+    enable_tf32(device)
+    if device.type == "cpu" and flush_denormals and not torch.set_flush_denormal(True):
+        log.info("this CPU cannot flush subnormal floats to zero (no SSE3): encoders may be slower")
+
+
 def batch_size_for_memory(free_bytes: int, fixed_bytes: int, per_image_bytes: int, *, headroom: float = 0.8,
                           cap: int = MAX_AUTO_BATCH_SIZE) -> int:
     """The largest batch whose activations fit ``headroom`` of the free memory, in [1, cap].

@@ -25,7 +25,7 @@ from PIL import Image
 from backend.engine.embedcache import EmbeddingCache, embedding_cache
 from backend.engine.families import DETECTOR_FAMILIES, SEGMENTER_FAMILIES, load_error, require_family, segmenter_class
 from backend.engine.detector import DinoInput, GroundingDinoDetector, nms
-from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, resolve_dtype
+from backend.engine.device import auto_batch_size, configure_device, resolve_device, resolve_dtype
 from backend.engine.segmenter import ImageEmbedding, SamInput, SamSegmenter
 from backend.results import CompactMask, Detections, ImageResult, MaskPrompt
 from backend.settings import DEFAULT_BATCH_SIZE, DetectThresholds, EngineKind
@@ -95,7 +95,7 @@ class Engine:
         segmenter_type = require_family("SAM_MODEL", settings.sam_model, SEGMENTER_FAMILIES)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        enable_tf32(device)
+        configure_device(device, settings.flush_denormals)
         batch_size = settings.batch_size or 1  # auto: probed below once the models are loaded
         log.info("loading models on %s (%s%s): %s (%s), %s (%s)", device, dtype, ", compiled" if settings.compile else "",
                  settings.grounding_dino_model, detector_type, settings.sam_model, segmenter_type)

@@ -39,7 +39,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 from backend.batching import chunks
 from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
 from backend.engine.detector import nms
-from backend.engine.device import auto_batch_size, enable_tf32, resolve_device, resolve_dtype
+from backend.engine.device import auto_batch_size, configure_device, resolve_device, resolve_dtype
 from backend.engine.embedcache import EmbeddingCache, embedding_cache
 from backend.engine.families import SAM3_FAMILIES, load_error, require_family
 from backend.engine.masks import DEFAULT_BUDGET_BYTES
@@ -148,7 +148,7 @@ class Sam3Engine:
         require_family("SAM3_MODEL", source, SAM3_FAMILIES)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        enable_tf32(device)
+        configure_device(device, settings.flush_denormals)
         log.info("loading SAM 3 on %s (%s%s): %s", device, dtype, ", compiled" if settings.compile else "", source)
         try:
             engine = cls(source, device, dtype, thresholds=settings.detect_thresholds(),
