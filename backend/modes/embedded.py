@@ -11,7 +11,7 @@ from backend.ls.tasks import PredictRequest
 from backend.modes.base import MODEL_CLASS, Mode
 from backend.modes.projects import MemoryProjectStore
 from backend.pipeline.predict import Pipeline
-from backend.pipeline.prewarm import Prewarmer, after_predict
+from backend.pipeline.prewarm import Prewarmer, WarmRequest, after_predict
 from backend.settings import Settings
 
 
@@ -45,7 +45,7 @@ class EmbeddedBackend:
         ``{"encoded": how many}``."""
         if self.prewarmer is None:
             raise ValueError(Settings.LS_CREDENTIALS_NEEDED.replace("pre-label projects", "pre-warm tasks"))
-        return {"encoded": self.prewarmer.warm_project(project, count, after)}
+        return {"encoded": self.prewarmer.warm(WarmRequest(project, after, count))}
 
     def predict(self, request: PredictRequest) -> list[dict]:
         return self.pipeline.predict(request)

@@ -52,7 +52,7 @@ class WarmRequest:
             raise ValueError(f"project={self.project!r}: a Label Studio project id is a positive integer")
         if self.after is not None and not _is_id(self.after):
             raise ValueError(f"after={self.after!r}: a Label Studio task id is a positive integer")
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or not 1 <= self.count <= MAX_WARM_TASKS:
+        if not _is_id(self.count) or self.count > MAX_WARM_TASKS:
             raise ValueError(f"tasks={self.count!r}: warm between 1 and {MAX_WARM_TASKS} tasks")
 
     def to_json(self) -> dict:
@@ -84,7 +84,7 @@ def after_predict(project: int, request: PredictRequest, count: int) -> WarmRequ
 
 class Prewarmer:
     """``submit(WarmRequest)`` returns at once; :meth:`warm` does the same work in the caller's
-    thread (the CLI, tests). ``api_factory`` builds the LS client (default: from the settings)."""
+    thread (``POST /warm`` in embedded mode, tests). ``api_factory`` builds the LS client (default: from the settings)."""
 
     def __init__(self, pipeline, api_factory: Callable[[], LabelStudioApi] | None = None):
         self.pipeline = pipeline
@@ -104,12 +104,6 @@ class Prewarmer:
                 self._thread = threading.Thread(target=self._loop, name="gsam-prewarm", daemon=True)
                 self._thread.start()
             self._wake.notify()
-
-    def warm_project(self, project: int, count: int, after: int | None = None) -> int:
-        """:meth:`warm` in the caller's thread for ``project``'s first ``count`` tasks after
-        ``after``, with the project's label config read from LS (``POST /warm``). ValueError for a
-        count out of bounds."""
-        return self.warm(WarmRequest(project, after, count))
 
     def _loop(self) -> None:
         while True:
@@ -131,15 +125,15 @@ class Prewarmer:
         """Encode the next tasks' images into the embedding cache; how many it encoded (cached ones
         and tasks without a usable image are skipped). ``background``: yield to predict calls and
         stop early when a newer request arrives."""
-        if self._api is None:
-            self._api = self._api_factory()
-        config = request.config or parse_label_config(self._api.label_config(request.project))
         engine = self.pipeline.engine()
         cache = getattr(getattr(engine, "segmenter", engine), "cache", None)
         budget = cache.max_bytes // 2 if cache is not None else 0
         if budget == 0:
             log.info("pre-warming skipped: the embedding cache is off (EMBEDDING_CACHE_MB=0)")
             return 0
+        if self._api is None:
+            self._api = self._api_factory()
+        config = request.config or parse_label_config(self._api.label_config(request.project))
         tasks = self._api.next_tasks(request.project, request.after, request.count)
         encoded, added = 0, 0
         for task in tasks:
