@@ -181,6 +181,7 @@ def make_real_size_models(out_dir: str | Path, seed: int = 0) -> tuple[Path, Pat
 FAMILIES = {
     "sam-hq": ("backend.engine.tiny_segmenters", "build_tiny_sam_hq", "build_real_size_sam_hq"),
     "sam2": ("backend.engine.tiny_segmenters", "build_tiny_sam2", "build_real_size_sam2"),
+    "sam2-video": ("backend.engine.tiny_video", "build_tiny_sam2_video", "build_real_size_sam2_video"),
     "sam3": ("backend.engine.tiny_sam3", "build_tiny_sam3", "build_real_size_sam3"),
     "mm-grounding-dino": ("backend.engine.tiny", "build_tiny_mm_grounding_dino", "build_real_size_mm_grounding_dino"),
 }
