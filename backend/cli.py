@@ -14,9 +14,7 @@ from backend.bulk.request import DEFAULT_CHUNK, MAX_CHUNK, MIN_CHUNK
 
 log = logging.getLogger("backend")
 
-# Distinct, readable colors for overlays (RGB).
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+from backend.cli_video import PALETTE
 
 
 def _config_for_phrases(phrases: list[str]) -> str:
@@ -75,6 +73,10 @@ def cmd_predict(args) -> int:
     if not phrases:
         print("error: --prompt has no phrases; separate them with '.' or ','", file=sys.stderr)
         return 2
+    from backend.cli_video import is_video_path, predict_video
+
+    if is_video_path(args.image):
+        return predict_video(args, settings, phrases)
     try:
         image = LoadedImage.from_bytes(Path(args.image).read_bytes(), str(args.image), settings.max_image_pixels)
     except (OSError, ImageError) as exc:
@@ -102,8 +104,8 @@ def cmd_make_tiny_models(args) -> int:
 
     if args.family:
         path = make_family_model(args.dir, args.family, seed=args.seed)
-        setting = {"sam3": "ENGINE=sam3 SAM3_MODEL", "mm-grounding-dino": "GROUNDING_DINO_MODEL"}.get(args.family,
-                                                                                                    "SAM_MODEL")
+        setting = {"sam3": "ENGINE=sam3 SAM3_MODEL", "sam3-video": "ENGINE=sam3 SAM3_MODEL",
+                   "mm-grounding-dino": "GROUNDING_DINO_MODEL", "sam2-video": "TRACKER_MODEL"}.get(args.family, "SAM_MODEL")
         print(f"wrote {path}")
         print(f"use it with: {setting}={path}")
         return 0
@@ -199,16 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    predict = commands.add_parser("predict", help="run the models on one image file")
-    predict.add_argument("image", help="path of an image file")
+    predict = commands.add_parser("predict", help="run the models on one image or video file")
+    predict.add_argument("image", help="path of an image file, or of a video file (.mp4, .mov, .webm, ...)")
     predict.add_argument("--prompt", required=True, help='phrases separated by "." or ",", e.g. "cat . red car"')
     predict.add_argument("--json", help="write the LS prediction JSON here")
-    predict.add_argument("--overlay", help="write a PNG with boxes, masks and labels drawn here")
+    predict.add_argument("--overlay", help="write a PNG with boxes, masks and labels drawn here (a video: an MP4 "
+                                           "with the tracks drawn, or a strip of frames for .png/.jpg)")
+    predict.add_argument("--fps", type=float, default=25.0,
+                         help="video: the frame rate LS numbers frames at (the label config's frameRate)")
     predict.set_defaults(func=cmd_predict)
 
     tiny = commands.add_parser("make-tiny-models", help="build tiny random-weight models for tests")
     tiny.add_argument("dir", help="writes DIR/grounding-dino and DIR/sam (with --family F: DIR/F)")
-    tiny.add_argument("--family", choices=["sam-hq", "sam2", "sam3", "mm-grounding-dino"], default=None,
+    tiny.add_argument("--family", choices=["sam-hq", "sam2", "sam3", "sam3-video", "mm-grounding-dino", "sam2-video"],
+                      default=None,
                       help="build one checkpoint of this family instead of the default pair")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_models)

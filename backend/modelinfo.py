@@ -22,6 +22,9 @@ DETECTOR_FAMILIES = {"grounding-dino": "grounding-dino", "mm-grounding-dino": "m
 # The hub's facebook/sam3 is a ``sam3_video`` checkpoint (detector + tracker); a bare ``sam3`` one
 # (detector only) passes the family check and fails at load for want of the tracker.
 SAM3_FAMILIES = {"sam3_video": "sam3", "sam3": "sam3"}
+# TRACKER_MODEL (video projects): the hub's SAM 2.1 checkpoints are ``sam2_video`` ones; a ``sam2``
+# (image) checkpoint holds the same weights but not the memory modules.
+TRACKER_FAMILIES = {"sam2_video": "sam2-video"}
 
 
 def local_model_type(source: str) -> str | None:
@@ -61,4 +64,5 @@ def model_sources(settings: Settings) -> dict[str, str]:
     """The settings naming the models this deployment loads, for /health and log lines."""
     if settings.engine is EngineKind.SAM3:
         return {"SAM3_MODEL": settings.sam3_model}
-    return {"GROUNDING_DINO_MODEL": settings.grounding_dino_model, "SAM_MODEL": settings.sam_model}
+    return {"GROUNDING_DINO_MODEL": settings.grounding_dino_model, "SAM_MODEL": settings.sam_model,
+            "TRACKER_MODEL": settings.tracker_model}

@@ -14,6 +14,7 @@ from typing import Mapping
 DEFAULT_GROUNDING_DINO_MODEL = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SAM_MODEL = "facebook/sam-vit-huge"
 DEFAULT_SAM3_MODEL = "facebook/sam3"
+DEFAULT_TRACKER_MODEL = "facebook/sam2.1-hiera-large"
 
 
 class EngineKind(str, enum.Enum):
@@ -92,6 +93,16 @@ def _batch_size(env: Mapping[str, str]) -> int | None:
     return _number({"BATCH_SIZE": raw}, "BATCH_SIZE", DEFAULT_BATCH_SIZE, int, 1, 256)
 
 
+VIDEO_DIRECTIONS = ("forward", "backward", "both")
+
+
+def _direction(env: Mapping[str, str]) -> str:
+    value = (_text(env, "VIDEO_TRACK_DIRECTION", "forward") or "forward").lower()
+    if value not in VIDEO_DIRECTIONS:
+        raise SettingsError(f"VIDEO_TRACK_DIRECTION={value!r} is not a direction: use forward, backward or both")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     engine: EngineKind = EngineKind.GROUNDED_SAM
@@ -140,6 +151,20 @@ class Settings:
     model_version: str | None = None  # None = derived from the two model ids
     remember_prompt: bool = True  # a project's last submitted prompt is its default (backend.modes.projects)
     prewarm_tasks: int = 3  # after a /predict for one task, encode the project's next N tasks (0 = off)
+    # Video projects (backend.pipeline.video): the SAM 2.1 video checkpoint that tracks objects, how
+    # often the detector looks for new objects and how far a drawn box is followed (LS frames; 0 =
+    # about 1 s / 10 s at the config's frameRate), the keyframe thinning tolerance (percent), the
+    # bounds, and how long a /predict call may track before it answers with what it has.
+    tracker_model: str = DEFAULT_TRACKER_MODEL
+    video_detect_every: int = 0
+    video_track_frames: int = 0
+    video_keyframe_tolerance: float = 0.5
+    video_match_iou: float = 0.5  # a detection continues a track when their masks overlap this much
+    video_max_objects: int = 50  # tracks per video (new detections beyond it are ignored, logged)
+    video_track_direction: str = "forward"  # a drawn box is followed: forward, backward or both
+    max_video_frames: int = 18_000  # 10 minutes at 30 fps
+    max_video_mb: float = 500.0
+    video_deadline: float = 50.0  # seconds; below PREDICT_TIMEOUT (60) and LS's 100 s
 
     #: What to do when a bulk run is asked for without LS credentials.
     LS_CREDENTIALS_NEEDED = "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend to pre-label projects"
@@ -213,4 +238,14 @@ class Settings:
             model_version=_text(env, "MODEL_VERSION", None),
             remember_prompt=_bool(env, "REMEMBER_PROMPT", True),
             prewarm_tasks=_number(env, "PREWARM_TASKS", 3, int, 0, 100),
+            tracker_model=_text(env, "TRACKER_MODEL", DEFAULT_TRACKER_MODEL),
+            video_detect_every=_number(env, "VIDEO_DETECT_EVERY", 0, int, 0, 1_000_000),
+            video_track_frames=_number(env, "VIDEO_TRACK_FRAMES", 0, int, 0, 10_000_000),
+            video_keyframe_tolerance=_number(env, "VIDEO_KEYFRAME_TOLERANCE", 0.5, float, 0.0, 100.0),
+            video_match_iou=_number(env, "VIDEO_MATCH_IOU", 0.5, float, 0.0, 1.0),
+            video_max_objects=_number(env, "VIDEO_MAX_OBJECTS", 50, int, 1, 1000),
+            video_track_direction=_direction(env),
+            max_video_frames=_number(env, "MAX_VIDEO_FRAMES", 18_000, int, 1, 10_000_000),
+            max_video_mb=_number(env, "MAX_VIDEO_MB", 500.0, float, 0.001, 100_000.0),
+            video_deadline=_number(env, "VIDEO_DEADLINE", 50.0, float, 1.0, 3600.0),
         )

@@ -27,7 +27,7 @@ ALLOWED = {
     "modes": {"foundation", "ls", "pipeline", "queue", "bulk"},
     "web": {"foundation", "ls", "queue", "bulk", "modes"},
 }
-ENTRY_POINTS = {"backend.cli", "backend.__main__"}  # may import anything
+ENTRY_POINTS = {"backend.cli", "backend.cli_video", "backend.__main__"}  # may import anything
 
 
 def module_name(path: Path) -> str:

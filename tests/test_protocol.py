@@ -99,7 +99,7 @@ def test_health_and_setup(backend):
     models = state.pop("models")
     assert state == {"status": "UP", "model_class": "GroundedSAM", "model_version": "grounding-dino+sam",
                      "mode": "embedded", "engine": "grounded-sam"}
-    assert set(models) == {"GROUNDING_DINO_MODEL", "SAM_MODEL"} and models["SAM_MODEL"].endswith("/sam")
+    assert set(models) == {"GROUNDING_DINO_MODEL", "SAM_MODEL", "TRACKER_MODEL"} and models["SAM_MODEL"].endswith("/sam")
     setup = replay(backend, "setup_request.json")
     assert setup.status_code == 200 and setup.json() == {"model_version": "grounding-dino+sam"}
 

@@ -123,7 +123,7 @@ def build_request(spec: PrelabelSpec, tasks: Sequence[BulkTask]) -> PredictReque
     and the project's options."""
     return PredictRequest(tasks=[{"id": t.id, "data": t.data} for t in tasks],
                           config=parse_label_config(spec.label_config), context=None, prompt=spec.prompt,
-                          options=spec.options)
+                          options=spec.options, bulk=True)
 
 
 def write_prediction(api: LabelStudioApi, store: RunStore, run_id: str, spec: PrelabelSpec, task_id: int,

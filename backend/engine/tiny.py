@@ -183,6 +183,7 @@ FAMILIES = {
     "sam2": ("backend.engine.tiny_segmenters", "build_tiny_sam2", "build_real_size_sam2"),
     "sam2-video": ("backend.engine.tiny_video", "build_tiny_sam2_video", "build_real_size_sam2_video"),
     "sam3": ("backend.engine.tiny_sam3", "build_tiny_sam3", "build_real_size_sam3"),
+    "sam3-video": ("backend.engine.tiny_sam3_video", "build_tiny_sam3_video", "build_real_size_sam3_video"),
     "mm-grounding-dino": ("backend.engine.tiny", "build_tiny_mm_grounding_dino", "build_real_size_mm_grounding_dino"),
 }
 

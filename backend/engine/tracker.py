@@ -156,13 +156,18 @@ class TrackingSession:
         pending = list(self.state.obj_with_new_inputs)
         self.state.obj_with_new_inputs = pending + [int(i) for i in ids if int(i) not in pending]
 
+    def add_frame(self, frame: int, image: np.ndarray) -> None:
+        """Give the session ``frame``'s pixels ((H, W, 3) uint8 RGB) without running the model."""
+        self._pixels[self._session_index(frame)] = self.tracker.pixels(image)
+
     @torch.inference_mode()
     def track(self, frame: int, image: np.ndarray | None = None) -> FrameObjects:
-        """Run the model on ``frame`` (its pixels ``image``, (H, W, 3) uint8; None: the frame was
-        given before, e.g. to re-run it after new prompts) for every object."""
+        """Run the model on ``frame`` (its pixels ``image``, (H, W, 3) uint8; None: given before
+        with :meth:`add_frame` or an earlier call, e.g. to re-run it after new prompts) for every
+        object."""
         index = self._session_index(frame)
         if image is not None:
-            self._pixels[index] = self.tracker.pixels(image)
+            self.add_frame(frame, image)
         if index not in self._pixels:
             raise ValueError(f"frame {frame} has no pixels in this session: pass its image")
         if not self.state.obj_ids:

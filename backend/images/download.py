@@ -104,8 +104,9 @@ class Downloader:
         """Whether ``target`` is on the Label Studio origin."""
         return self._ls_origin is not None and target.origin == self._ls_origin
 
-    def get(self, url: str, target: Target) -> bytes:
-        """The body of ``target`` (parsed from ``url``, the task's absolute URL) after redirects."""
+    def get(self, url: str, target: Target, limit: int | None = None) -> bytes:
+        """The body of ``target`` (parsed from ``url``, the task's absolute URL) after redirects;
+        at most ``limit`` bytes (default ``max_download_bytes``; videos have their own)."""
         settings = self._settings
         deadline = time.monotonic() + settings.deadline_s
         send_auth = True  # becomes False for good once the chain leaves the LS origin
@@ -177,7 +178,7 @@ class Downloader:
                         resolving=is_ls and is_resolve_request(target.request_uri, self._ls_path),
                         storage=storage_hop,
                     ))
-                data = self._read_body(response, desc, deadline)
+                data = self._read_body(response, desc, deadline, limit)
                 reusable = True
                 return data
             finally:
@@ -221,8 +222,9 @@ class Downloader:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ImageError(_unreachable_reason(desc, exc)) from None
 
-    def _read_body(self, response: urllib3.BaseHTTPResponse, desc: str, deadline: float) -> bytes:
-        limit = self._settings.max_download_bytes
+    def _read_body(self, response: urllib3.BaseHTTPResponse, desc: str, deadline: float,
+                   limit: int | None = None) -> bytes:
+        limit = self._settings.max_download_bytes if limit is None else limit
         length = response.headers.get("Content-Length")
         if length is not None:
             try:

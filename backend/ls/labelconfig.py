@@ -5,6 +5,16 @@ the ``<Image>`` the regions belong to, the ``<TextArea>`` that holds the prompt,
 ``<RectangleLabels>`` / ``<BrushLabels>`` / ``<PolygonLabels>`` controls (any one of them is enough) with
 their labels and ``predicted_values`` aliases, and the ``model_score_threshold`` of a control or of one
 ``<Label>`` (applied by ``selection.py``).
+
+Video projects (a config with a ``<Video>`` and no ``<Image>``): ``<Video name value frameRate>``,
+``<VideoRectangle name toName>`` (LS 1.23's only spatial video control; it has no labels of its
+own) and ``<Labels toName>`` on the same video, whose labels LS merges into each
+``videorectangle`` result (``from_name`` = the VideoRectangle's name). They fill the same fields as
+an image project: ``image_name``/``image_value_key`` name the Video, ``rectangle`` is the
+VideoRectangle's name with the ``<Labels>``' labels and thresholds, so the selection code
+(thresholds, label mapping, caps) works unchanged on each frame's detections; :attr:`LabelConfig.video`
+carries what only video needs (the frame rate). A config with both an ``<Image>`` and a ``<Video>``
+is an image project, exactly as before video was supported (the Video is ignored).
 """
 
 from __future__ import annotations
@@ -14,7 +24,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from typing import Any, Mapping
+
 from label_studio_sdk.label_interface import LabelInterface
+
+from backend.ls.videotime import frame_rate as _frame_rate
 
 _WORD = re.compile(r"\w+")
 
@@ -51,6 +65,19 @@ class ControlSpec:
         return own + [threshold for _, threshold in self.label_thresholds]
 
 
+@dataclass(frozen=True)
+class VideoSpec:
+    """What only a video project needs. ``frame_rate``: the ``<Video frameRate>`` attribute as
+    written (LS reads it case-insensitively: ``framerate`` too), ``"24"`` (LS's default) when
+    absent; it may be ``$field``, read from each task's data (:meth:`fps`)."""
+
+    frame_rate: str = "24"
+
+    def fps(self, task_data: Mapping[str, Any] | None = None) -> float:
+        """The frame rate LS uses for a task (frames/second, > 0): see :func:`backend.ls.videotime.frame_rate`."""
+        return _frame_rate(self.frame_rate, task_data)
+
+
 def normalize_phrase(text: str) -> str:
     """Lower-case and collapse whitespace: the form prompts and aliases are compared in."""
     return " ".join(text.lower().split())
@@ -71,6 +98,12 @@ class LabelConfig:
     aliases: dict[str, str] = field(default_factory=dict)  # normalized predicted_value -> label
     xml: str = field(default="", repr=False, compare=False)  # the config as LS sent it (for queue payloads)
     polygon: ControlSpec | None = None  # <PolygonLabels>: every mask also yields its outline polygons
+    video: VideoSpec | None = None  # set for a video project (image_name is then the <Video>'s name)
+
+    @property
+    def is_video(self) -> bool:
+        """True for a video project: ``rectangle`` is its ``<VideoRectangle>``, results are tracks."""
+        return self.video is not None
 
     def default_phrases(self) -> list[str]:
         """The prompt used when the request carries none: every label, then every alias."""
@@ -165,7 +198,12 @@ def parse_label_config(xml: str) -> LabelConfig:
 
     images = {obj.name: obj for obj in interface.objects if obj.tag == "Image"}
     if not images:
-        raise LabelConfigError("the label config has no <Image> tag: this backend labels images")
+        videos = {obj.name: obj for obj in interface.objects if obj.tag == "Video"}
+        if videos:
+            return _video_config(interface, videos, xml)
+        raise LabelConfigError("the label config has no <Image> or <Video> tag: this backend labels images "
+                               "(<Image> with <RectangleLabels>/<BrushLabels>/<PolygonLabels>) and videos "
+                               "(<Video> with <VideoRectangle> and <Labels>)")
     by_tag: dict[str, list] = {}
     for control in interface.controls:
         if control.to_name and control.to_name[0] in images:
@@ -201,4 +239,51 @@ def parse_label_config(xml: str) -> LabelConfig:
         aliases=_aliases(controls),
         xml=xml,
         polygon=polygon,
+    )
+
+
+def _attr(tag, name: str) -> str | None:
+    """An attribute of a tag, its name compared case-insensitively (LS lower-cases attribute names)."""
+    for key, value in (tag.attr or {}).items():
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def _video_config(interface: LabelInterface, videos: dict, xml: str) -> LabelConfig:
+    """A video project's config (see the module docstring). The first ``<VideoRectangle>`` on a
+    ``<Video>`` picks the video; the first ``<Labels>`` on that video with ``<Label>`` children
+    gives the labels (LS too applies a track's label from the first labels control that has it)."""
+    on_video: dict[str, list] = {}
+    for control in interface.controls:
+        if control.to_name and control.to_name[0] in videos:
+            on_video.setdefault(control.tag, []).append(control)
+    rectangles = on_video.get("VideoRectangle", [])
+    if not rectangles:
+        name = next(iter(videos))[:80]
+        raise LabelConfigError(f'the label config has a <Video name="{name}"> but no <VideoRectangle> on it: add '
+                               f'<VideoRectangle name="box" toName="{name}"/> so the backend has somewhere to put '
+                               "its tracks")
+    video_name = rectangles[0].to_name[0]
+    labels_tags = [c for c in on_video.get("Labels", []) if c.to_name[0] == video_name and c.labels]
+    if not labels_tags:
+        raise LabelConfigError(f'the <VideoRectangle> on <Video name="{video_name[:80]}"> has no labels: add '
+                               f'<Labels name="videoLabels" toName="{video_name[:80]}"> with <Label value="..."/> '
+                               "children (a VideoRectangle has no labels of its own)")
+    labels_spec = _control_spec(labels_tags[0])
+    rectangle = ControlSpec(name=rectangles[0].name, to_name=video_name, labels=labels_spec.labels,
+                            score_threshold=labels_spec.score_threshold,
+                            label_thresholds=labels_spec.label_thresholds)
+    prompts = [c for c in on_video.get("TextArea", []) if c.to_name[0] == video_name]
+    frame_rate = _attr(videos[video_name], "frameRate")
+    return LabelConfig(
+        image_name=video_name,
+        image_value_key=(videos[video_name].value or "").lstrip("$"),
+        prompt_name=prompts[0].name if prompts else None,
+        rectangle=rectangle,
+        brush=None,
+        labels=tuple(dict.fromkeys(labels_spec.labels)),
+        aliases=_aliases(labels_tags[:1]),
+        xml=xml,
+        video=VideoSpec(frame_rate=frame_rate if isinstance(frame_rate, str) and frame_rate.strip() else "24"),
     )

@@ -62,6 +62,7 @@ class PredictRequest:
     context: dict | None
     prompt: str | None = None
     options: PredictOptions = PredictOptions()  # the project's options (extra_params, see backend.ls.options)
+    bulk: bool = False  # a bulk run's chunk (no LS request waits on it: video tracking has no deadline)
 
     def prompt_text(self) -> str | None:
         """The prompt text: the context's TextArea text, else :attr:`prompt`, else None (labels)."""
@@ -139,11 +140,18 @@ def check_smart_prompt(request: PredictRequest, smart: SmartPrompt, limits: Prom
 
 def asks_for_nothing(request: PredictRequest) -> bool:
     """True for an interactive call (a context is present) with no prompt text and no smart-tool
-    regions: LS 1.23 sends one with ``{"result": []}`` right after Submit. It gets empty predictions
+    regions (for a video project: no videorectangle track): LS 1.23 sends one with
+    ``{"result": []}`` right after Submit. It gets empty predictions
     at once. No context at all (LS's batch and task-open calls) is not this: labels are the prompt."""
     if not isinstance(request.context, dict):
         return False
-    return request.prompt_text() is None and not parse_smart_prompt(request.context, request.config)
+    if request.prompt_text() is not None:
+        return False
+    if request.config.video is not None:  # a label click on a video box sends its tracks
+        results = request.context.get("result")
+        return not any(isinstance(item, dict) and item.get("type") == "videorectangle"
+                       for item in (results if isinstance(results, list) else ()))
+    return not parse_smart_prompt(request.context, request.config)
 
 
 def plan_tasks(request: PredictRequest, limits: PromptLimits) -> list[TaskPlan]:

@@ -59,6 +59,8 @@ class EmbeddedBackend:
                  "mode": self.mode.value, "engine": self.settings.engine.value, "models": model_sources(self.settings)}
         if self.pipeline.load_error is not None:
             state.update(status="DOWN", reason=self.pipeline.load_error.reason)
+        elif self.pipeline.video_load_error is not None:  # image projects still work; video ones do not
+            state.update(status="DEGRADED", reason=self.pipeline.video_load_error.reason)
         return state
 
     def preload(self) -> None:

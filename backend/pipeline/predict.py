@@ -28,6 +28,7 @@ from backend.ls.polygons import PolygonParams
 from backend.ls.regions import build_prediction, empty_prediction
 from backend.ls.selection import DropReason, SelectDefaults, request_thresholds
 from backend.settings import DEFAULT_BATCH_SIZE, Settings
+from backend.pipeline.outcome import TaskOutcome
 from backend.pipeline.refine import refine_image
 from backend.ls.smartprompt import parse_smart_prompt
 from backend.ls.tasks import (PredictRequest, PromptLimits, TaskPlan, asks_for_nothing, check_smart_prompt, plan_tasks)
@@ -54,14 +55,6 @@ def fetch_settings(settings: Settings) -> FetchSettings:
         max_download_bytes=int(settings.max_download_mb * 2**20), max_image_pixels=settings.max_image_pixels,
         allow_private_urls=settings.allow_private_urls, local_files_root=settings.local_files_root,
         decode_budget_pixels=int(settings.decode_budget_mp * 1_000_000))
-
-
-@dataclass(frozen=True)
-class TaskOutcome:
-    """One task's answer: its prediction, and why it is empty when the task failed (else None)."""
-
-    prediction: dict
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +93,7 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self._engine_factory = engine_factory or self._default_engine
         self._engine = None
+        self._video = None
         self.load_error: ModelLoadError | None = None
         self._engine_lock = threading.Lock()
         self._active = 0  # predict calls in progress: background work (pre-warming) waits for 0
@@ -152,7 +146,24 @@ class Pipeline:
         with self._idle:
             return self._idle.wait_for(lambda: self._active == 0, timeout)
 
+    @property
+    def video_load_error(self) -> ModelLoadError | None:
+        """Why the video tracker (TRACKER_MODEL) cannot be loaded, once a video call tried; else None."""
+        return self._video.load_error if self._video is not None else None
+
+    @property
+    def video(self):
+        """The video half (:class:`backend.pipeline.video.VideoPipeline`), made on first use."""
+        with self._engine_lock:
+            if self._video is None:
+                from backend.pipeline.video import VideoPipeline  # PyAV: only for video projects
+
+                self._video = VideoPipeline(self)
+            return self._video
+
     def _predict_outcomes(self, request: PredictRequest) -> list[TaskOutcome]:
+        if request.config.video is not None:
+            return self.video.predict_outcomes(request)
         smart = parse_smart_prompt(request.context, request.config)
         check_smart_prompt(request, smart, self.limits)
         if asks_for_nothing(request):
