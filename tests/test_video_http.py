@@ -200,3 +200,22 @@ def test_cli_predict_takes_a_video(tmp_path, tiny_models, tiny_family, clips):
     from backend.images.video import VideoSource
 
     assert VideoSource(str(tmp_path / "out.mp4"), fps=25).frames_count == 50
+
+
+def test_queue_mode_tracks_on_a_worker(start_backend, start_worker, redis_server, server, tiny_family):
+    """The web process (no torch) enqueues the video task; a worker downloads, decodes and tracks it."""
+    env = video_env(server, tiny_family)
+    worker = start_worker(redis_server.url, **env)
+    web = start_backend(REDIS_URL=redis_server.url, **env)
+    deadline = time.monotonic() + 60
+    while requests.get(web.url + "/health", timeout=5).json().get("workers", 0) < 1:
+        assert time.monotonic() < deadline, worker.log_text()[-2000:]
+        time.sleep(0.5)
+    response = predict(web, [task(1, "good"), task(2, "garbled")])
+    assert response.status_code == 200, response.text
+    good, bad = response.json()["results"]
+    assert good["result"] and bad["result"] == []
+    for track in good["result"]:
+        check_track(track, 50)
+    assert "task 1: video 160x120, 50 frames at 25 fps" in worker.log_text()
+    assert "task 2: empty prediction:" in worker.log_text()

@@ -4,7 +4,9 @@ Owns every torch import of the backend: ``engine.py`` (:class:`~backend.engine.e
 detector + segmenter behind a lock; prepare, run, detect, refine, probe), ``detector``,
 ``segmenter``, ``masks`` (upsampling on the device), ``device`` (device, dtype, TF32,
 BATCH_SIZE=auto), ``compiling`` (COMPILE=1 and shape buckets), ``preprocess``, ``embedcache``
-(the LRU of SAM image embeddings), ``tiny`` (random-weight models from configs).
+(the LRU of SAM image embeddings), ``tiny`` (random-weight models from configs), ``tracker``
+(SAM 2.1 video: a streaming session pruned to the model's memory window), ``video`` (its loading),
+``sam3_video`` (SAM 3's text → tracked instances).
 
 Coordinates in and out are pixels of the EXIF-transposed image; results are the torch-free types
 of :mod:`backend.results`. May import only the foundation modules (settings, errors, results,

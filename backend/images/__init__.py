@@ -17,7 +17,10 @@ Modules, lowest first:
                 private storage host).
 * ``config``    ``FetchSettings``: every limit, validated once.
 * ``download``  ``Downloader``: the pinned download of one http(s) URL and its redirect chain.
-* ``fetch``     ``ImageLoader``: ties them together (the package's entry point).
+* ``fetch``     ``ImageLoader``: ties them together (the package's entry point); ``fetch`` gives
+                a task's media bytes undecoded (videos) under the same policy.
+* ``video``     ``VideoSource``: a video's bytes → streaming RGB frames numbered as LS numbers them
+                (PyAV; frames mapped through time), ``VideoError`` for what cannot be decoded.
 
 May import: the foundation modules (``backend.errors``, ``backend.settings``, ...) and
 ``backend.ls.auth`` for the LS token; nothing above (no pipeline, engine, queue, bulk, web).

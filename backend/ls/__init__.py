@@ -8,6 +8,9 @@
 - ``geometry``: LS percent ↔ pixels, the only coordinate conversion (rectangles rotate in pixels,
   about their top-left corner); ``regions``: engine results (pixels) → LS prediction JSON;
   ``polygons``: a mask → its outer contours as simplified polygons (OpenCV), for ``PolygonLabels``;
+- ``videotime``: LS's video clock (frame *f* ↔ seconds, ``framesCount``); ``videocontext``: the
+  tracks an interactive video call sends; ``videoregions``: tracks (pixels) → ``videorectangle``
+  results, keyframes thinned to what LS's interpolation reproduces;
 - ``client``: the LS API (tasks, predictions, label config) through label-studio-sdk; ``auth``: LS
   credentials (legacy token, or a personal access token refreshed into a Bearer access token).
 
