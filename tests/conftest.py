@@ -224,6 +224,36 @@ def label_studio(request):
             print(f"\n[label studio] log tail ({server.log_path}):\n{server.log_tail(8000)}")
 
 
+#: Debian's Chromium, which the browser tests drive with Playwright (never ``playwright install``).
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium (Debian's) under Playwright for every browser test module; skipped
+    locally when either is missing, failed with CI=true (CI installs both: scripts/bootstrap.sh).
+    Each test opens its own context (cookies, local storage) on it."""
+    from tests.lsharness import is_ci
+
+    missing = []
+    if not CHROMIUM.is_file():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing.append("playwright (pip install -r requirements-test.txt)")
+    if missing:
+        reason = "browser test needs " + " and ".join(missing)
+        if is_ci():
+            pytest.fail("CI=true and " + reason, pytrace=False)
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where Chromium refuses its sandbox
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
 @pytest.fixture(scope="session")
 def ls(label_studio):
     """An API client of the session's Label Studio, logged in as its admin."""

@@ -462,8 +462,9 @@ class LabelStudioClient:
         return self.get(f"/api/projects/{project_id}")
 
     def import_images(self, project_id: int, paths: Iterable) -> list:
-        """Upload image files (multipart ``/api/projects/<id>/import``); one request per file so the
-        returned task ids are in the order of ``paths``. Tasks get ``/data/upload/<pid>/<uuid>-<name>``."""
+        """Upload image (or video: ``.mp4``, ``.webm``, ``.mov``) files (multipart
+        ``/api/projects/<id>/import``); one request per file so the returned task ids are in the order
+        of ``paths``. Tasks get ``/data/upload/<pid>/<uuid>-<name>``."""
         task_ids = []
         for p in paths:
             p = Path(p)
@@ -574,5 +575,5 @@ class LabelStudioClient:
 
 
 def _mime(p: Path) -> str:
-    return {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(p.suffix.lower(),
-                                                                                 "application/octet-stream")
+    return {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".mp4": "video/mp4",
+            ".webm": "video/webm", ".mov": "video/quicktime"}.get(p.suffix.lower(), "application/octet-stream")

@@ -28,16 +28,14 @@ import requests
 from PIL import Image, ImageDraw
 
 from backend.rle import rle_to_mask
-from tests.lsharness import is_ci
 
 try:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
-except ImportError:  # the chromium fixture skips (or fails, in CI) with the reason
+except ImportError:  # the chromium fixture (tests/conftest.py) skips (or fails, in CI) with the reason
     PlaywrightTimeout = TimeoutError
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 FLOW_SHOT = ARTIFACTS / "annotator-flow.png"  # every run; with UPDATE_DOCS_SCREENSHOT=1 also the README's:
@@ -64,29 +62,6 @@ MODEL_STAGES = ("images", "prepare", "engine", "regions", "refine")  # gsam_stag
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def chromium():
-    """A headless Chromium (Debian's) under Playwright; skipped locally when either is missing,
-    failed with CI=true (CI installs both: scripts/bootstrap.sh)."""
-    missing = []
-    if not CHROMIUM.is_file():
-        missing.append(f"{CHROMIUM} (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing.append("playwright (pip install -r requirements-test.txt)")
-    if missing:
-        reason = "browser test needs " + " and ".join(missing)
-        if is_ci():
-            pytest.fail("CI=true and " + reason, pytrace=False)
-        pytest.skip(reason)
-    with sync_playwright() as playwright:
-        # --no-sandbox: CI runs as root, where Chromium refuses its sandbox
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
 @pytest.fixture(scope="module")
 def image_path(tmp_path_factory) -> Path:
     """A 320x240 PNG: a disc and a square on a pale background (colours far from LS's overlays)."""
