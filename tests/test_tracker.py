@@ -121,3 +121,11 @@ def test_frames_must_be_rgb_uint8(checkpoint):
     tracker = VideoTracker(checkpoint, torch.device("cpu"), torch.float32)
     with pytest.raises(ValueError, match="uint8 RGB"):
         tracker.pixels(np.zeros((4, 4), np.float32))
+
+
+def test_frames_without_objects_do_not_pile_up(checkpoint, clip):
+    tracker = VideoTracker(checkpoint, torch.device("cpu"), torch.float32, chunk=8)
+    session = tracker.session(WIDTH, HEIGHT)
+    for frame in range(FRAMES):  # nothing detected yet: frames are given, never tracked
+        session.add_frame(frame, clip[frame])
+    assert session.held_frames() <= tracker.window + tracker.chunk + 1

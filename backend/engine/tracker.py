@@ -157,8 +157,13 @@ class TrackingSession:
         self.state.obj_with_new_inputs = pending + [int(i) for i in ids if int(i) not in pending]
 
     def add_frame(self, frame: int, image: np.ndarray) -> None:
-        """Give the session ``frame``'s pixels ((H, W, 3) uint8 RGB) without running the model."""
-        self._pixels[self._session_index(frame)] = self.tracker.pixels(image)
+        """Give the session ``frame``'s pixels ((H, W, 3) uint8 RGB) without running the model.
+        Pixels older than the memory window go at once: frames with no object to track (before
+        the first detection) must not pile up either."""
+        index = self._session_index(frame)
+        self._pixels[index] = self.tracker.pixels(image)
+        for old in [i for i in self._pixels if i < index - self.tracker.window - self.tracker.chunk]:
+            del self._pixels[old]
 
     @torch.inference_mode()
     def track(self, frame: int, image: np.ndarray | None = None) -> FrameObjects:
