@@ -75,8 +75,9 @@ def image_path(tmp_path_factory) -> Path:
 
 
 @contextmanager
-def kept_on_failure(page, name: str, label_studio, backend):
-    """On failure: a full-page screenshot in test-artifacts/browser/ (path printed) and log tails."""
+def kept_on_failure(page, name: str, label_studio, backend=None):
+    """On failure: a full-page screenshot in test-artifacts/browser/ (path printed) and log tails
+    (the backend's too, when the test runs one)."""
     try:
         yield
     except BaseException:
@@ -88,7 +89,8 @@ def kept_on_failure(page, name: str, label_studio, backend):
         except Exception as exc:  # the page may be gone; the test's own error matters more
             print(f"\n[browser] no screenshot ({exc})")
         print(f"\n[browser] ---- Label Studio log tail ----\n{label_studio.log_tail(6000)}")
-        print(f"\n[browser] ---- backend log tail ----\n{backend.log_text()[-6000:]}")
+        if backend is not None:
+            print(f"\n[browser] ---- backend log tail ----\n{backend.log_text()[-6000:]}")
         raise
 
 

@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import io
 import os
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_e2e_browser import ARTIFACTS, REPO, UI_TIMEOUT_MS, log_in
+from tests.test_e2e_browser import ARTIFACTS, REPO, UI_TIMEOUT_MS, kept_on_failure, log_in
 from tests.videoclips import make_clip, read_index, square_box
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -79,22 +77,6 @@ def track_box(frame: int) -> tuple[float, float, float, float] | None:
     x, y, w, h = (a[k] + (b[k] - a[k]) * t for k in ("x", "y", "width", "height"))
     return x * WIDTH / 100, y * HEIGHT / 100, (x + w) * WIDTH / 100, (y + h) * HEIGHT / 100
 
-
-@contextmanager
-def kept_on_failure(page, name: str, label_studio):
-    """On failure: a full-page screenshot in test-artifacts/browser/ (path printed) and LS's log tail."""
-    try:
-        yield
-    except BaseException:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shot = ARTIFACTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.png"
-        try:
-            page.screenshot(path=str(shot), full_page=True)
-            print(f"\n[browser video] screenshot of the failure: {shot}")
-        except Exception as exc:  # the page may be gone; the test's own error matters more
-            print(f"\n[browser video] no screenshot ({exc})")
-        print(f"\n[browser video] ---- Label Studio log tail ----\n{label_studio.log_tail(6000)}")
-        raise
 
 
 def go_to_frame(page, frame: int) -> None:

@@ -36,20 +36,13 @@ import pytest
 
 from tests.lsharness import ML_CALL_TIMEOUT
 from tests.test_e2e_label_studio import connect, logs_on_failure
+from tests.test_video_http import CONFIG, FPS, KEYS
 from tests.videoclips import NOT_MEDIA, clip_bytes, garbled, make_clip, truncated
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = """<View>
-  <Video name="video" value="$video" frameRate="25"/>
-  <TextArea name="prompt" toName="video" rows="1" maxSubmissions="1" showSubmitButton="true"/>
-  <VideoRectangle name="box" toName="video"/>
-  <Labels name="videoLabels" toName="video"><Label value="square"/><Label value="disc"/></Labels>
-</View>"""
-FPS = 25
 LABELS = {"square", "disc"}
-KEYS = {"frame", "x", "y", "width", "height", "rotation", "enabled", "time"}
 EPS = 1e-6
 #: The tracking knobs of the module's backend (and of the bulk CLI in test 6): the detector looks on
 #: frames 1 and 26, a drawn box is followed 10 frames, at most 3 tracks per video (the tiny detector

@@ -81,16 +81,30 @@ def _sam2_writer(size: int):
     return write
 
 
-def build_tiny_sam2(out_dir: Path, seed: int = 0) -> Path:
-    size = TINY_SAM_SIZE
-    # Four stages (stride 4, 8, 16, 32); the global-attention block must not be a stage's first
-    # (that one pools its queries); the three FPN levels are strides 4, 8 and 16.
+def tiny_sam2_vision(size: int, **fpn) -> Sam2VisionConfig:
+    """A small Hiera at input side ``size``: four stages (stride 4, 8, 16, 32); the global-attention
+    block must not be a stage's first (that one pools its queries); the three FPN levels are strides
+    4, 8 and 16. ``fpn``: Sam2VisionConfig overrides (e.g. ``fpn_hidden_size``)."""
     backbone = Sam2HieraDetConfig(hidden_size=16, num_attention_heads=1, image_size=[size, size],
                                   blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
                                   num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[4, 4, 4, 4],
                                   global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4])
-    vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16], fpn_hidden_size=32,
-                              backbone_feature_sizes=[[size // s, size // s] for s in (4, 8, 16)])
+    return Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16],
+                            backbone_feature_sizes=[[size // s, size // s] for s in (4, 8, 16)], **fpn)
+
+
+def real_size_sam2_vision() -> Sam2VisionConfig:
+    """sam2.1-hiera-large's image encoder (Hiera-L: 2-6-36-4 blocks, width 144), 1024 input."""
+    backbone = Sam2HieraDetConfig(hidden_size=144, num_attention_heads=2, blocks_per_stage=[2, 6, 36, 4],
+                                  embed_dim_per_stage=[144, 288, 576, 1152],
+                                  num_attention_heads_per_stage=[2, 4, 8, 16], window_size_per_stage=[8, 4, 16, 8],
+                                  global_attention_blocks=[23, 33, 43])
+    return Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[1152, 576, 288, 144])
+
+
+def build_tiny_sam2(out_dir: Path, seed: int = 0) -> Path:
+    size = TINY_SAM_SIZE
+    vision = tiny_sam2_vision(size, fpn_hidden_size=32)
     prompt = Sam2PromptEncoderConfig(hidden_size=32, image_size=size, patch_size=16, mask_input_channels=4)
     decoder = Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
     config = Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
@@ -98,11 +112,5 @@ def build_tiny_sam2(out_dir: Path, seed: int = 0) -> Path:
 
 
 def build_real_size_sam2(out_dir: Path, seed: int = 0) -> Path:
-    """sam2.1-hiera-large's shapes (Hiera-L: 2-6-36-4 blocks, width 144), 1024 input."""
-    backbone = Sam2HieraDetConfig(hidden_size=144, num_attention_heads=2, blocks_per_stage=[2, 6, 36, 4],
-                                  embed_dim_per_stage=[144, 288, 576, 1152],
-                                  num_attention_heads_per_stage=[2, 4, 8, 16], window_size_per_stage=[8, 4, 16, 8],
-                                  global_attention_blocks=[23, 33, 43])
-    vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[1152, 576, 288, 144])
-    config = Sam2Config(vision_config=vision)
-    return _save(Sam2Model, config, out_dir, seed, _sam2_writer(SAM2_SIZE))
+    """sam2.1-hiera-large's shapes, 1024 input."""
+    return _save(Sam2Model, Sam2Config(vision_config=real_size_sam2_vision()), out_dir, seed, _sam2_writer(SAM2_SIZE))

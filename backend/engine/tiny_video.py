@@ -18,17 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (
-    Sam2HieraDetConfig,
-    Sam2MaskDecoderConfig,
-    Sam2PromptEncoderConfig,
-    Sam2VideoConfig,
-    Sam2VideoModel,
-    Sam2VisionConfig,
-)
+from transformers import Sam2MaskDecoderConfig, Sam2PromptEncoderConfig, Sam2VideoConfig, Sam2VideoModel
 
 from backend.engine.tiny import TINY_SAM_SIZE
-from backend.engine.tiny_segmenters import SAM2_SIZE, _sam2_writer
+from backend.engine.tiny_segmenters import SAM2_SIZE, _sam2_writer, real_size_sam2_vision, tiny_sam2_vision
 
 #: The object-score head's bias in tiny checkpoints: sigmoid(4) = 0.98, "visible".
 VISIBLE_BIAS = 4.0
@@ -49,14 +42,8 @@ def _save(config: Sam2VideoConfig, out_dir: Path, seed: int, size: int, visible:
 
 def build_tiny_sam2_video(out_dir: Path, seed: int = 0) -> Path:
     size = TINY_SAM_SIZE
-    backbone = Sam2HieraDetConfig(hidden_size=16, num_attention_heads=1, image_size=[size, size],
-                                  blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
-                                  num_attention_heads_per_stage=[1, 1, 2, 2], window_size_per_stage=[4, 4, 4, 4],
-                                  global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4])
-    vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16],
-                              backbone_feature_sizes=[[size // s, size // s] for s in (4, 8, 16)])
     config = Sam2VideoConfig(
-        vision_config=vision, image_size=size,
+        vision_config=tiny_sam2_vision(size), image_size=size,
         prompt_encoder_config=Sam2PromptEncoderConfig(image_size=size, patch_size=16),
         mask_decoder_config=Sam2MaskDecoderConfig(mlp_dim=64, iou_head_hidden_dim=32),
         memory_attention_rope_feat_sizes=[size // 16, size // 16], memory_attention_feed_forward_hidden_size=64,
@@ -65,10 +52,5 @@ def build_tiny_sam2_video(out_dir: Path, seed: int = 0) -> Path:
 
 
 def build_real_size_sam2_video(out_dir: Path, seed: int = 0) -> Path:
-    """sam2.1-hiera-large's shapes (Hiera-L: 2-6-36-4 blocks, width 144), 1024 input."""
-    backbone = Sam2HieraDetConfig(hidden_size=144, num_attention_heads=2, blocks_per_stage=[2, 6, 36, 4],
-                                  embed_dim_per_stage=[144, 288, 576, 1152],
-                                  num_attention_heads_per_stage=[2, 4, 8, 16], window_size_per_stage=[8, 4, 16, 8],
-                                  global_attention_blocks=[23, 33, 43])
-    vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[1152, 576, 288, 144])
-    return _save(Sam2VideoConfig(vision_config=vision), out_dir, seed, SAM2_SIZE, visible=True)
+    """sam2.1-hiera-large's shapes, 1024 input."""
+    return _save(Sam2VideoConfig(vision_config=real_size_sam2_vision()), out_dir, seed, SAM2_SIZE, visible=True)
