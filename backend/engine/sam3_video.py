@@ -233,7 +233,8 @@ class Sam3VideoStream:
                     store.get(index, {}).pop(key, None)
             for f in [f for f in tracked if f < oldest]:
                 del tracked[f]
-            latest = set(sorted(cond)[-self.tracker.max_cond_frames:])
+            keep = self.tracker.max_cond_frames  # -1: the model attends to every conditioning frame
+            latest = set(cond) if keep <= 0 else set(sorted(cond)[-keep:])
             for f in [f for f in cond if f < oldest and f not in latest and len(cond[f]) > 1]:
                 cond[f] = {"object_pointer": cond[f]["object_pointer"]}
         for per_object in (state.frames_tracked_per_obj, state.mask_inputs_per_obj, state.point_inputs_per_obj):
@@ -246,7 +247,7 @@ class Sam3VideoStream:
         model = self.tracker.model  # the hotstart rules compare these lists' lengths with thresholds
         for lists, cap in ((state.unmatched_frame_inds, model.hotstart_unmatch_thresh),
                            (state.overlap_pair_to_frame_inds, model.hotstart_dup_thresh)):
-            for key, frames in lists.items():
+            for frames in lists.values():
                 del frames[:max(0, len(frames) - cap)]
 
     def held(self) -> dict[str, int]:

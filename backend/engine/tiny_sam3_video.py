@@ -89,7 +89,8 @@ def build_tiny_sam3_video(out_dir: Path, seed: int = 0) -> Path:
     tracker = dict(
         model_type="sam3_tracker_video", vision_config=vision,
         prompt_encoder_config=dict(hidden_size=width, image_size=size, patch_size=PATCH),
-        mask_decoder_config=dict(hidden_size=width, mlp_dim=2 * width, num_attention_heads=2, iou_head_hidden_dim=width),
+        mask_decoder_config=dict(hidden_size=width, mlp_dim=2 * width, num_attention_heads=2,
+                                 iou_head_hidden_dim=width),
         memory_attention_hidden_size=width, memory_attention_num_layers=1,
         memory_attention_feed_forward_hidden_size=2 * width, memory_attention_rope_feat_sizes=[grid, grid],
         memory_encoder_hidden_size=width, memory_encoder_output_channels=MEMORY_CHANNELS,

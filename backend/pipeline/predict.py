@@ -148,8 +148,11 @@ class Pipeline:
 
     @property
     def video_load_error(self) -> ModelLoadError | None:
-        """Why the video tracker (TRACKER_MODEL) cannot be loaded, once a video call tried; else None."""
-        return self._video.load_error if self._video is not None else None
+        """Why a video model (TRACKER_MODEL, or SAM3_MODEL's video model) cannot be loaded, once a
+        video call tried; else None."""
+        if self._video is None:
+            return None
+        return self._video.load_error or self._video.sam3_load_error
 
     @property
     def video(self):
