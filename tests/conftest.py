@@ -59,7 +59,7 @@ def tiny_models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_family(tiny_models):
     """``tiny_family("sam2")`` → ``DIR/sam2``, built once per session by the real
-    ``make-tiny-models --family`` command (families: sam-hq, sam2, sam3, mm-grounding-dino)."""
+    ``make-tiny-models --family`` command (families: sam-hq, sam2, sam3, sam3-video, mm-grounding-dino, sam2-video)."""
     built: dict[str, Path] = {}
 
     def build(family: str) -> Path:
