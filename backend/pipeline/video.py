@@ -57,7 +57,8 @@ class VideoPipeline:
         self._sam3_video = None  # ENGINE=sam3: SAM 3's video model tracks text prompts
         self.sam3_load_error: ModelLoadError | None = None
         self._load_lock = threading.Lock()
-        self._run_lock = threading.Lock()  # one tracking run at a time: the tracker holds session state
+        # No lock around tracking runs: each has its own session (the models hold no per-video
+        # state), so an annotator's label click is not queued behind a bulk run's long video.
 
     def tracker(self):
         """The SAM 2.1 video model (TRACKER_MODEL), loaded on first use."""
@@ -163,7 +164,7 @@ class VideoPipeline:
                      ) -> tuple[VideoTracks, int]:
         """Track one opened video: ``phrases`` (text → tracks) or, when None, the context's tracks.
         Returns the tracks (pixels of the decoded frame) and how many frames were tracked."""
-        with self._run_lock, self.pipeline.metrics.stage_seconds.labels("engine").time():
+        with self.pipeline.metrics.stage_seconds.labels("engine").time():
             run = self._run(source, request, phrases, context_tracks, fps, deadline)
         info = source.info
         return VideoTracks(info.width, info.height, fps, info.duration, source.frames_count, run.tracks,
