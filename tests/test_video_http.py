@@ -219,3 +219,17 @@ def test_queue_mode_tracks_on_a_worker(start_backend, start_worker, redis_server
         check_track(track, 50)
     assert "task 1: video 160x120, 50 frames at 25 fps" in worker.log_text()
     assert "task 2: empty prediction:" in worker.log_text()
+
+
+def test_video_projects_are_not_pre_warmed():
+    """Pre-warming encodes image embeddings for the next clicks: a video task has none to encode."""
+    from backend.ls.labelconfig import parse_label_config
+    from backend.ls.tasks import PredictRequest
+    from backend.pipeline.prewarm import after_predict
+    from tests.test_http import CONFIG as IMAGE_CONFIG
+
+    def request(config):
+        return PredictRequest([{"id": 7, "data": {}}], parse_label_config(config), {"result": []})
+
+    assert after_predict(3, request(CONFIG), 3) is None
+    assert after_predict(3, request(IMAGE_CONFIG), 3) is not None

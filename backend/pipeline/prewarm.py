@@ -77,8 +77,8 @@ def after_predict(project: int, request: PredictRequest, count: int) -> WarmRequ
     None when there is nothing to do (``count`` 0, several tasks: a bulk call, not an annotator, or a
     task without a usable id)."""
     task_id = request.tasks[0].get("id") if len(request.tasks) == 1 else None
-    if count == 0 or not _is_id(task_id) or not _is_id(project):
-        return None
+    if count == 0 or not _is_id(task_id) or not _is_id(project) or request.config.video is not None:
+        return None  # a video project has no image embeddings to warm
     return WarmRequest(project, task_id, count, request.config)
 
 
@@ -134,6 +134,9 @@ class Prewarmer:
         if self._api is None:
             self._api = self._api_factory()
         config = request.config or parse_label_config(self._api.label_config(request.project))
+        if config.video is not None:
+            log.info("pre-warming skipped: project %d is a video project (no image embeddings)", request.project)
+            return 0
         tasks = self._api.next_tasks(request.project, request.after, request.count)
         encoded, added = 0, 0
         for task in tasks:
