@@ -104,9 +104,10 @@ class Downloader:
         """Whether ``target`` is on the Label Studio origin."""
         return self._ls_origin is not None and target.origin == self._ls_origin
 
-    def get(self, url: str, target: Target, limit: int | None = None) -> bytes:
+    def get(self, url: str, target: Target, limit: int | None = None, setting: str = "MAX_DOWNLOAD_MB") -> bytes:
         """The body of ``target`` (parsed from ``url``, the task's absolute URL) after redirects;
-        at most ``limit`` bytes (default ``max_download_bytes``; videos have their own)."""
+        at most ``limit`` bytes (default ``max_download_bytes``; videos have their own, named by
+        ``setting`` in the error)."""
         settings = self._settings
         deadline = time.monotonic() + settings.deadline_s
         send_auth = True  # becomes False for good once the chain leaves the LS origin
@@ -178,7 +179,7 @@ class Downloader:
                         resolving=is_ls and is_resolve_request(target.request_uri, self._ls_path),
                         storage=storage_hop,
                     ))
-                data = self._read_body(response, desc, deadline, limit)
+                data = self._read_body(response, desc, deadline, limit, setting)
                 reusable = True
                 return data
             finally:
@@ -223,7 +224,7 @@ class Downloader:
             raise ImageError(_unreachable_reason(desc, exc)) from None
 
     def _read_body(self, response: urllib3.BaseHTTPResponse, desc: str, deadline: float,
-                   limit: int | None = None) -> bytes:
+                   limit: int | None = None, setting: str = "MAX_DOWNLOAD_MB") -> bytes:
         limit = self._settings.max_download_bytes if limit is None else limit
         length = response.headers.get("Content-Length")
         if length is not None:
@@ -232,7 +233,7 @@ class Downloader:
             except ValueError:
                 announced = -1
             if announced > limit:
-                raise ImageError(too_big_reason(desc, announced, limit))
+                raise ImageError(too_big_reason(desc, announced, limit, setting=setting))
         read = getattr(response, "read1", None) or response.read
         body = bytearray()
         try:
@@ -244,7 +245,7 @@ class Downloader:
                     break
                 body += chunk
                 if len(body) > limit:
-                    raise ImageError(too_big_reason(desc, len(body), limit, streaming=True))
+                    raise ImageError(too_big_reason(desc, len(body), limit, streaming=True, setting=setting))
         except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
             raise ImageError(
                 f"timed out reading {desc} (no data for {self._settings.read_timeout:g} s)"

@@ -148,26 +148,29 @@ class ImageLoader:
             log.warning("image load failed: %s", exc.reason)
             raise
 
-    def fetch(self, url: str, task_id: object = None, max_bytes: int | None = None) -> bytes:
+    def fetch(self, url: str, task_id: object = None, max_bytes: int | None = None,
+              setting: str = "MAX_DOWNLOAD_MB") -> bytes:
         """The bytes of a task's media (a video) at ``url``, undecoded: the same URL policy,
         credentials, SSRF guard and deadlines as :meth:`load`, with ``max_bytes`` (default
-        ``max_download_bytes``) as the size limit. Raises :class:`ImageError`, logged at WARNING."""
+        ``max_download_bytes``) as the size limit, named ``setting`` in the error. Raises
+        :class:`ImageError`, logged at WARNING."""
         try:
-            return self._fetch(url, task_id, max_bytes)
+            return self._fetch(url, task_id, max_bytes, setting)
         except ImageError as exc:
             log.warning("media fetch failed: %s", exc.reason)
             raise
 
-    def _fetch(self, url: str, task_id: object, max_bytes: int | None = None) -> bytes:
+    def _fetch(self, url: str, task_id: object, max_bytes: int | None = None,
+               setting: str = "MAX_DOWNLOAD_MB") -> bytes:
         """The encoded bytes of the task's image: inline, from disk, or downloaded."""
         limit = self._settings.max_download_bytes if max_bytes is None else max_bytes
         url = task_url(url)
         if is_data_uri(url):
-            return decode_data_uri(url, limit)
+            return decode_data_uri(url, limit, setting)
         if cloud_scheme(url) is not None:
             resolve = presign_url(self._ls_base, task_id, url)
             try:
-                return self._download.get(resolve, parse_target(resolve), limit)
+                return self._download.get(resolve, parse_target(resolve), limit, setting)
             except ImageError as exc:
                 # the reason names the LS/storage URL without its query: say which image it was
                 raise ImageError(f"{describe(url)} (through Label Studio): {exc.reason}") from None
@@ -175,7 +178,7 @@ class ImageLoader:
         target = parse_target(url)
         local = local_files_param(url)
         if local is not None and self._root is not None and self._download.is_ls(target):
-            data = read_local_file(self._root, local, limit)
+            data = read_local_file(self._root, local, limit, setting)
             if data is not None:
                 return data
-        return self._download.get(url, target, limit)
+        return self._download.get(url, target, limit, setting)

@@ -68,9 +68,10 @@ def describe(url: str) -> str:
     return escape(text)
 
 
-def too_big_reason(what: str, size: int, limit: int, streaming: bool = False) -> str:
+def too_big_reason(what: str, size: int, limit: int, streaming: bool = False, setting: str = "MAX_DOWNLOAD_MB") -> str:
+    """``setting``: the environment variable that sets ``limit`` (MAX_VIDEO_MB for videos)."""
     amount = f"more than {limit} bytes" if streaming else f"{size} bytes"
-    return f"{what} is {amount}, over the download limit of {limit} bytes (MAX_DOWNLOAD_MB)"
+    return f"{what} is {amount}, over the download limit of {limit} bytes ({setting})"
 
 
 def task_url(url: object) -> str:
@@ -132,7 +133,7 @@ def local_files_param(url: str) -> str | None:
     return d
 
 
-def read_local_file(root: str, d: str, limit: int) -> bytes | None:
+def read_local_file(root: str, d: str, limit: int, setting: str = "MAX_DOWNLOAD_MB") -> bytes | None:
     """Bytes of ``d`` under ``root`` (a real path), at most ``limit`` of them; ``None`` if there
     is no such file (then LS serves it)."""
     segments = [s for s in d.split("/") if s not in ("", ".")]
@@ -147,18 +148,18 @@ def read_local_file(root: str, d: str, limit: int) -> bytes | None:
         with open(real, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > limit:
-                raise ImageError(too_big_reason(f"local file {d[:200]!r}", size, limit))
+                raise ImageError(too_big_reason(f"local file {d[:200]!r}", size, limit, setting=setting))
             data = handle.read(limit + 1)
     except OSError as exc:
         raise ImageError(
             f"cannot read local file {d[:200]!r} ({exc.strerror or type(exc).__name__})"
         ) from None
     if len(data) > limit:
-        raise ImageError(too_big_reason(f"local file {d[:200]!r}", len(data), limit))
+        raise ImageError(too_big_reason(f"local file {d[:200]!r}", len(data), limit, setting=setting))
     return data
 
 
-def decode_data_uri(uri: str, limit: int) -> bytes:
+def decode_data_uri(uri: str, limit: int, setting: str = "MAX_DOWNLOAD_MB") -> bytes:
     """The bytes of a ``data:image/<type>;base64,<payload>`` URI, at most ``limit`` of them."""
     header, comma, payload = uri.partition(",")
     params = [p.strip().lower() for p in header[5:].split(";")]
@@ -169,7 +170,7 @@ def decode_data_uri(uri: str, limit: int) -> bytes:
         )
     compact = "".join(unquote(payload).split()).replace("-", "+").replace("_", "/")
     if len(compact) // 4 * 3 > limit + 3:
-        raise ImageError(too_big_reason("the data: URI", len(compact) // 4 * 3, limit))
+        raise ImageError(too_big_reason("the data: URI", len(compact) // 4 * 3, limit, setting=setting))
     if len(compact) % 4 == 1:
         raise ImageError("the data: URI payload is not valid base64 (bad length)")
     try:
@@ -177,5 +178,5 @@ def decode_data_uri(uri: str, limit: int) -> bytes:
     except (binascii.Error, ValueError):
         raise ImageError("the data: URI payload is not valid base64") from None
     if len(data) > limit:
-        raise ImageError(too_big_reason("the data: URI", len(data), limit))
+        raise ImageError(too_big_reason("the data: URI", len(data), limit, setting=setting))
     return data

@@ -131,10 +131,11 @@ class VideoPipeline:
         try:
             with self.pipeline.metrics.stage_seconds.labels("images").time():
                 blob = self.pipeline.loader.fetch(url, task_id=task.get("id"),
-                                                  max_bytes=int(self.settings.max_video_mb * 2**20))
+                                                  max_bytes=int(self.settings.max_video_mb * 2**20),
+                                                  setting="MAX_VIDEO_MB")
             source = VideoSource(blob, max_frames=self.settings.max_video_frames, fps=fps)
         except ImageError as exc:  # VideoError too: a corrupt or oversized file fails its task only
-            return self._failed(task, exc.reason.replace("(MAX_DOWNLOAD_MB)", "(MAX_VIDEO_MB)"))
+            return self._failed(task, exc.reason)
         try:
             tracks, frames = self.track_source(source, request, phrases, context_tracks, fps, deadline)
         except ImageError as exc:  # decoding broke mid-file
