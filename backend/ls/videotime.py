@@ -6,7 +6,7 @@ LS numbers video frames from 1. From 1.23.0 (the feature flag
 :data:`BROWSER_TIME_PRECISION`), and a video has ``round(duration * fps)`` frames. ``fps`` is the
 label config's ``<Video frameRate>``, not the file's: a file whose real rate differs is mapped
 through time, never by counting decoded frames. LS 1.20–1.22 differ (they seek to ``f / fps``)
-unless that flag is set in LS's environment (README: Video).
+unless that flag is set in LS's environment (docs/video.md, "Frame numbers").
 
 LS writes ``time = frame / fps`` on every keyframe it saves (its exporter reads it), so
 :func:`keyframe_time` is that value, not the time the frame is shown at.
