@@ -17,28 +17,51 @@ log = logging.getLogger("backend")
 from backend.cli_video import PALETTE
 
 
-def _config_for_phrases(phrases: list[str]) -> str:
-    """A label config whose labels are the prompt phrases, so the output is importable LS JSON."""
+#: The CLI's region kinds (``--outputs``), each with the control its label config gets. The default
+#: is rectangles and brush masks, what the JSON always held; polygons are asked for by name.
+CLI_CONTROLS = {"rectangle": ("RectangleLabels", "label"), "brush": ("BrushLabels", "mask"),
+                "polygon": ("PolygonLabels", "polygon")}
+DEFAULT_OUTPUTS = ("rectangle", "brush")
+
+
+def parse_outputs(text: str) -> tuple[str, ...]:
+    """``--outputs``: 'rectangle,brush,polygon' → the kinds, in that order, each once."""
+    kinds = [k.strip().lower() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in CLI_CONTROLS]
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more of {', '.join(CLI_CONTROLS)}, "
+                                         "separated by commas")
+    return tuple(k for k in CLI_CONTROLS if k in kinds)
+
+
+def _config_for_phrases(phrases: list[str], outputs: tuple[str, ...] = DEFAULT_OUTPUTS) -> str:
+    """A label config whose labels are the prompt phrases, with one control per kind of ``outputs``,
+    so the output is importable LS JSON (a project with the same controls takes it as is)."""
     from xml.sax.saxutils import quoteattr
 
     labels = "".join(f"<Label value={quoteattr(p)}/>" for p in phrases)
-    return (f'<View><Image name="image" value="$image"/>'
-            f'<RectangleLabels name="label" toName="image">{labels}</RectangleLabels>'
-            f'<BrushLabels name="mask" toName="image">{labels}</BrushLabels></View>')
+    controls = "".join(f'<{tag} name="{name}" toName="image">{labels}</{tag}>'
+                       for tag, name in (CLI_CONTROLS[kind] for kind in outputs))
+    return f'<View><Image name="image" value="$image"/>{controls}</View>'
+
+
+def _label(region: dict) -> str:
+    """A region's label: ``value.rectanglelabels[0]``, ``value.brushlabels[0]``, ... by its type."""
+    return (region["value"].get(region["type"]) or [""])[0]
 
 
 def draw_overlay(image, prediction: dict):
-    """The image with each region drawn: masks tinted, boxes outlined, labels written."""
+    """The image with each region drawn: masks tinted, polygons and boxes outlined in their label's
+    colour, labels written at the boxes (at the polygons when there are no boxes)."""
     from PIL import Image, ImageDraw
 
-    from backend.ls.geometry import PercentRect
+    from backend.ls.geometry import PercentRect, percent_to_pixels
     from backend.rle import rle_to_mask
 
     canvas = image.convert("RGBA")
     tint = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw_tint = ImageDraw.Draw(tint)
-    labels = sorted({r["value"].get("rectanglelabels", r["value"].get("brushlabels", [""]))[0]
-                     for r in prediction["result"]})
+    labels = sorted({_label(r) for r in prediction["result"]})
     color = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
     for region in prediction["result"]:
         if region["type"] == "brushlabels":
@@ -47,6 +70,17 @@ def draw_overlay(image, prediction: dict):
             tint.paste(color[region["value"]["brushlabels"][0]] + (110,), (0, 0), alpha)
     canvas = Image.alpha_composite(canvas, tint)
     draw = ImageDraw.Draw(canvas)
+    has_boxes = any(r["type"] == "rectanglelabels" for r in prediction["result"])
+    for region in prediction["result"]:
+        if region["type"] != "polygonlabels" or len(region["value"].get("points") or ()) < 3:
+            continue
+        value, w, h = region["value"], region["original_width"], region["original_height"]
+        points = [percent_to_pixels(x, y, w, h) for x, y in value["points"]]
+        label = value["polygonlabels"][0]
+        draw.polygon(points, outline=color[label] + (255,), width=max(2, w // 400))
+        if not has_boxes:  # --outputs polygon: the label sits at the polygon's top vertex
+            x0, y0 = min(points, key=lambda p: (p[1], p[0]))
+            draw.text((x0 + 3, y0 + 2), f"{label} {region['score']:.2f}", fill=color[label] + (255,))
     for region in prediction["result"]:
         if region["type"] != "rectanglelabels":
             continue
@@ -76,6 +110,9 @@ def cmd_predict(args) -> int:
     from backend.cli_video import is_video_path, predict_video
 
     if is_video_path(args.image):
+        if args.outputs is not None:
+            print("error: --outputs is for images: a video's regions are videorectangle tracks", file=sys.stderr)
+            return 2
         return predict_video(args, settings, phrases)
     try:
         image = LoadedImage.from_bytes(Path(args.image).read_bytes(), str(args.image), settings.max_image_pixels)
@@ -86,8 +123,9 @@ def cmd_predict(args) -> int:
 
     pipeline = Pipeline(settings)
     result = pipeline.engine().run([image.image], [phrases])[0]
-    prediction, stats = build_prediction(result, parse_label_config(_config_for_phrases(phrases)),
-                                         pipeline.model_version, defaults=pipeline.select_defaults)
+    config = parse_label_config(_config_for_phrases(phrases, args.outputs or DEFAULT_OUTPUTS))
+    prediction, stats = build_prediction(result, config, pipeline.model_version, defaults=pipeline.select_defaults,
+                                         polygon=pipeline.polygon)
     print(f"{args.image}: {image.width}x{image.height}, {len(result.detections)} detections, "
           f"{stats.regions} regions ({pipeline.model_version})")
     if args.json:
@@ -203,10 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="run the models on one image or video file")
     predict.add_argument("image", help="path of an image file, or of a video file (.mp4, .mov, .webm, ...)")
-    predict.add_argument("--prompt", required=True, help='phrases separated by "." or ",", e.g. "cat . red car"')
+    predict.add_argument("--prompt", required=True,
+                         help='phrases separated by ".", "," or "?", e.g. "cat . red car"')
+    predict.add_argument("--outputs", type=parse_outputs, default=None, metavar="KINDS",
+                         help="images: the region kinds to write, comma-separated, of rectangle, brush, polygon "
+                              "(default rectangle,brush). Each kind is a control of the JSON's label config: "
+                              'RectangleLabels "label", BrushLabels "mask", PolygonLabels "polygon" (the mask\'s '
+                              "outline, simplified at POLYGON_TOLERANCE), all on Image \"image\"")
     predict.add_argument("--json", help="write the LS prediction JSON here")
-    predict.add_argument("--overlay", help="write a PNG with boxes, masks and labels drawn here (a video: an MP4 "
-                                           "with the tracks drawn, or a strip of frames for .png/.jpg)")
+    predict.add_argument("--overlay", help="write a PNG with boxes, polygons, masks and labels drawn here (a video: "
+                                           "an MP4 with the tracks drawn, or a strip of frames for .png/.jpg)")
     predict.add_argument("--fps", type=float, default=25.0,
                          help="video: the frame rate LS numbers frames at (the label config's frameRate)")
     predict.set_defaults(func=cmd_predict)

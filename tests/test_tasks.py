@@ -38,6 +38,13 @@ def test_split_prompt_normalizes_and_deduplicates():
     assert split_prompt("Cat . red  car, cat,, DOG.", LIMITS) == ["cat", "red car", "dog"]
 
 
+def test_a_question_mark_separates_phrases_as_it_does_inside_grounding_dino():
+    """'?' is one of the model's phrase separators ([CLS], [SEP], '.', '?'), so it is one of ours."""
+    assert split_prompt("cat? dog", LIMITS) == ["cat", "dog"]
+    assert split_prompt("Is it a cat?? red car . dog?", LIMITS) == ["is it a cat", "red car", "dog"]
+    assert split_prompt(" ? ", LIMITS) == []
+
+
 @pytest.mark.parametrize("text, message", [("x" * 201, "at most 200"), ("a.b.c.d.e", "at most 4")])
 def test_prompt_limits(text, message):
     with pytest.raises(RequestError, match=message):

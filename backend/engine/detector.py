@@ -10,6 +10,9 @@ the phrase's. The differences are by design:
   prompt's tokens, [CLS], '.' and [SEP] included, which can make a box score high for no phrase);
 - its label is the one whole prompt phrase that scores highest (the reference decodes whichever
   tokens pass ``text_threshold``: part of a phrase, or pieces of two);
+- the prompt is the phrases joined by " . ", with a '.' or '?' inside a phrase (a label "st. bernard")
+  spaced out: both end a phrase inside the model (its text self-attention blocks), so each phrase
+  stays one block and one span of tokens (the reference takes the text as given);
 - boxes are clipped to the image, slivers under a pixel dropped, NMS runs per phrase, and at most
   ``max_detections`` are kept (the reference does none of these).
 
@@ -21,6 +24,7 @@ so an image's boxes do not depend on what it was batched with.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,6 +79,18 @@ MODEL_CLASSES = {"grounding-dino": GroundingDinoForObjectDetection,
                  "mm-grounding-dino": MMGroundingDinoForObjectDetection}
 
 
+def separator_ids(model, tokenizer) -> frozenset[int]:
+    """The token ids that split the prompt into phrases inside ``model``: its ``special_tokens``
+    buffer (transformers' ``SPECIAL_TOKENS``: [CLS], [SEP], '.', '?'), which
+    ``generate_masks_with_special_tokens_and_transfer_map`` turns into the text self-attention
+    blocks; the tokenizer's ids of the same four where a model has no such buffer."""
+    buffer = getattr(getattr(model, "model", model), "special_tokens", None)
+    if buffer is not None:
+        return frozenset(int(t) for t in buffer.tolist())
+    ids = tokenizer.convert_tokens_to_ids([tokenizer.cls_token, tokenizer.sep_token, ".", "?"])
+    return frozenset(int(t) for t in ids)
+
+
 def model_class(source: str):
     """The model class for the checkpoint ``source`` (hub id or directory), by its config's model_type."""
     model_type = AutoConfig.from_pretrained(source).model_type
@@ -119,7 +135,12 @@ class GroundingDinoDetector:
             swin = self.model.model.backbone.conv_encoder.model
             swin.forward = maybe_compile(swin.forward, True, "grounding-dino backbone")
         self.max_text_len = self.model.config.max_text_len
-        self.dot_id = self.tokenizer.convert_tokens_to_ids(".")
+        self.separator_ids = separator_ids(self.model, self.tokenizer)
+        # The separators' text ('.', '?'): inside one phrase (a label "st. bernard") it would split
+        # the phrase in two for the model, so the prompt carries a space there instead.
+        texts = [t for t in self.tokenizer.convert_ids_to_tokens(list(self.separator_ids))
+                 if t not in self.tokenizer.all_special_tokens]
+        self._inner_separators = re.compile("|".join(map(re.escape, texts))) if texts else None
         size = self.image_processor.size
         self.short_edge, self.long_edge = size["shortest_edge"], size["longest_edge"]
         self.normalize = Normalizer(self.image_processor)
@@ -164,7 +185,7 @@ class GroundingDinoDetector:
 
     def _run(self, items: list[DinoInput], phrases: list[Sequence[str]],
              limits: list[DetectThresholds]) -> list[Detections]:
-        prompts = [" . ".join(p) + " ." for p in phrases]
+        prompts = [self.prompt_for(p) for p in phrases]
         text = self.tokenizer(prompts, return_tensors="pt", padding="longest", truncation=True,
                               max_length=self.max_text_len)
         text = {k: v for k, v in text.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -183,15 +204,23 @@ class GroundingDinoDetector:
         return [self._postprocess(probs[b], boxes[b], input_ids[b], phrases[b], items[b].size, limits[b])
                 for b in range(count)]
 
+    def prompt_for(self, phrases: Sequence[str]) -> str:
+        """The text DINO gets: the phrases joined by ' . ', a separator inside a phrase spaced out,
+        so the model sees exactly one phrase between two separators for each of ``phrases``."""
+        if self._inner_separators is not None:
+            phrases = [self._inner_separators.sub(" ", p) for p in phrases]
+        return " . ".join(phrases) + " ."
+
     def _phrase_spans(self, input_ids: np.ndarray, count: int) -> list[tuple[int, int]]:
-        """Token [start, end) of each phrase: the runs between [CLS], '.' separators and [SEP]."""
+        """Token [start, end) of each phrase: the runs between the model's separators ([CLS], '.',
+        '?', [SEP]: :attr:`separator_ids`), the blocks its text self-attention is restricted to."""
         spans, start = [], 1
         for position, token in enumerate(input_ids[1:], start=1):
-            if token == self.dot_id or token == self.tokenizer.sep_token_id:
+            if token in self.separator_ids:
                 # An empty span (a phrase that tokenized to nothing) is kept so later phrases stay aligned.
                 spans.append((start, position))
                 start = position + 1
-                if token != self.dot_id:
+                if token == self.tokenizer.sep_token_id:
                     break
         return spans[:count]  # a truncated prompt loses its last phrases, never shifts them
 

@@ -2,7 +2,9 @@
 
 The prompt is the text of the config's ``<TextArea>`` found in ``context.result`` by ``from_name``.
 Without one (the batch "Retrieve predictions" call, or an empty prompt) the prompt is the
-config's labels and their ``predicted_values`` aliases. Phrases are separated by ``.`` or ``,``.
+config's labels and their ``predicted_values`` aliases. Phrases are separated by ``.`` or ``,``, and
+by ``?``: Grounding DINO itself ends a phrase at ``.`` and ``?`` (its text self-attention stays
+inside the tokens between two of them), so a prompt "cat? dog" is the two phrases it sees.
 
 Bounds (checked before any image is fetched): at most ``max_tasks`` tasks per request (413), at most
 ``max_smart_prompts`` smart-tool clicks + boxes (413), and a smart-tool call is for one task (400).
@@ -20,7 +22,7 @@ from backend.ls.options import PredictOptions
 from backend.ls.labelconfig import LabelConfig, LabelConfigError, normalize_phrase, parse_label_config
 from backend.ls.smartprompt import SmartPrompt, parse_smart_prompt
 
-_SEPARATORS = re.compile(r"[.,]")
+_SEPARATORS = re.compile(r"[.,?]")  # '.' and '?': the model's own phrase separators; ',' for people
 
 
 class RequestError(ValueError):
@@ -73,7 +75,7 @@ class PredictRequest:
 
 
 def split_prompt(text: str, limits: PromptLimits) -> list[str]:
-    """'cat . Red car, dog' → ['cat', 'red car', 'dog'] (normalized, de-duplicated, in order)."""
+    """'cat . Red car, dog? bird' → ['cat', 'red car', 'dog', 'bird'] (normalized, de-duplicated, in order)."""
     if len(text) > limits.max_chars:
         raise RequestError(f"the prompt has {len(text)} characters; shorten it to at most {limits.max_chars}")
     phrases = list(dict.fromkeys(p for p in (normalize_phrase(s) for s in _SEPARATORS.split(text)) if p))
