@@ -15,8 +15,10 @@ class Metrics:
         self.tasks = Counter("gsam_tasks", "Tasks answered, by outcome (ok, image_error, no_image)",
                              ["outcome"], registry=r)
         self.regions = Counter("gsam_regions", "Regions returned, by type", ["type"], registry=r)
-        self.dropped_detections = Counter("gsam_dropped_detections",
-                                          "Detections dropped because their phrase maps to no label", registry=r)
+        self.dropped_detections = Counter(
+            "gsam_dropped_detections", "Detections that became no region, by reason: no_label (the phrase maps to "
+            "no label), threshold (score not above its label's threshold), not_in_outputs, area (mask under the "
+            "minimum area), per_label_cap (over the maximum per label)", ["reason"], registry=r)
         self.stage_seconds = Histogram("gsam_stage_seconds", "Time per pipeline stage and call",
                                        ["stage"], registry=r)
         self.embedding_cache_hits = Counter("gsam_embedding_cache_hits",

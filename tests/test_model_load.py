@@ -123,3 +123,79 @@ def test_engine_setting_is_validated():
     assert Settings.from_env({}).engine is EngineKind.GROUNDED_SAM
     with pytest.raises(SettingsError, match="ENGINE='sam4' is not an engine"):
         Settings.from_env({"ENGINE": "sam4"})
+
+
+def test_queue_health_shows_why_a_worker_cannot_load_its_models(tiny_env, tiny_models, redis_server, start_backend):
+    """A worker that cannot load exits (above); queue-mode /health still says why, for a while
+    (``gsam:worker-errors``, expiring), and DEGRADED while no worker is live."""
+    import redis
+
+    from backend.queue import keys, liveness
+
+    _, env, setting, words = case(tiny_models, "missing-dir")
+    done = run_backend(["worker"], {**tiny_env, **env, "REDIS_URL": redis_server.url})
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    web = start_backend(REDIS_URL=redis_server.url)
+    health = requests.get(f"{web.url}/health", timeout=5)
+    assert health.status_code == 200, health.text
+    state = health.json()
+    assert state["status"] == "DEGRADED" and state["workers"] == 0, state
+    [reason] = state["worker_errors"]
+    assert reason.startswith(f"{setting}=") and words in reason, state
+    assert reason in state["reason"], state
+
+    connection = redis.Redis.from_url(redis_server.url)
+    assert 0 < connection.ttl(keys.WORKER_ERRORS) <= liveness.LOAD_ERROR_TTL_S  # every key expires
+    run_backend(["worker"], {**tiny_env, **env, "REDIS_URL": redis_server.url})  # the same reason again:
+    assert connection.zcard(keys.WORKER_ERRORS) == 1  # one entry, its expiry pushed back
+    liveness.mark_alive(connection, "gsam-test-live")  # another worker serves: UP, the error still shown
+    state = requests.get(f"{web.url}/health", timeout=5).json()
+    assert state["status"] == "UP" and state["worker_errors"] == [reason] and "reason" not in state, state
+    liveness.mark_gone(connection, "gsam-test-live")
+    connection.delete(keys.WORKER_ERRORS)
+    liveness.record_load_error(connection, "SAM_MODEL='x': gone soon; fix it", ttl_s=0.3)
+    assert liveness.load_errors(connection) == ["SAM_MODEL='x': gone soon; fix it"]
+    time.sleep(0.5)  # an expired entry is not shown even while the key lives (whole seconds)
+    assert requests.get(f"{web.url}/health", timeout=5).json()["worker_errors"] == []
+
+
+def test_any_exception_of_the_load_is_one_state_health_down_and_503(tiny_settings, caplog):
+    """Not only ModelLoadError: whatever the engine factory raises is loaded once, kept as a
+    ModelLoadError (its traceback logged once), /health DOWN with it and /predict 503, never a retry."""
+    from backend.errors import ModelLoadError
+    from backend.modes.embedded import EmbeddedBackend
+    from backend.pipeline.predict import Pipeline
+    from backend.web.app import create_app
+
+    calls = []
+
+    def factory():
+        calls.append(1)
+        raise RuntimeError("CUDA error: device-side assert triggered\nsecond line")
+
+    pipeline = Pipeline(tiny_settings, engine_factory=factory)
+    with pytest.raises(ModelLoadError) as first:
+        pipeline.engine()
+    with pytest.raises(ModelLoadError) as second:
+        pipeline.engine()
+    assert len(calls) == 1 and pipeline.load_error is first.value is second.value
+    reason = first.value.reason
+    assert reason.startswith("ENGINE='grounded-sam': the models could not be loaded (RuntimeError: CUDA error: "
+                             "device-side assert triggered); check GROUNDING_DINO_MODEL, SAM_MODEL"), reason
+    assert "second line" not in reason
+
+    client = create_app(tiny_settings, backend=EmbeddedBackend(tiny_settings, pipeline)).test_client()
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json["status"] == "DOWN" and health.json["reason"] == reason
+    for _ in range(2):
+        answer = client.post("/predict", json=PROMPT_BODY)
+        assert answer.status_code == 503 and reason in answer.json["message"], answer.json
+    assert len(calls) == 1
+    logged = [r for r in caplog.records if r.getMessage().startswith("the models cannot be loaded")]
+    assert len(logged) == 1 and logged[0].exc_info is not None  # the unexpected error's traceback, once
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(ModelLoadError, match="too little memory to load the models; free the device"):
+        Pipeline(tiny_settings, engine_factory=out_of_memory).engine()

@@ -192,6 +192,15 @@ def test_the_projects_outputs_apply_to_smart_tool_answers_and_thresholds_do_not(
     assert {r["type"] for r in strict["result"]} == {"brushlabels", "rectanglelabels"}
 
 
+def test_a_click_whose_label_maps_to_no_output_label_is_counted_as_dropped(pipeline):
+    config = CONFIG.replace('<KeyPointLabels name="click" toName="image" smart="true"><Label value="cat"/>',
+                            '<KeyPointLabels name="click" toName="image" smart="true"><Label value="cow"/>')
+    request = PredictRequest(tasks=[{"id": 1, "data": {"image": uri(64, 48)}}], config=parse_label_config(config),
+                             context={"result": [keypoint(50, 50, label="cow")]})
+    assert pipeline.predict(request)[0]["result"] == []
+    assert pipeline.metrics.dropped_detections.labels("no_label")._value.get() == 1
+
+
 def test_text_plus_click_detects_at_the_projects_thresholds(pipeline):
     image = uri(64, 48)
     loose = predict(pipeline, image, text("cat"), keypoint(50, 50))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -293,3 +294,70 @@ def test_a_bad_model_score_threshold_is_400_from_predict(start_backend):
     assert 'model_score_threshold="0,4"' in message and '<Label value="dog">' in message and "[0, 1]" in message
     good = requests.post(backend.url + "/predict", json={**body, "label_config": CONFIG}, timeout=120)
     assert good.status_code == 200 and len(good.json()["results"]) == 1
+
+
+# ------------------------------------------------------------------------------ dropped detections in /metrics
+
+METRICS_CONFIG = ('<View><Image name="image" value="$image"/>'
+                  '<RectangleLabels name="box" toName="image"><Label value="cat"/>'
+                  '<Label value="dog" model_score_threshold="0.5"/></RectangleLabels>'
+                  '<BrushLabels name="mask" toName="image"><Label value="bird"/></BrushLabels></View>')
+#: (phrase, score, box): per reason a different number of drops, so no two reasons can be swapped
+STUB_ROWS = ([("cat", 0.9, (0, 0, 20, 10))]  # kept
+             + [("truck", 0.9, (0, 0, 20, 10))]  # no_label: 1
+             + [("dog", s, (0, 0, 20, 10)) for s in (0.3, 0.4)]  # threshold (dog's 0.5): 2
+             + [("cat", s, (0, 0, 2, 1)) for s in (0.97, 0.96, 0.95)]  # area (2 px < 10): 3
+             + [("cat", s, (0, 0, 20, 10)) for s in (0.8, 0.79, 0.78, 0.77)]  # per_label_cap (1 per label): 4
+             + [("bird", 0.9, (0, 0, 20, 10))] * 5)  # not_in_outputs (only rectangles asked for): 5
+
+
+class RowsStubDetector:
+    """Stub detector: ``STUB_ROWS`` for every image, whatever the phrases and thresholds."""
+
+    def detect(self, images, phrases, thresholds=None):
+        boxes = np.array([box for _, _, box in STUB_ROWS], np.float32)
+        scores = np.array([score for _, score, _ in STUB_ROWS], np.float32)
+        return [Detections(boxes, scores, tuple(p for p, _, _ in STUB_ROWS)) for _ in images]
+
+
+def dropped_metrics(client) -> dict[str, float]:
+    text = client.get("/metrics").get_data(as_text=True)
+    found = re.findall(r'^gsam_dropped_detections_total\{reason="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+    return {reason: float(value) for reason, value in found}
+
+
+def test_smart_tool_text_detections_under_their_labels_threshold_are_counted():
+    from backend.ls.selection import Selection, above_own_threshold
+
+    detections = stub_result([("cat", 0.3, 5), ("dog", 0.15, 5), ("truck", 0.9, 5), ("bird", 0.1, 5)]).detections
+    selection = Selection()
+    kept_detections = above_own_threshold(detections, parse_label_config(CONFIG), PredictOptions(), 0.2, selection)
+    # cat clears its own 0.2; dog neither the rectangles' 0.5 nor the brush's default 0.2; bird not 0.2;
+    # truck maps to no label: kept here, dropped (and counted) by the caller when it maps its mask
+    assert kept_detections.phrases == ("cat", "truck")
+    assert selection.dropped == {DropReason.BELOW_THRESHOLD: 2}
+
+
+def test_dropped_detections_are_counted_by_reason_in_metrics(tiny_settings):
+    from backend.engine.engine import Engine
+    from backend.modes.embedded import EmbeddedBackend
+    from backend.web.app import create_app
+    from tests.test_geometry import BoxFillStubSegmenter
+
+    pipeline = Pipeline(tiny_settings, engine_factory=lambda: Engine(RowsStubDetector(), BoxFillStubSegmenter()))
+    client = create_app(tiny_settings, backend=EmbeddedBackend(tiny_settings, pipeline)).test_client()
+    zero = {"no_label": 0, "threshold": 0, "not_in_outputs": 0, "area": 0, "per_label_cap": 0}
+    assert dropped_metrics(client) == zero  # every reason is there from the start
+    setup = client.post("/setup", json={"project": "1", "schema": METRICS_CONFIG, "extra_params": {
+        "min_mask_area": 10, "max_per_label": 1, "outputs": ["rectangle"]}})
+    assert setup.status_code == 200, setup.json
+    body = {"tasks": [{"id": 1, "data": {"image": noise_uri(0, 64, 48)}}], "label_config": METRICS_CONFIG,
+            "project": "1.1", "params": {"context": None}}
+    answer = client.post("/predict", json=body)
+    assert answer.status_code == 200, answer.json
+    [result] = answer.json["results"][0]["result"]
+    assert result["value"]["rectanglelabels"] == ["cat"] and result["score"] == pytest.approx(0.9)
+    once = {"no_label": 1, "threshold": 2, "area": 3, "per_label_cap": 4, "not_in_outputs": 5}
+    assert dropped_metrics(client) == once
+    client.post("/predict", json=body)
+    assert dropped_metrics(client) == {reason: 2 * count for reason, count in once.items()}

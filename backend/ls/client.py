@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,10 +116,12 @@ class LabelStudioApi:
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
         self._columns: dict[int, list[str]] = {}
+        self._last = threading.local()
         try:
             self._client = LabelStudio(base_url=self.url, api_key=api_key, timeout=self.timeout,
                                        max_retries=max_retries,
-                                       httpx_client=httpx.Client(timeout=self.timeout, follow_redirects=True))
+                                       httpx_client=httpx.Client(timeout=self.timeout, follow_redirects=True,
+                                                                 event_hooks={"response": [self._remember]}))
         except ApiError as exc:  # the SDK checks a PAT's expiry up front
             raise LabelStudioApiError(
                 f"LABEL_STUDIO_API_KEY was refused before any call ({_api_error_detail(exc)}): create a new "
@@ -287,13 +290,18 @@ class LabelStudioApi:
     # ------------------------------------------------------------------------------ plumbing
     def _hidden_columns(self, project: int) -> list[str]:
         if project not in self._columns:
-            response = self._call(f"read the Data Manager columns of project {project}",
-                                  self._client._client_wrapper.httpx_client.request, "api/dm/columns",
+            what = f"read the Data Manager columns of project {project}"
+            response = self._call(what, self._client._client_wrapper.httpx_client.request, "api/dm/columns",
                                   method="GET", params={"project": project})
             if response.status_code >= 400:
-                raise self._status_error(f"read the Data Manager columns of project {project}",
-                                         response.status_code, response.text)
-            columns = response.json().get("columns") or []
+                raise self._status_error(what, response.status_code, response.text)
+            try:
+                payload = response.json()
+            except ValueError as exc:  # not JSON (UnicodeDecodeError, JSONDecodeError)
+                raise self._not_json(what, response.headers.get("content-type"), type(exc).__name__) from None
+            if not isinstance(payload, dict):
+                raise self._not_json(what, response.headers.get("content-type"), "not a JSON object")
+            columns = payload.get("columns") or []
             self._columns[project] = [
                 "tasks:" + ("data." if c.get("parent") == "data" else "") + str(c["id"])
                 for c in columns if isinstance(c, dict) and c.get("id") and c.get("id") != _VERSIONS_COLUMN]
@@ -302,17 +310,35 @@ class LabelStudioApi:
     def _call(self, what: str, fn, *args, **kwargs):
         from label_studio_sdk.core.api_error import ApiError
 
+        self._last.content_type = None
         try:
             return fn(*args, **kwargs)
         except ApiError as exc:
             raise self._error(what, exc) from None
         except httpx.HTTPError as exc:
             raise self._error(what, exc) from None
+        except ValueError as exc:  # the SDK reading a body that is not JSON (UnicodeDecodeError) or not LS's
+            raise self._not_json(what, getattr(self._last, "content_type", None), type(exc).__name__) from None
+
+    def _remember(self, response: httpx.Response) -> None:
+        """The httpx response hook: the last answer's Content-Type (this thread's), for :meth:`_not_json`."""
+        self._last.content_type = response.headers.get("content-type")
+
+    def _not_json(self, what: str, content_type: str | None, why: str) -> LabelStudioApiError:
+        """LS answered 2xx with a body the SDK cannot read (an image, an HTML page, another shape):
+        usually LABEL_STUDIO_URL pointing at something that is not Label Studio's API."""
+        detail = ", ".join(([_short(content_type, 60)] if content_type else []) + [why])
+        log.warning("Label Studio call failed: %s: the answer is not Label Studio's JSON (%s)", what, detail)
+        return LabelStudioApiError(f"could not {what}: the answer from {self.url} is not Label Studio's JSON "
+                                   f"({detail}): check that LABEL_STUDIO_URL is Label Studio's own address")
 
     def _error(self, what: str, exc: Exception) -> LabelStudioApiError:
         from label_studio_sdk.core.api_error import ApiError
 
         if isinstance(exc, ApiError):
+            if exc.status_code is not None and 200 <= exc.status_code < 300:  # the SDK's JSONDecodeError
+                headers = {k.lower(): v for k, v in (exc.headers or {}).items()}
+                return self._not_json(what, headers.get("content-type"), f"HTTP {exc.status_code}")
             return self._status_error(what, exc.status_code, exc.body)
         kind = type(exc).__name__
         log.warning("Label Studio call failed: %s: %s", what, kind)

@@ -44,13 +44,23 @@ from backend.settings import DetectThresholds, Settings
 
 
 class DropReason(enum.Enum):
-    """Why a detection yields no region (for logs)."""
+    """Why a detection yields no region (the value, for logs; :attr:`key`, for metrics)."""
 
     UNMAPPED = "its phrase maps to no label"
     BELOW_THRESHOLD = "score not above its label's threshold"
     NOT_IN_OUTPUTS = "its label's controls are not in outputs"
     SMALL_MASK = "mask smaller than the minimum area"
     LABEL_CAP = "over the maximum per label"
+
+    @property
+    def key(self) -> str:
+        """The ``reason`` label of ``gsam_dropped_detections_total``."""
+        return _DROP_KEYS[self]
+
+
+_DROP_KEYS = {DropReason.UNMAPPED: "no_label", DropReason.BELOW_THRESHOLD: "threshold",
+              DropReason.NOT_IN_OUTPUTS: "not_in_outputs", DropReason.SMALL_MASK: "area",
+              DropReason.LABEL_CAP: "per_label_cap"}
 
 
 @dataclass(frozen=True)
@@ -139,17 +149,19 @@ def _kinds(label: str, score: np.float32, controls: list[tuple[str, ControlSpec]
 
 
 def above_own_threshold(detections: Detections, config: LabelConfig, options: PredictOptions,
-                        default_box: float) -> Detections:
+                        default_box: float, selection: Selection | None = None) -> Detections:
     """The detections whose label clears its own threshold for at least one output control (the
     detector ran at the lowest threshold any label needs: see :func:`request_thresholds`).
 
     For smart tools with text, whose detections become SAM prompts without :func:`select_detections`.
-    A phrase that maps to no label is kept: the caller drops it, counted, when it maps its masks."""
+    A phrase that maps to no label is kept: the caller drops it, counted, when it maps its masks.
+    ``selection``: where the drops are counted (its ``dropped``), if given."""
     controls = output_controls(config, options)
     default = default_box if options.box_threshold is None else options.box_threshold
+    counted = selection if selection is not None else Selection()
     keep = [index for index, (phrase, score) in enumerate(zip(detections.phrases, detections.scores))
             if (label := config.map_phrase(phrase)) is None
-            or _kinds(label, np.float32(score), controls, default, Selection())]
+            or _kinds(label, np.float32(score), controls, default, counted)]
     return Detections(detections.boxes[keep], detections.scores[keep], tuple(detections.phrases[i] for i in keep))
 
 

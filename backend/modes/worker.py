@@ -125,6 +125,16 @@ def listen_for_warm_requests(settings: Settings, pipeline: Pipeline) -> WarmList
     return WarmListener(settings.redis_url, Prewarmer(pipeline).submit).start()
 
 
+def report_load_error(redis_url: str, reason: str) -> None:
+    """Leave why this worker's models cannot load where queue-mode /health reads it
+    (:func:`backend.queue.liveness.record_load_error`); best effort: Redis may be unreachable too."""
+    try:
+        with connect(redis_url, timeout_s=2.0) as connection:
+            liveness.record_load_error(connection, reason)
+    except redis.RedisError as exc:
+        log.warning("could not record the load error in Redis (%s): /health will not show it", type(exc).__name__)
+
+
 def run_worker(settings: Settings, queues: list[str], batch_size: int | None = None, burst: bool = False,
                metrics_port: int | None = None, metrics_host: str = "127.0.0.1", threads: int = 1) -> None:
     """Load the models, then serve ``queues`` (in priority order) until stopped.
@@ -151,6 +161,7 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
     try:
         pipeline.engine()  # load now: the first job should not pay for it
     except ModelLoadError as exc:  # exit non-zero so the process manager shows why, instead of serving
+        report_load_error(settings.redis_url, exc.reason)
         raise SystemExit(f"error: the models cannot be loaded: {exc.reason}") from None
     resident.install(pipeline)
     listen_for_warm_requests(settings, pipeline)

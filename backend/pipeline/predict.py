@@ -23,7 +23,7 @@ from typing import Callable
 from backend.errors import ModelLoadError
 from backend.images.fetch import FetchSettings, ImageError, ImageLoader, LoadedImage
 from backend.metrics import Metrics
-from backend.modelinfo import model_version
+from backend.modelinfo import model_sources, model_version
 from backend.ls.polygons import PolygonParams
 from backend.ls.regions import build_prediction, empty_prediction
 from backend.ls.selection import DropReason, SelectDefaults, request_thresholds
@@ -80,6 +80,19 @@ def _reason(what: str, exc: Exception) -> str:
     return f"{what} ({type(exc).__name__}: {lines[0][:200] if lines else ''})"
 
 
+def unexpected_load_error(settings: Settings, exc: Exception) -> ModelLoadError:
+    """A ModelLoadError for an exception the engine did not map itself (worded like
+    ``backend.engine.families.load_error``, which this module may not import: torch)."""
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return ModelLoadError("ENGINE", settings.engine.value, "too little memory to load the models",
+                              "free the device, use smaller checkpoints or DTYPE=bfloat16, or set DEVICE=cpu")
+    lines = str(exc).strip().splitlines()
+    return ModelLoadError(
+        "ENGINE", settings.engine.value,
+        f"the models could not be loaded ({type(exc).__name__}: {lines[0][:200] if lines else ''})",
+        f"check {', '.join(model_sources(settings))}, DEVICE and DTYPE (the log has the traceback), then restart")
+
+
 class Pipeline:
     def __init__(self, settings: Settings, engine_factory: Callable | None = None,
                  loader: ImageLoader | None = None, metrics: Metrics | None = None):
@@ -91,6 +104,8 @@ class Pipeline:
         self.polygon = PolygonParams(tolerance=settings.polygon_tolerance)  # POLYGON_TOLERANCE
         self.loader = loader or ImageLoader(fetch_settings(settings))
         self.metrics = metrics or Metrics()
+        for reason in DropReason:  # every reason in /metrics from the start, at 0
+            self.metrics.dropped_detections.labels(reason.key)
         self._engine_factory = engine_factory or self._default_engine
         self._engine = None
         self._video = None
@@ -107,9 +122,10 @@ class Pipeline:
     def engine(self):
         """The engine, created on first use; concurrent first calls wait for one load.
 
-        A load that fails with ModelLoadError is not retried: every later call raises the same
-        error (a missing directory or a wrong family stays so until the settings change and the
-        process restarts), and :attr:`load_error` holds it for /health."""
+        A load that fails is not retried: every later call raises the same ModelLoadError (a
+        missing directory or a wrong family stays so until the settings change and the process
+        restarts), and :attr:`load_error` holds it for /health. Any other exception of the factory
+        becomes one too (:func:`unexpected_load_error`), its traceback logged once."""
         with self._engine_lock:
             if self.load_error is not None:
                 raise self.load_error
@@ -121,6 +137,10 @@ class Pipeline:
                     self.load_error = exc
                     log.error("the models cannot be loaded: %s", exc.reason)
                     raise
+                except Exception as exc:  # any failure to load is one state, not a retry per request
+                    self.load_error = unexpected_load_error(self.settings, exc)
+                    log.error("the models cannot be loaded: %s", self.load_error.reason, exc_info=True)
+                    raise self.load_error from None
                 self.metrics.models_loaded.set(1)
                 log.info("models ready in %.1f s", time.perf_counter() - started)
             return self._engine
@@ -335,9 +355,10 @@ class Pipeline:
         self.metrics.tasks.labels("ok").inc()
         for region in prediction["result"]:
             self.metrics.regions.labels(region["type"]).inc()
+        for reason, count in stats.dropped.items():
+            self.metrics.dropped_detections.labels(reason.key).inc(count)
         dropped = sum(stats.dropped_phrases.values())
         if dropped:
-            self.metrics.dropped_detections.inc(dropped)
             log.info("task %s: dropped %d detections whose phrase maps to no label (%s)", plan.task_id,
                      dropped, ", ".join(sorted(stats.dropped_phrases)))
         selected_out = {reason.name.lower(): count for reason, count in stats.dropped.items()

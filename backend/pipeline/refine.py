@@ -24,7 +24,7 @@ from backend.ls.labelconfig import LabelConfig
 from backend.ls.options import PredictOptions
 from backend.ls.polygons import PolygonParams
 from backend.ls.regions import RegionStats, build_mask_prediction
-from backend.ls.selection import above_own_threshold
+from backend.ls.selection import DropReason, Selection, above_own_threshold
 from backend.ls.smartprompt import Click, SmartPrompt
 from backend.results import Detections, LabeledMasks, MaskPrompt, PromptedMask
 
@@ -83,15 +83,15 @@ def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, sma
     also gives the region kinds. The masks themselves are never filtered by score or area: the
     annotator asked for each one."""
     width, height = loaded.width, loaded.height
-    detections = None
+    detections, selection = None, Selection()
     if phrases:
         detected = engine.detect([loaded.image], [phrases], [thresholds] if thresholds else None)[0]
-        detections = above_own_threshold(detected, config, options, default_box)
+        detections = above_own_threshold(detected, config, options, default_box, selection)
     fallback = (config.brush or config.polygon or config.rectangle).labels[0]
     prompts, names = plan_prompts(smart, detections, width, height, fallback)
     # ``loaded.pixels``, not the image: a click on an image whose embedding is cached never decodes it
     outputs = engine.refine(loaded.pixels, loaded.sha256, prompts)
-    stats, kept = RegionStats(), []
+    stats, kept = RegionStats(dropped=selection.dropped), []
     for (mask, score), name in zip(outputs, names):
         if mask.is_empty:
             continue
@@ -101,6 +101,7 @@ def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, sma
         label = config.map_phrase(name)
         if label is None:
             stats.dropped_phrases[name] = stats.dropped_phrases.get(name, 0) + 1
+            selection.drop(DropReason.UNMAPPED)
             continue
         # SAM's IoU estimate can stray outside [0, 1]; a region score is a confidence, so clip it.
         kept.append(PromptedMask(label=label, mask=mask, score=min(max(score, 0.0), 1.0)))

@@ -27,6 +27,7 @@ from backend.queue import keys
 from backend.queue.connection import connect
 from backend.queue.errors import JobFailed, QueueTimeout, QueueUnavailable
 from backend.queue.jobs import predict_job
+from backend.queue.liveness import decode_load_errors
 from backend.queue.transport import INTERACTIVE, QUEUES, drop_unstarted, queue
 
 log = logging.getLogger(__name__)
@@ -113,17 +114,24 @@ class QueueClient:
             # a failed attempt that is being retried, or a retry result: keep waiting
 
     def health(self) -> dict:
-        """Queue depths and live workers; never waits more than ~0.5 s on Redis."""
+        """Queue depths, live workers and the recent model-load errors of workers (``worker_errors``,
+        latest first: a worker that cannot load its models exits, so only this tells why none is
+        live; ``reason`` then repeats the latest); never waits more than ~0.5 s on Redis."""
+        now = time.time()
         try:
             with self.health_connection.pipeline() as pipe:
                 for name in QUEUES:
                     pipe.llen(queue(name, self.health_connection).key)
-                pipe.zcount(keys.WORKERS, time.time(), "+inf")  # liveness.live_workers, in the same round trip
-                *depths, workers = pipe.execute()
+                pipe.zcount(keys.WORKERS, now, "+inf")  # liveness.live_workers, in the same round trip
+                pipe.zrevrangebyscore(keys.WORKER_ERRORS, "+inf", now)  # liveness.load_errors
+                *depths, workers, errors = pipe.execute()
         except redis.RedisError as exc:
             return {"status": "DEGRADED", "redis": f"unreachable ({type(exc).__name__})"}
-        return {"status": "UP" if workers else "DEGRADED", "redis": "ok", "workers": int(workers),
-                "queues": dict(zip(QUEUES, (int(d) for d in depths)))}
+        state = {"status": "UP" if workers else "DEGRADED", "redis": "ok", "workers": int(workers),
+                 "queues": dict(zip(QUEUES, (int(d) for d in depths))), "worker_errors": decode_load_errors(errors)}
+        if not workers and state["worker_errors"]:
+            state["reason"] = f"no worker is live; a worker could not load its models: {state['worker_errors'][0]}"
+        return state
 
 
 __all__ = ["QueueClient", "predict_payload"]

@@ -6,6 +6,7 @@ code that writes the key, the names live here::
     gsam:workers                 sorted set worker name -> when its liveness expires
     gsam:worker-versions         hash worker name -> the model version it serves
     gsam:reaper-lock             which worker runs the housekeeping round (SET NX PX)
+    gsam:worker-errors           sorted set: why a worker could not load its models -> when that expires
     gsam:run:<id>                hash: the run's record (status, spec, chunk, timestamps, error)
     gsam:run:<id>:tasks          set of the run's task ids
     gsam:run:<id>:done           set of task ids written back (or found already labeled)
@@ -32,6 +33,7 @@ import re
 WORKERS = "gsam:workers"
 WORKER_VERSIONS = "gsam:worker-versions"
 REAPER_LOCK = "gsam:reaper-lock"
+WORKER_ERRORS = "gsam:worker-errors"
 RUN_PREFIX = "gsam:run:"
 RUN_INDEX = "gsam:run-index"
 LOCK_PREFIX = "gsam:lock:"

@@ -7,14 +7,19 @@ the worker's housekeeping). Each round, one worker (the holder of ``gsam:reaper-
 its queue at once while it has retries left (each re-queue spends one), and failed through RQ's own
 abandoned-job handling once it has none.
 
+A worker whose models cannot load exits; before it does, :func:`record_load_error` leaves the
+reason in ``gsam:worker-errors`` for :data:`LOAD_ERROR_TTL_S`, where queue-mode ``/health`` reads it.
+
 Keys (names in :mod:`backend.queue.keys`): ``gsam:workers`` and ``gsam:worker-versions`` expire a
-minute after the last worker refreshed them; ``gsam:reaper-lock`` is set with PX.
+minute after the last worker refreshed them; ``gsam:reaper-lock`` is set with PX;
+``gsam:worker-errors`` expires :data:`LOAD_ERROR_TTL_S` after the last error was recorded.
 Imports the transport and the key names; nothing else of the backend.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import redis
@@ -31,6 +36,11 @@ ALIVE_TTL_S = 15
 WORKERS_KEY_TTL_S = 4 * ALIVE_TTL_S
 #: The version registry lives as long as the liveness set it is read with (refreshed every few seconds).
 REGISTRY_TTL_S = WORKERS_KEY_TTL_S
+#: How long /health shows a worker's model-load error: longer than the restart back-off of process
+#: managers (Kubernetes' CrashLoopBackOff caps at 5 min), so a worker restarted in a loop keeps it shown.
+LOAD_ERROR_TTL_S = 600
+MAX_LOAD_ERRORS = 10  # distinct reasons kept, the latest
+MAX_LOAD_ERROR_CHARS = 500
 
 
 def mark_alive(connection: redis.Redis, worker_name: str, ttl_s: float = ALIVE_TTL_S) -> None:
@@ -93,6 +103,31 @@ def live_model_versions(connection: redis.Redis) -> dict[str, list[str]]:
     return versions
 
 
+def record_load_error(connection: redis.Redis, reason: str, ttl_s: float = LOAD_ERROR_TTL_S) -> None:
+    """Record why a worker cannot load its models (``ModelLoadError.reason``) for ``ttl_s`` seconds.
+
+    ``gsam:worker-errors`` is a sorted set reason -> when it expires: workers failing for the same
+    reason share one entry, expired entries are dropped here, at most :data:`MAX_LOAD_ERRORS` are
+    kept, and the key itself expires with its latest entry."""
+    now = time.time()
+    with connection.pipeline() as pipe:
+        pipe.zadd(keys.WORKER_ERRORS, {reason[:MAX_LOAD_ERROR_CHARS]: now + ttl_s})
+        pipe.zremrangebyscore(keys.WORKER_ERRORS, "-inf", now)
+        pipe.zremrangebyrank(keys.WORKER_ERRORS, 0, -(MAX_LOAD_ERRORS + 1))
+        pipe.expire(keys.WORKER_ERRORS, max(1, math.ceil(ttl_s)))
+        pipe.execute()
+
+
+def load_errors(connection: redis.Redis) -> list[str]:
+    """The model-load errors of workers recorded less than :data:`LOAD_ERROR_TTL_S` ago, latest first."""
+    return decode_load_errors(connection.zrevrangebyscore(keys.WORKER_ERRORS, "+inf", time.time()))
+
+
+def decode_load_errors(entries) -> list[str]:
+    """``ZREVRANGEBYSCORE gsam:worker-errors +inf NOW``'s answer as text (also read in a pipeline)."""
+    return [e.decode(errors="replace") if isinstance(e, bytes) else str(e) for e in entries]
+
+
 def requeue_abandoned(connection: redis.Redis) -> list[str]:
     """Re-queue (at the front) the started jobs of dead workers. Returns their ids.
 
@@ -129,6 +164,6 @@ def requeue_abandoned(connection: redis.Redis) -> list[str]:
     return abandoned
 
 
-__all__ = ["ALIVE_TTL_S", "REGISTRY_TTL_S", "WORKERS_KEY_TTL_S", "claim_reaper_round", "is_alive",
-           "live_model_versions", "live_workers", "mark_alive", "mark_gone", "register_worker_version",
-           "requeue_abandoned"]
+__all__ = ["ALIVE_TTL_S", "LOAD_ERROR_TTL_S", "REGISTRY_TTL_S", "WORKERS_KEY_TTL_S", "claim_reaper_round",
+           "decode_load_errors", "is_alive", "live_model_versions", "live_workers", "load_errors", "mark_alive",
+           "mark_gone", "record_load_error", "register_worker_version", "requeue_abandoned"]
