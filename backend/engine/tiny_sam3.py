@@ -63,10 +63,14 @@ def _fix_feature_sizes(config: Sam3VideoConfig, size: int) -> Sam3VideoConfig:
     return config
 
 
-def build_tiny_sam3(out_dir: Path, seed: int = 0) -> Path:
-    """Every part of SAM 3 at width 32, one or two layers, 112-pixel input, 20 queries."""
-    size, grid, width = TINY_SAM3_SIZE, TINY_SAM3_SIZE // PATCH, 32
-    vit = dict(model_type="sam3_vit_model", hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+def tiny_sam3_config(width: int = 32, narrow: int | None = None, memory_channels: int = 16,
+                     **video) -> Sam3VideoConfig:
+    """A tiny ``sam3_video`` config: one or two layers, 112-pixel input, 20 queries, every part
+    ``width`` wide except the ViT and the text encoder (``narrow``, default ``width``); the
+    tracker's memory features ``memory_channels`` wide. ``video``: Sam3VideoConfig overrides."""
+    size, grid = TINY_SAM3_SIZE, TINY_SAM3_SIZE // PATCH
+    narrow = narrow or width
+    vit = dict(model_type="sam3_vit_model", hidden_size=narrow, intermediate_size=2 * narrow, num_hidden_layers=2,
                num_attention_heads=2, image_size=size, patch_size=PATCH, window_size=4, global_attn_indexes=[1],
                pretrain_image_size=56)
     vision = dict(model_type="sam3_vision_model", backbone_config=vit, fpn_hidden_size=width)
@@ -74,10 +78,10 @@ def build_tiny_sam3(out_dir: Path, seed: int = 0) -> Path:
     vocab_size = len(clip_byte_vocab())
     detector = dict(
         model_type="sam3", vision_config=vision,
-        text_config=dict(model_type="clip_text_model", vocab_size=vocab_size, hidden_size=width,
-                         intermediate_size=2 * width, projection_dim=width, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=32, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                         pad_token_id=vocab_size - 1),
+        text_config=dict(model_type="clip_text_model", vocab_size=vocab_size, hidden_size=narrow,
+                         intermediate_size=2 * narrow, projection_dim=narrow, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=vocab_size - 2,
+                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
         geometry_encoder_config=dict(small, num_layers=1, roi_size=2),
         detr_encoder_config=dict(small, num_layers=1),
         detr_decoder_config=dict(small, num_layers=1, num_queries=20),
@@ -88,10 +92,16 @@ def build_tiny_sam3(out_dir: Path, seed: int = 0) -> Path:
         mask_decoder_config=dict(hidden_size=width, mlp_dim=2 * width, num_attention_heads=2, iou_head_hidden_dim=width),
         memory_attention_hidden_size=width, memory_attention_num_layers=1,
         memory_attention_feed_forward_hidden_size=2 * width, memory_attention_rope_feat_sizes=[grid, grid],
-        memory_encoder_hidden_size=width, memory_encoder_output_channels=16, mask_downsampler_embed_dim=width,
-        memory_fuser_embed_dim=width, memory_fuser_intermediate_dim=2 * width, memory_fuser_num_layers=1)
-    config = Sam3VideoConfig(detector_config=detector, tracker_config=tracker, low_res_mask_size=4 * grid)
-    return _save_sam3(_fix_feature_sizes(config, size), size, out_dir, seed)
+        memory_encoder_hidden_size=width, memory_encoder_output_channels=memory_channels,
+        mask_downsampler_embed_dim=width, memory_fuser_embed_dim=width, memory_fuser_intermediate_dim=2 * width,
+        memory_fuser_num_layers=1)
+    config = Sam3VideoConfig(detector_config=detector, tracker_config=tracker, low_res_mask_size=4 * grid, **video)
+    return _fix_feature_sizes(config, size)
+
+
+def build_tiny_sam3(out_dir: Path, seed: int = 0) -> Path:
+    """Every part of SAM 3 at width 32 (:func:`tiny_sam3_config`)."""
+    return _save_sam3(tiny_sam3_config(), TINY_SAM3_SIZE, out_dir, seed)
 
 
 def build_real_size_sam3(out_dir: Path, seed: int = 0) -> Path:

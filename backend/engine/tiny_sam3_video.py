@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer, Sam3VideoConfig, Sam3VideoModel
 
-from backend.engine.tiny_sam3 import PATCH, TINY_SAM3_SIZE, _fix_feature_sizes, _preprocessor_config, clip_byte_vocab
+from backend.engine.tiny_sam3 import TINY_SAM3_SIZE, _preprocessor_config, clip_byte_vocab, tiny_sam3_config
 
 #: transformers' video memory attention reads 64-channel memories whatever the config says.
 MEMORY_CHANNELS = 64
@@ -69,36 +69,9 @@ def _save(config: Sam3VideoConfig, size: int, out_dir: Path, seed: int) -> Path:
 
 def build_tiny_sam3_video(out_dir: Path, seed: int = 0) -> Path:
     """One or two layers, 112-pixel input, 20 queries; ViT and text encoder 32 wide, the rest 128."""
-    size, grid, width, narrow = TINY_SAM3_SIZE, TINY_SAM3_SIZE // PATCH, 2 * MEMORY_CHANNELS, 32
-    vit = dict(model_type="sam3_vit_model", hidden_size=narrow, intermediate_size=2 * narrow, num_hidden_layers=2,
-               num_attention_heads=2, image_size=size, patch_size=PATCH, window_size=4, global_attn_indexes=[1],
-               pretrain_image_size=56)
-    vision = dict(model_type="sam3_vision_model", backbone_config=vit, fpn_hidden_size=width)
-    small = dict(hidden_size=width, num_attention_heads=2, intermediate_size=2 * width)
-    vocab_size = len(clip_byte_vocab())
-    detector = dict(
-        model_type="sam3", vision_config=vision,
-        text_config=dict(model_type="clip_text_model", vocab_size=vocab_size, hidden_size=narrow,
-                         intermediate_size=2 * narrow, projection_dim=narrow, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=vocab_size - 2,
-                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
-        geometry_encoder_config=dict(small, num_layers=1, roi_size=2),
-        detr_encoder_config=dict(small, num_layers=1),
-        detr_decoder_config=dict(small, num_layers=1, num_queries=20),
-        mask_decoder_config=dict(hidden_size=width, num_attention_heads=2))
-    tracker = dict(
-        model_type="sam3_tracker_video", vision_config=vision,
-        prompt_encoder_config=dict(hidden_size=width, image_size=size, patch_size=PATCH),
-        mask_decoder_config=dict(hidden_size=width, mlp_dim=2 * width, num_attention_heads=2,
-                                 iou_head_hidden_dim=width),
-        memory_attention_hidden_size=width, memory_attention_num_layers=1,
-        memory_attention_feed_forward_hidden_size=2 * width, memory_attention_rope_feat_sizes=[grid, grid],
-        memory_encoder_hidden_size=width, memory_encoder_output_channels=MEMORY_CHANNELS,
-        mask_downsampler_embed_dim=width, memory_fuser_embed_dim=width, memory_fuser_intermediate_dim=2 * width,
-        memory_fuser_num_layers=1)
-    config = Sam3VideoConfig(detector_config=detector, tracker_config=tracker, low_res_mask_size=4 * grid,
-                             trk_assoc_iou_thresh=TRACK_MATCH_IOU)
-    return _save(_fix_feature_sizes(config, size), size, out_dir, seed)
+    config = tiny_sam3_config(width=2 * MEMORY_CHANNELS, narrow=32, memory_channels=MEMORY_CHANNELS,
+                              trk_assoc_iou_thresh=TRACK_MATCH_IOU)
+    return _save(config, TINY_SAM3_SIZE, out_dir, seed)
 
 
 def build_real_size_sam3_video(out_dir: Path, seed: int = 0) -> Path:
