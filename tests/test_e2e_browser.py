@@ -235,13 +235,13 @@ def _compare(changed: np.ndarray, masks: list, union: np.ndarray, seen: np.ndarr
     return stats
 
 
-def save_flow_screenshot(page) -> None:
-    """The labeling view with the suggestions, small (palette PNG): test-artifacts/browser/, and
-    docs/ (the README's picture) only when asked, so a test run leaves the work tree clean."""
+def save_flow_screenshot(page, flow_shot: Path = FLOW_SHOT, readme_shot: Path = README_SHOT) -> None:
+    """The labeling view, small (palette PNG): test-artifacts/browser/, and docs/ (the README's
+    picture) only when asked, so a test run leaves the work tree clean."""
     png = page.screenshot(clip={"x": 240, "y": 50, "width": 1160, "height": 850})
     small = Image.open(io.BytesIO(png)).convert("RGB").resize((696, 510), Image.LANCZOS)
     small = small.quantize(colors=64, method=Image.Quantize.MEDIANCUT)
-    targets = [FLOW_SHOT] + ([README_SHOT] if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1" else [])
+    targets = [flow_shot] + ([readme_shot] if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1" else [])
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
         small.save(target, optimize=True)

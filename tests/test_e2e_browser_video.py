@@ -23,13 +23,12 @@ docs/video-flow.png (the README's picture) with UPDATE_DOCS_SCREENSHOT=1. Marker
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_e2e_browser import ARTIFACTS, REPO, UI_TIMEOUT_MS, kept_on_failure, log_in
+from tests.test_e2e_browser import ARTIFACTS, REPO, UI_TIMEOUT_MS, kept_on_failure, log_in, save_flow_screenshot
 from tests.videoclips import make_clip, read_index, square_box
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -138,18 +137,6 @@ def picture_and_box(page) -> tuple[dict, int, tuple | None, tuple | None]:
     return state, index, rectangle, bbox((red > 150) & (green < 100) & (blue < 100))
 
 
-def save_flow_screenshot(page) -> None:
-    """The labeling view (video, its track, the timeline with the keyframes), small (palette PNG)."""
-    png = page.screenshot(clip={"x": 240, "y": 50, "width": 1160, "height": 850})
-    small = Image.open(io.BytesIO(png)).convert("RGB").resize((696, 510), Image.LANCZOS)
-    small = small.quantize(colors=64, method=Image.Quantize.MEDIANCUT)
-    targets = [FLOW_SHOT] + ([README_SHOT] if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1" else [])
-    for target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        small.save(target, optimize=True)
-    print(f"[browser video] the flow's screenshot: {', '.join(map(str, targets))}")
-
-
 def test_ls_shows_the_frame_and_the_track_box_the_prediction_says(label_studio, ls, chromium, tmp_path):
     clip = make_clip(tmp_path / "moving-square.mp4", frames=FRAMES, fps=FPS, size=(WIDTH, HEIGHT), square=SQUARE)
     project = ls.create_project("browser: a video track on screen", CONFIG)
@@ -186,6 +173,6 @@ def test_ls_shows_the_frame_and_the_track_box_the_prediction_says(label_studio, 
                                                   ) <= TOLERANCE_PX + 2, f"{where}: the square is at {square}"
 
             go_to_frame(page, 30)
-            save_flow_screenshot(page)
+            save_flow_screenshot(page, FLOW_SHOT, README_SHOT)  # the video view: video, track, timeline
     finally:
         context.close()
