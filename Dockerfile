@@ -6,7 +6,7 @@
 #   --build-arg PIP_INDEX_URL=https://pypi.example.com/simple  [--build-arg PIP_TRUSTED_HOST=...]
 #   buildah bud -v /srv/wheels:/wheels:ro --build-arg PIP_FIND_LINKS=/wheels ...   (a wheelhouse)
 #   buildah bud -v /etc/ssl/certs/ca-certificates.crt:/etc/pip-ca.pem:ro --build-arg PIP_CERT=/etc/pip-ca.pem
-# No registry for the base image: scripts/build-base-image.sh builds it locally (README, "Docker").
+# No registry for the base image: scripts/build-base-image.sh builds it locally (docs/docker.md).
 FROM python:3.11-slim
 
 ARG PIP_INDEX_URL
