@@ -13,7 +13,7 @@ whole-clip session's (tests/test_tracker.py). Memory stays flat in the video's l
 
 Frames enter as ``(H, W, 3)`` uint8 RGB arrays of the decoded video (the frame every box and mask
 here is in); the model sees them stretched to its ``(S, S)`` input like SAM 2's image mode
-(:mod:`backend.engine.sam2`). Prompts are XYXY pixel boxes or full-frame masks; outputs are
+(:mod:`backend.engine.sam2`). Prompts are XYXY pixel boxes; outputs are
 :class:`FrameObjects`: per object its :class:`CompactMask` at full frame size, its low-resolution
 mask (for IoU matching) and its visibility score. Object ids are the caller's ints.
 
@@ -29,7 +29,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import Sam2VideoModel
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
@@ -65,8 +64,9 @@ class FrameObjects:
 class VideoTracker:
     """A loaded ``Sam2VideoModel`` (TRACKER_MODEL: hub id or directory of a SAM 2.1 checkpoint).
 
-    Stateless between videos: each video gets its own :class:`TrackingSession` (:meth:`session`).
-    Not thread-safe: the caller (the pipeline's video engine) holds its lock around sessions.
+    Stateless between videos: each video gets its own :class:`TrackingSession` (:meth:`session`);
+    the model keeps no per-video state, so sessions may run in different threads. A session
+    itself is not thread-safe.
     """
 
     def __init__(self, source: str, device: torch.device, dtype: torch.dtype, chunk: int = DEFAULT_CHUNK):
@@ -95,8 +95,8 @@ class VideoTracker:
 
 class TrackingSession:
     """One video's (or one direction's) streaming tracking state. Frames are added in order with
-    :meth:`track` (one model step for every object); prompts with :meth:`prompt_boxes` /
-    :meth:`prompt_masks` before the :meth:`track` of their frame."""
+    :meth:`track` (one model step for every object); prompts with :meth:`prompt_boxes` before the
+    :meth:`track` of their frame."""
 
     def __init__(self, tracker: VideoTracker, width: int, height: int):
         self.tracker, self.width, self.height = tracker, width, height
@@ -132,24 +132,6 @@ class TrackingSession:
             self.state.add_point_inputs(obj_idx, index, {"point_coords": corners,
                                                          "point_labels": torch.tensor([[[2, 3]]], dtype=torch.int32)})
             self.state.remove_mask_inputs(obj_idx, index)
-        self._mark_new(ids)
-
-    def prompt_masks(self, frame: int, ids: Sequence[int], masks: Sequence[CompactMask | torch.Tensor]) -> None:
-        """Prompt objects ``ids`` on ``frame`` with masks: full-frame :class:`CompactMask`s, or
-        (s, s) low-resolution bool masks from :class:`FrameObjects` ``low``."""
-        if len(masks) != len(ids):
-            raise ValueError(f"{len(ids)} object ids but {len(masks)} masks")
-        index = self._session_index(frame)
-        side = self.tracker.square
-        for obj_id, mask in zip(ids, masks):
-            full = torch.from_numpy(mask.full()) if isinstance(mask, CompactMask) else mask
-            grid = full.to(self.tracker.device, torch.float32)[None, None]
-            if grid.shape[-2:] != (side, side):
-                grid = (F.interpolate(grid, (side, side), mode="bilinear", align_corners=False,
-                                      antialias=grid.shape[-1] > side) >= 0.5).float()
-            obj_idx = self.state.obj_id_to_idx(int(obj_id))
-            self.state.add_mask_inputs(obj_idx, index, grid)
-            self.state.remove_point_inputs(obj_idx, index)
         self._mark_new(ids)
 
     def _mark_new(self, ids: Sequence[int]) -> None:
