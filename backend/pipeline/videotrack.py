@@ -70,8 +70,9 @@ class TrackParams:
 
 
 @dataclass
-class _Building:
-    """A track being built: its label, detector scores, tracker scores and boxes per frame."""
+class TrackBuilder:
+    """A track being built: its label, detector scores, tracker scores and boxes per frame (used by
+    every run, :mod:`backend.pipeline.videotrack_sam3` too)."""
 
     track_id: str
     label: str
@@ -98,10 +99,6 @@ class _Building:
                      tuple(TrackedBox(f, self.boxes[f]) for f in frames), tuple(manual))
 
 
-#: The public name of the track builder, for the other runs (:mod:`backend.pipeline.videotrack_sam3`).
-TrackBuilder = _Building
-
-
 @dataclass(frozen=True)
 class RunResult:
     tracks: tuple[Track, ...]
@@ -109,7 +106,7 @@ class RunResult:
     truncated: str | None = None
 
 
-def _record(building: dict[int, _Building], objects, overwrite: bool = True) -> list[int]:
+def _record(building: dict[int, TrackBuilder], objects, overwrite: bool = True) -> list[int]:
     """Record a :class:`~backend.engine.tracker.FrameObjects`; the ids visible on its frame."""
     visible = []
     for obj_id, mask, score in zip(objects.ids, objects.masks, objects.scores):
@@ -127,7 +124,7 @@ def track_text(source, tracker, detect: Callable[[Image.Image], Detections],
     with their masks → those that become tracks, each with its config label (thresholds, caps)."""
     width, height = source.info.width, source.info.height
     session = tracker.session(width, height)
-    building: dict[int, _Building] = {}
+    building: dict[int, TrackBuilder] = {}
     backward: list[tuple[int, list[int], np.ndarray]] = []
     frames, truncated, ignored = 0, None, 0
     for frame in source.frames():
@@ -193,7 +190,7 @@ def _new_objects(session, frame, objects, detect, select, params: TrackParams, b
             ignored += 1
             continue
         obj_id = len(building)
-        building[obj_id] = _Building(region_id(), chosen.label, [chosen.score])
+        building[obj_id] = TrackBuilder(region_id(), chosen.label, [chosen.score])
         ids.append(obj_id)
         firsts.append(i)
         boxes.append(np.asarray(chosen.box, np.float64))
@@ -212,7 +209,7 @@ def _follow_backward(source, tracker, start: int, ids: list[int], boxes: np.ndar
         objects = session.track(frame.frame, frame.image)
         if frame.frame == start:
             continue  # the forward run has this frame
-        visible = _record({i: building[i] for i in ids}, objects, overwrite=False)
+        visible = _record(building, objects, overwrite=False)  # the session holds ``ids`` only
         lost = 0 if visible else lost + 1
         if lost >= LOST_PATIENCE:
             return
@@ -223,7 +220,7 @@ def track_boxes(source, tracker, tracks: Sequence[ContextTrack], labels: Sequenc
     """An annotator's tracks → the same tracks (same ids, same keyframes) followed through the
     video; ``labels``: the label of each (LS sends the one the annotator clicked)."""
     width, height, end = source.info.width, source.info.height, source.frames_count
-    building = {i: _Building(t.track_id, label) for i, (t, label) in enumerate(zip(tracks, labels))}
+    building = {i: TrackBuilder(t.track_id, label) for i, (t, label) in enumerate(zip(tracks, labels))}
     frames, truncated = 0, None
     runs = []  # (backward?, the keyframe each track starts from)
     if params.direction in ("forward", "both"):
