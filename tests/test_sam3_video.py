@@ -132,7 +132,7 @@ def whole_clip(tracker, images) -> list:
 def test_text_prompt_gives_one_track_per_sam3_object(pipeline, run):
     tracks, frames, found, _ = run
     assert frames == FRAMES == tracks.frames_count and (tracks.width, tracks.height) == SIZE
-    assert pipeline.video._tracker is None and pipeline.video.load_error is None  # SAM 2.1 never loaded
+    assert pipeline.video._tracker.model is None and pipeline.video.load_error is None  # SAM 2.1 never loaded
 
     # What the model gave: per object of a mapped phrase, its box on every frame it reported.
     expected: dict[int, dict[int, tuple | None]] = {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 from backend.errors import ImageError, ModelLoadError
 from backend.images.video import VideoSource
@@ -43,6 +44,30 @@ log = logging.getLogger(__name__)
 MAX_MANUAL_KEYFRAMES = 20
 
 
+class LoadOnce:
+    """A model loaded on first use, by one thread; a load that fails with ModelLoadError is one
+    state: :attr:`error` keeps it and every later :meth:`get` raises it again, without a retry."""
+
+    def __init__(self, what: str, load: Callable[[], object]):
+        self.what, self._load = what, load
+        self.model = None
+        self.error: ModelLoadError | None = None
+        self._lock = threading.Lock()
+
+    def get(self):
+        with self._lock:
+            if self.error is not None:
+                raise self.error
+            if self.model is None:
+                try:
+                    self.model = self._load()
+                except ModelLoadError as exc:
+                    self.error = exc
+                    log.error("%s cannot be loaded: %s", self.what, exc.reason)
+                    raise
+            return self.model
+
+
 class VideoPipeline:
     """The video half of a :class:`Pipeline`: shares its settings, loader, metrics and detector;
     owns the tracker (loaded on first use, one load, a load failure is one state)."""
@@ -52,45 +77,38 @@ class VideoPipeline:
         it imports this module)."""
         self.pipeline = pipeline
         self.settings = pipeline.settings
-        self._tracker = None
-        self.load_error: ModelLoadError | None = None
-        self._sam3_video = None  # ENGINE=sam3: SAM 3's video model tracks text prompts
-        self.sam3_load_error: ModelLoadError | None = None
-        self._load_lock = threading.Lock()
+        self._tracker = LoadOnce("the video tracker", self._build_tracker)  # TRACKER_MODEL
+        self._sam3_video = LoadOnce("SAM 3's video model", self._build_sam3_video)  # ENGINE=sam3: text prompts
         # No lock around tracking runs: each has its own session (the models hold no per-video
         # state), so an annotator's label click is not queued behind a bulk run's long video.
 
+    @property
+    def load_error(self) -> ModelLoadError | None:
+        """Why TRACKER_MODEL cannot be loaded (once tried), else None."""
+        return self._tracker.error
+
+    @property
+    def sam3_load_error(self) -> ModelLoadError | None:
+        """Why SAM3_MODEL's video model cannot be loaded (once tried), else None."""
+        return self._sam3_video.error
+
     def tracker(self):
         """The SAM 2.1 video model (TRACKER_MODEL), loaded on first use."""
-        with self._load_lock:
-            if self.load_error is not None:
-                raise self.load_error
-            if self._tracker is None:
-                from backend.engine.video import build_tracker  # torch only where models run
-
-                try:
-                    self._tracker = build_tracker(self.settings)
-                except ModelLoadError as exc:
-                    self.load_error = exc
-                    log.error("the video tracker cannot be loaded: %s", exc.reason)
-                    raise
-            return self._tracker
+        return self._tracker.get()
 
     def sam3_video(self):
         """SAM 3's video model (SAM3_MODEL, ENGINE=sam3), loaded on first use."""
-        with self._load_lock:
-            if self.sam3_load_error is not None:
-                raise self.sam3_load_error
-            if self._sam3_video is None:
-                from backend.engine.sam3_video import Sam3VideoTracker  # torch only where models run
+        return self._sam3_video.get()
 
-                try:
-                    self._sam3_video = Sam3VideoTracker.from_settings(self.settings)
-                except ModelLoadError as exc:
-                    self.sam3_load_error = exc
-                    log.error("SAM 3's video model cannot be loaded: %s", exc.reason)
-                    raise
-            return self._sam3_video
+    def _build_tracker(self):
+        from backend.engine.video import build_tracker  # torch only where models run
+
+        return build_tracker(self.settings)
+
+    def _build_sam3_video(self):
+        from backend.engine.sam3_video import Sam3VideoTracker  # torch only where models run
+
+        return Sam3VideoTracker.from_settings(self.settings)
 
     def params(self, fps: float) -> TrackParams:
         settings = self.settings
