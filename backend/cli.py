@@ -4,7 +4,6 @@ make-tiny-models."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -105,9 +104,9 @@ def cmd_predict(args) -> int:
     settings = Settings.from_env()
     phrases = split_prompt(args.prompt, PromptLimits(settings.max_prompt_chars, settings.max_prompt_phrases))
     if not phrases:
-        print("error: --prompt has no phrases; separate them with '.' or ','", file=sys.stderr)
+        print("error: --prompt has no phrases; separate them with '.', ',' or '?'", file=sys.stderr)
         return 2
-    from backend.cli_video import is_video_path, predict_video
+    from backend.cli_video import is_video_path, predict_video, write_outputs
 
     if is_video_path(args.image):
         if args.outputs is not None:
@@ -128,12 +127,7 @@ def cmd_predict(args) -> int:
                                          polygon=pipeline.polygon)
     print(f"{args.image}: {image.width}x{image.height}, {len(result.detections)} detections, "
           f"{stats.regions} regions ({pipeline.model_version})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(prediction))
-        print(f"wrote {args.json}")
-    if args.overlay:
-        draw_overlay(image.image, prediction).save(args.overlay)
-        print(f"wrote {args.overlay}")
+    write_outputs(args, prediction, lambda path: draw_overlay(image.image, prediction).save(path))
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -93,6 +94,17 @@ def write_overlay(source, tracks, out: str) -> None:
             container.mux(packet)
 
 
+def write_outputs(args, prediction: dict, save_overlay: Callable[[str], None]) -> None:
+    """``predict``'s outputs, image or video: the prediction JSON (``--json``) and the overlay
+    (``--overlay``, written by ``save_overlay(path)``)."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(prediction))
+        print(f"wrote {args.json}")
+    if args.overlay:
+        save_overlay(args.overlay)
+        print(f"wrote {args.overlay}")
+
+
 def predict_video(args, settings, phrases: list[str]) -> int:
     from backend.errors import ImageError
     from backend.images.video import VideoSource
@@ -109,20 +121,15 @@ def predict_video(args, settings, phrases: list[str]) -> int:
     config = parse_label_config(video_config_for_phrases(phrases, args.fps))
     pipeline = Pipeline(settings)
     request = PredictRequest(tasks=[{"id": None, "data": {}}], config=config, context=None, bulk=True)
-    try:
-        tracks, frames = pipeline.video.track_source(source, request, tuple(phrases), fps=args.fps)
-    except ImageError as exc:
-        print(f"error: {args.image}: {exc.reason}", file=sys.stderr)
-        return 2
-    prediction = build_video_prediction(tracks, config, pipeline.model_version, settings.video_keyframe_tolerance)
-    info = source.info
-    print(f"{args.image}: {info.width}x{info.height}, {source.frames_count} frames at {args.fps:g} fps, "
-          f"{len(prediction['result'])} tracks ({pipeline.model_version})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(prediction))
-        print(f"wrote {args.json}")
-    if args.overlay:
-        write_overlay(source, tracks, args.overlay)
-        print(f"wrote {args.overlay}")
-    source.close()
+    with source:
+        try:
+            tracks, _ = pipeline.video.track_source(source, request, tuple(phrases), fps=args.fps)
+        except ImageError as exc:
+            print(f"error: {args.image}: {exc.reason}", file=sys.stderr)
+            return 2
+        prediction = build_video_prediction(tracks, config, pipeline.model_version, settings.video_keyframe_tolerance)
+        info = source.info
+        print(f"{args.image}: {info.width}x{info.height}, {source.frames_count} frames at {args.fps:g} fps, "
+              f"{len(prediction['result'])} tracks ({pipeline.model_version})")
+        write_outputs(args, prediction, lambda path: write_overlay(source, tracks, path))
     return 0
