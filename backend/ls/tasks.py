@@ -149,7 +149,7 @@ def asks_for_nothing(request: PredictRequest) -> bool:
         return False
     if request.prompt_text() is not None:
         return False
-    if request.config.video is not None:  # a label click on a video box sends its tracks
+    if request.config.is_video:  # a label click on a video box sends its tracks
         results = request.context.get("result")
         return not any(isinstance(item, dict) and item.get("type") == "videorectangle"
                        for item in (results if isinstance(results, list) else ()))

@@ -185,7 +185,7 @@ class Pipeline:
             return self._video
 
     def _predict_outcomes(self, request: PredictRequest) -> list[TaskOutcome]:
-        if request.config.video is not None:
+        if request.config.is_video:
             return self.video.predict_outcomes(request)
         smart = parse_smart_prompt(request.context, request.config)
         check_smart_prompt(request, smart, self.limits)

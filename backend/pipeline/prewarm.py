@@ -77,7 +77,7 @@ def after_predict(project: int, request: PredictRequest, count: int) -> WarmRequ
     None when there is nothing to do (``count`` 0, several tasks: a bulk call, not an annotator, or a
     task without a usable id)."""
     task_id = request.tasks[0].get("id") if len(request.tasks) == 1 else None
-    if count == 0 or not _is_id(task_id) or not _is_id(project) or request.config.video is not None:
+    if count == 0 or not _is_id(task_id) or not _is_id(project) or request.config.is_video:
         return None  # a video project has no image embeddings to warm
     return WarmRequest(project, task_id, count, request.config)
 
@@ -134,7 +134,7 @@ class Prewarmer:
         if self._api is None:
             self._api = self._api_factory()
         config = request.config or parse_label_config(self._api.label_config(request.project))
-        if config.video is not None:
+        if config.is_video:
             log.info("pre-warming skipped: project %d is a video project (no image embeddings)", request.project)
             return 0
         tasks = self._api.next_tasks(request.project, request.after, request.count)
