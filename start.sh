@@ -10,7 +10,11 @@ cd "$REPO"
 if [ "${1:-}" = "--tiny" ]; then
   shift
   if [ ! -f models/tiny/sam/config.json ]; then .venv/bin/python -m backend make-tiny-models models/tiny; fi
+  if [ ! -f models/tiny/sam2-video/config.json ]; then
+    .venv/bin/python -m backend make-tiny-models models/tiny --family sam2-video  # video projects' tracker
+  fi
   export GROUNDING_DINO_MODEL="$REPO/models/tiny/grounding-dino" SAM_MODEL="$REPO/models/tiny/sam"
+  export TRACKER_MODEL="$REPO/models/tiny/sam2-video"
   export BOX_THRESHOLD="${BOX_THRESHOLD:-0}" TEXT_THRESHOLD="${TEXT_THRESHOLD:-0}" MAX_DETECTIONS="${MAX_DETECTIONS:-5}"
 fi
 exec .venv/bin/gunicorn --bind "0.0.0.0:${PORT:-9090}" --workers 1 --threads "${THREADS:-8}" --timeout 300 "$@" _wsgi:app
