@@ -27,6 +27,7 @@ class _MemoryRun:
     done: set[int] = field(default_factory=set)
     failed: dict[int, str] = field(default_factory=dict)
     error: str | None = None
+    scope: tuple[int, ...] | None = None
 
 
 class MemoryRunStore(RunStore):
@@ -37,14 +38,20 @@ class MemoryRunStore(RunStore):
         self._runs: dict[str, _MemoryRun] = {}
         self._write_locks = MemoryWriteLocks()
 
-    def create(self, spec, task_ids, *, skipped=0, run_id=None, created=None, chunk=None):
+    def create(self, spec, task_ids, *, skipped=0, run_id=None, created=None, chunk=None, scope=None):
         run_id = run_id or new_run_id()
         now = time.time()
         with self._lock:
             state = RunState.PLANNING if task_ids is None else RunState.RUNNING
             self._runs[run_id] = _MemoryRun(spec=spec, state=state, tasks={int(t) for t in task_ids or ()},
-                                            skipped=skipped, created=created or now, updated=now)
+                                            skipped=skipped, created=created or now, updated=now,
+                                            scope=None if scope is None else tuple(sorted({int(t) for t in scope})))
         return run_id
+
+    def scope(self, run_id):
+        with self._lock:
+            run = self._runs.get(run_id)
+            return None if run is None else run.scope
 
     def set_tasks(self, run_id, task_ids, *, skipped=0):
         with self._lock:

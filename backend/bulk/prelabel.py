@@ -38,10 +38,11 @@ never torch (:func:`process_chunk` runs on the pipeline it is given) nor redis-p
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -96,10 +97,24 @@ class PrelabelPlan:
 
 
 def plan_prelabel(api: LabelStudioApi, project: int, model_version: str, redo: bool,
-                  page_size: int = 100) -> PrelabelPlan:
-    """The project's tasks without a prediction of ``model_version`` (all of them with ``redo``)."""
+                  page_size: int = 100, task_ids: Collection[int] | None = None) -> PrelabelPlan:
+    """The project's tasks without a prediction of ``model_version`` (all of them with ``redo``);
+    with ``task_ids`` only those of them (ids LS no longer has are left out). A subset is listed
+    from its smallest id to its largest (keyset pages): a Data Manager selection is usually a
+    range, so that is a fraction of the project."""
     tasks, skipped = [], 0
-    for ref in api.iter_tasks(project, page_size=page_size):
+    wanted = None if task_ids is None else frozenset(task_ids)
+    if wanted is None:
+        refs = api.iter_tasks(project, page_size=page_size)
+    elif not wanted:
+        return PrelabelPlan(tasks=[], skipped=0)
+    else:
+        last = max(wanted)
+        refs = itertools.takewhile(lambda ref: ref.id <= last,
+                                   api.iter_tasks(project, page_size=page_size, after=min(wanted) - 1))
+    for ref in refs:
+        if wanted is not None and ref.id not in wanted:
+            continue
         if not redo:
             has = ref.has_version(model_version)
             if has is None:  # the DM string was ambiguous for this version: ask exactly

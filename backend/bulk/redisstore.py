@@ -4,7 +4,8 @@ workers and the web process, plus the run's supervision lease.
 Keys (names in :mod:`backend.queue.keys`; ``<id>`` = run id)::
 
     gsam:run:<id>          hash: project, model_version, status, skipped, created, updated, error,
-                           spec (JSON), chunk (tasks per job)
+                           spec (JSON), chunk (tasks per job), scope (a run limited to some tasks:
+                           their ids as ranges, "1-500,502"; "" for the whole project)
     gsam:run:<id>:tasks    set of the run's task ids
     gsam:run:<id>:done     set of task ids written back (or found already labeled)
     gsam:run:<id>:failed   hash task id -> reason
@@ -30,7 +31,7 @@ import logging
 import time
 from typing import Any
 
-from backend.bulk.runstore import RunStore, new_run_id
+from backend.bulk.runstore import RunStore, new_run_id, scope_from_text, scope_to_text
 from backend.bulk.spec import PrelabelSpec
 from backend.bulk.status import FAILURES_SHOWN, RunState, RunStatus
 from backend.bulk.writelock import LOCK_TTL_S, RedisWriteLocks
@@ -102,15 +103,19 @@ class RedisRunStore(RunStore):
 
     # ------------------------------------------------------------------ writing
 
-    def create(self, spec, task_ids, *, skipped=0, run_id=None, created=None, chunk=None):
+    def create(self, spec, task_ids, *, skipped=0, run_id=None, created=None, chunk=None, scope=None):
         run_id = run_id or new_run_id()
         meta_key, done_key, failed_key, tasks_key = self._set_keys(run_id)
         ids = None if task_ids is None else [int(t) for t in task_ids]
+        scope_text = None if scope is None else scope_to_text(scope)
+        if scope_text == "":
+            raise ValueError("a run's scope names at least one task (None: the whole project)")
         now = time.time()
         state = RunState.PLANNING if ids is None else RunState.RUNNING
         meta = {"project": spec.project, "model_version": spec.model_version, "status": state.value,
                 "skipped": skipped, "created": created or now, "updated": now, "error": "",
-                "spec": json.dumps(spec.to_dict()), "chunk": int(chunk or 0)}
+                "spec": json.dumps(spec.to_dict()), "chunk": int(chunk or 0),
+                "scope": scope_text or ""}
         with self.connection.pipeline(transaction=True) as pipe:
             pipe.delete(meta_key, done_key, failed_key, tasks_key)
             self._add_tasks(pipe, tasks_key, ids or [])
@@ -249,6 +254,10 @@ class RedisRunStore(RunStore):
         """Tasks per job the run was started with (None: unknown)."""
         raw = self.connection.hget(keys.run_key(run_id), "chunk")
         return int(_text(raw)) if raw is not None and int(_text(raw)) > 0 else None
+
+    def scope(self, run_id):
+        raw = self.connection.hget(keys.run_key(run_id), "scope")
+        return scope_from_text(_text(raw)) if raw else None
 
     def pending(self, run_id):
         _, done_key, failed_key, tasks_key = self._set_keys(run_id)

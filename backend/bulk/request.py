@@ -14,6 +14,9 @@ from backend.ls.options import PredictOptions
 #: Tasks per job: several engine batches, so image loading overlaps the GPU within a job.
 DEFAULT_CHUNK = 64
 MIN_CHUNK, MAX_CHUNK = 1, 256
+#: At most this many task ids in a run limited to a subset (``task_ids``): "Retrieve predictions"
+#: defers at most a request's tasks (see :mod:`backend.modes.retrieve`).
+MAX_RUN_TASK_IDS = 100_000
 
 
 class PrelabelError(ValueError):
@@ -30,8 +33,10 @@ class RunRequest:
     """A bulk run as asked: ``project`` (LS project id), ``prompt`` (None: the project's labels),
     ``chunk`` (tasks per job), ``redo`` (also tasks that already have a prediction of the version),
     ``model_version`` (None: the version this deployment serves), ``options`` (the project's
-    ``extra_params``: the web layer and the CLI look them up, see :mod:`backend.modes.projects`).
-    Raises :class:`PrelabelError` on construction when a field is out of range."""
+    ``extra_params``: the web layer and the CLI look them up, see :mod:`backend.modes.projects`),
+    ``task_ids`` (None: every task of the project; else only these, still skipping those that have a
+    prediction of the version unless ``redo``). Raises :class:`PrelabelError` on construction when a
+    field is out of range."""
 
     project: int
     prompt: str | None = None
@@ -39,6 +44,7 @@ class RunRequest:
     redo: bool = False
     model_version: str | None = None
     options: PredictOptions = PredictOptions()
+    task_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.project) or self.project < 1:
@@ -52,12 +58,19 @@ class RunRequest:
             raise PrelabelError("'model_version' must be a non-empty string (default: the served version)")
         if not isinstance(self.options, PredictOptions):
             raise PrelabelError("'options' must be PredictOptions (a project's extra_params)")
+        if self.task_ids is not None:
+            ids = self.task_ids
+            if not isinstance(ids, (tuple, list)) or not 1 <= len(ids) <= MAX_RUN_TASK_IDS \
+                    or not all(_is_int(i) and i >= 1 for i in ids):
+                raise PrelabelError(f"'task_ids' must be 1 to {MAX_RUN_TASK_IDS} task ids (positive integers)")
+            object.__setattr__(self, "task_ids", tuple(dict.fromkeys(ids)))  # in order, once each
         object.__setattr__(self, "prompt", self.prompt.strip() if self.prompt and self.prompt.strip() else None)
         object.__setattr__(self, "model_version", version.strip() if version else None)
 
     @classmethod
     def from_json(cls, body: dict) -> "RunRequest":
         """From a ``POST /prelabel`` body: ``project`` (required), ``prompt``, ``chunk``, ``redo``,
-        ``model_version``."""
+        ``model_version``, ``task_ids``."""
         return cls(project=body.get("project"), prompt=body.get("prompt"), chunk=body.get("chunk", DEFAULT_CHUNK),
-                   redo=body.get("redo", False), model_version=body.get("model_version"))
+                   redo=body.get("redo", False), model_version=body.get("model_version"),
+                   task_ids=body.get("task_ids"))

@@ -29,15 +29,45 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def scope_to_text(task_ids: Iterable[int]) -> str:
+    """A run's scope as compact text: ascending ranges, ``"1-500,502,504-510"`` (a Data Manager
+    selection is mostly ranges, so 100,000 ids usually take a few characters)."""
+    parts: list[str] = []
+    ids = sorted({int(t) for t in task_ids})
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[i - 1] + 1:
+            first, last = ids[start], ids[i - 1]
+            parts.append(str(first) if first == last else f"{first}-{last}")
+            start = i
+    return ",".join(parts)
+
+
+def scope_from_text(text: str) -> tuple[int, ...]:
+    """The ids of :func:`scope_to_text`'s text (ascending); ValueError for anything else."""
+    ids: list[int] = []
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        ids.extend(range(int(first), int(last or first) + 1))
+    return tuple(ids)
+
+
 class RunStore(abc.ABC):
     """Where runs are recorded (see the module docstring for the semantics)."""
 
     @abc.abstractmethod
     def create(self, spec: PrelabelSpec, task_ids: Iterable[int] | None, *, skipped: int = 0,
-               run_id: str | None = None, created: float | None = None, chunk: int | None = None) -> str:
+               run_id: str | None = None, created: float | None = None, chunk: int | None = None,
+               scope: Iterable[int] | None = None) -> str:
         """A new run over ``task_ids`` (state ``running``), or ``planning`` when ``task_ids`` is None
         (then :meth:`set_tasks` follows). ``run_id`` (and ``created``) re-create a run under its old id.
-        ``chunk`` (tasks per job) is kept for a supervisor that adopts the run."""
+        ``chunk`` (tasks per job) is kept for a supervisor that adopts the run; so is ``scope``, the
+        task ids a run limited to a subset plans from (None: the whole project), see :meth:`scope`."""
+
+    @abc.abstractmethod
+    def scope(self, run_id: str) -> tuple[int, ...] | None:
+        """The task ids the run was limited to (ascending), None for a whole-project run (or an
+        unknown one): whoever plans the run, its creator or a process that adopted it, plans these."""
 
     @abc.abstractmethod
     def set_tasks(self, run_id: str, task_ids: Iterable[int], *, skipped: int = 0) -> None:
@@ -100,4 +130,4 @@ class RunStore(abc.ABC):
         waited out."""
 
 
-__all__ = ["RunStore", "new_run_id"]
+__all__ = ["RunStore", "new_run_id", "scope_from_text", "scope_to_text"]
