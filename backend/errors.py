@@ -36,3 +36,9 @@ class ModelLoadError(ReasonError):
     def __init__(self, setting: str, value: str, problem: str, fix: str) -> None:
         super().__init__(f"{setting}={value!r}: {problem}; {fix}")
         self.setting, self.value = setting, value
+
+
+class EngineNotServed(ReasonError):
+    """A project's engine (``extra_params.engine`` / ``model_version``) is not served right now: no
+    live worker of it (queue mode) or not in ENGINES (embedded); ``reason`` names the engine and how
+    to start it. The web layer answers 503."""

@@ -32,3 +32,6 @@ class Metrics:
                                            registry=r)
         self.models_loaded = Gauge("gsam_models_loaded", "1 once the models are loaded in this process",
                                    registry=r)
+        self.retrieve_deferred_tasks = Counter(
+            "gsam_retrieve_deferred_tasks", "Tasks of a batch /predict (Retrieve predictions) not labeled within "
+            "RETRIEVE_BUDGET, answered empty and handed to a bulk run", registry=r)

@@ -96,6 +96,30 @@ def _batch_size(env: Mapping[str, str]) -> int | None:
 VIDEO_DIRECTIONS = ("forward", "backward", "both")
 
 
+def _engines(env: Mapping[str, str]) -> tuple[EngineKind, tuple[EngineKind, ...]]:
+    """``(ENGINE, ENGINES)``: ENGINES defaults to ENGINE alone; ENGINE defaults to ENGINES' first,
+    and must be one of them."""
+    known = {kind.value for kind in EngineKind}
+
+    def kind(value: str, name: str) -> EngineKind:
+        value = value.strip().lower()
+        if value not in known:
+            raise SettingsError(f"{name}={value!r} is not an engine: use grounded-sam or sam3")
+        return EngineKind(value)
+
+    raw_engines = _text(env, "ENGINES", None)
+    engines = tuple(dict.fromkeys(kind(v, "ENGINES") for v in raw_engines.split(",") if v.strip())) \
+        if raw_engines else ()
+    raw_engine = _text(env, "ENGINE", None)
+    engine = kind(raw_engine, "ENGINE") if raw_engine else (engines[0] if engines else EngineKind.GROUNDED_SAM)
+    if not engines:
+        return engine, (engine,)
+    if engine not in engines:
+        raise SettingsError(f"ENGINE={engine.value} is not one of ENGINES={raw_engines}: ENGINE is the default "
+                            "of the engines this process loads")
+    return engine, engines
+
+
 def _direction(env: Mapping[str, str]) -> str:
     value = (_text(env, "VIDEO_TRACK_DIRECTION", "forward") or "forward").lower()
     if value not in VIDEO_DIRECTIONS:
@@ -165,6 +189,17 @@ class Settings:
     max_video_frames: int = 18_000  # 10 minutes at 30 fps
     max_video_mb: float = 500.0
     video_deadline: float = 50.0  # seconds; below PREDICT_TIMEOUT (60) and LS's 100 s
+    # Engines per deployment (backend.modes): embedded mode loads each of ENGINES (ENGINE is the
+    # default of projects that choose none); queue mode routes each project to its engine's workers.
+    engines: tuple[EngineKind, ...] = (EngineKind.GROUNDED_SAM,)
+    # Queue mode: an image's interactive jobs go to the worker that holds its embedding (consistent
+    # hashing of the task over the engine's live workers) unless that worker has more than
+    # AFFINITY_MAX_QUEUE jobs waiting; CLICK_AFFINITY=false sends every job to the shared queue.
+    click_affinity: bool = True
+    affinity_max_queue: int = 4
+    # A many-task /predict ("Retrieve predictions") answers within this many seconds with what is
+    # done; the rest becomes a bulk run that writes back through the LS API (0: no budget).
+    retrieve_budget: float = 60.0
 
     #: What to do when a bulk run is asked for without LS credentials.
     LS_CREDENTIALS_NEEDED = "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY on the backend to pre-label projects"
@@ -192,11 +227,10 @@ class Settings:
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise SettingsError(f"LOG_LEVEL={log_level!r} is not a logging level: use DEBUG, INFO, WARNING or ERROR")
         ls_url = _text(env, "LABEL_STUDIO_URL", None)
-        engine = (_text(env, "ENGINE", EngineKind.GROUNDED_SAM.value) or "").lower()
-        if engine not in {kind.value for kind in EngineKind}:
-            raise SettingsError(f"ENGINE={engine!r} is not an engine: use grounded-sam or sam3")
+        engine, engines = _engines(env)
         return cls(
-            engine=EngineKind(engine),
+            engine=engine,
+            engines=engines,
             grounding_dino_model=_text(env, "GROUNDING_DINO_MODEL", DEFAULT_GROUNDING_DINO_MODEL),
             sam_model=_text(env, "SAM_MODEL", DEFAULT_SAM_MODEL),
             sam3_model=_text(env, "SAM3_MODEL", DEFAULT_SAM3_MODEL),
@@ -248,4 +282,7 @@ class Settings:
             max_video_frames=_number(env, "MAX_VIDEO_FRAMES", 18_000, int, 1, 10_000_000),
             max_video_mb=_number(env, "MAX_VIDEO_MB", 500.0, float, 0.001, 100_000.0),
             video_deadline=_number(env, "VIDEO_DEADLINE", 50.0, float, 1.0, 3600.0),
+            click_affinity=_bool(env, "CLICK_AFFINITY", True),
+            affinity_max_queue=_number(env, "AFFINITY_MAX_QUEUE", 4, int, 0, 10_000),
+            retrieve_budget=_number(env, "RETRIEVE_BUDGET", 60.0, float, 0.0, 3600.0),
         )

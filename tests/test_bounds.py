@@ -74,8 +74,9 @@ def plain(start_backend, recorder):
     """No basic auth, no opt-in: the bulk routes are closed; caps lowered so tests stay small."""
     # PREWARM_TASKS=0: a one-task /predict would otherwise list and fetch the next tasks in the
     # background, and those requests would land in the recorder of whichever test runs next.
+    # RETRIEVE_BUDGET=0: the caps as they are without it (the budget: tests/test_retrieve.py).
     return start_backend(LABEL_STUDIO_URL=recorder.base, LABEL_STUDIO_API_KEY=TOKEN, PRELOAD_MODELS="false",
-                         MAX_TASKS_PER_REQUEST="5", MAX_SMART_PROMPTS="4", PREWARM_TASKS="0")
+                         MAX_TASKS_PER_REQUEST="5", MAX_SMART_PROMPTS="4", PREWARM_TASKS="0", RETRIEVE_BUDGET="0")
 
 
 @pytest.fixture(scope="module")

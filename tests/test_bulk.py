@@ -143,7 +143,7 @@ def test_a_run_outlives_the_web_process_that_started_it(cluster, start_backend, 
     assert any(f"run {run_id}" in w.log_text() and "adopting it" in w.log_text() for w in workers)
 
     ttls = {key.decode(): connection.ttl(key) for key in connection.scan_iter("gsam:*")}
-    assert f"gsam:run:{run_id}" in ttls and "gsam:workers" in ttls and "gsam:worker-versions" in ttls
+    assert f"gsam:run:{run_id}" in ttls and "gsam:workers" in ttls and "gsam:worker-info" in ttls
     assert not {key: ttl for key, ttl in ttls.items() if ttl <= 0 and ttl != -2}, ttls  # -2: expired meanwhile
 
 

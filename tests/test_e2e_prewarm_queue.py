@@ -76,3 +76,45 @@ def test_queue_mode_warm_without_a_listening_worker_is_503(tmp_path_factory, sta
         assert answer.status_code == 503 and "no worker is listening" in answer.json()["message"], answer.text
     finally:
         server.stop()
+
+
+def test_with_two_workers_each_task_is_prewarmed_once_by_its_owner(label_studio, ls, tmp_path_factory,
+                                                                  start_worker, start_backend):
+    """Click affinity: the warm request reaches both workers, each encodes only the tasks it owns,
+    so every task is encoded once (not once per worker), and each click lands where it was encoded."""
+    from PIL import Image
+
+    server = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("two-owners")).start()
+    try:
+        folder = tmp_path_factory.mktemp("owned-images")
+        paths = []
+        for i in range(8):  # distinct sizes: distinct bytes, distinct embeddings
+            path = folder / f"owned{i}.png"
+            Image.new("RGB", (120 + 9 * i, 90 + 5 * i), (30 * i, 200, 120)).save(path)
+            paths.append(path)
+        project_id = ls.create_project("e2e prewarm (two owners)", SMART_CONFIG)
+        task_ids = ls.import_images(project_id, paths)
+        credentials = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.legacy_token}
+        ports = [free_port(), free_port()]
+        workers = [start_worker(server.url, "--metrics-port", str(port), **credentials) for port in ports]
+        web = start_backend(REDIS_URL=server.url, PREDICT_TIMEOUT="60", ALLOW_UNAUTHENTICATED_BULK="true")
+        with logs_on_failure(label_studio, web):
+            ml_id = connect(ls, project_id, web, "grounded-sam prewarm (two owners)")
+            answer = requests.post(f"{web.url}/warm", json={"project": project_id, "tasks": len(task_ids)}, timeout=30)
+            assert answer.status_code == 200 and answer.json()["workers"] == 2, answer.text
+            deadline = time.monotonic() + 180
+            while not all(f"pre-warming project {project_id}:" in w.log_text() for w in workers):
+                assert time.monotonic() < deadline, [w.log_text()[-2000:] for w in workers]
+                time.sleep(0.3)
+
+            def total(name: str) -> float:
+                return sum(worker_metric(port, name) for port in ports)
+
+            assert total("gsam_prewarmed_embeddings_total") == len(task_ids)  # once each, not once per worker
+            hits, misses = total("gsam_embedding_cache_hits_total"), total("gsam_embedding_cache_misses_total")
+            for task in task_ids:
+                click(ls, ml_id, task)
+            assert total("gsam_embedding_cache_misses_total") == misses  # every click on its owner's embedding
+            assert total("gsam_embedding_cache_hits_total") == hits + len(task_ids)
+    finally:
+        server.stop()

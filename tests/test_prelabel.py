@@ -486,8 +486,12 @@ class FakeQueue:
             raise KeyboardInterrupt
         return 1
 
-    def live_model_versions(self):
-        return {} if self.stop.is_set() else {self.pipeline.model_version: ["fake-worker"]}
+    def live_model_versions(self, engine=None):
+        return {} if self.stop.is_set() or engine not in (None, "grounded-sam") \
+            else {self.pipeline.model_version: ["fake-worker"]}
+
+    def live_engines(self):
+        return {} if self.stop.is_set() else {"grounded-sam": self.live_model_versions()}
 
     def _work(self):
         while not self.stop.is_set():

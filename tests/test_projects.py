@@ -129,7 +129,9 @@ def test_setup_stores_extra_params_as_object_or_json_text(app):
     assert answer.status_code == 200 and answer.json() == {"model_version": "stub-version"}
     settings = requests.get(url + "/projects/1/settings", timeout=5).json()
     assert settings == {"project": 1, "options": {"box_threshold": 0.5, "outputs": ["brush"]},
-                        "remembered_prompt": None, "default_prompt": None, "remember_prompt": True}
+                        "remembered_prompt": None, "default_prompt": None, "remember_prompt": True,
+                        "engine": "grounded-sam", "engine_served": True, "engines": {"grounded-sam": ["stub-version"]},
+                        "model_version": "stub-version"}
     text = json.dumps({"text_threshold": 0.2, "prompt": "cat . dog"})  # what LS's form stores: text
     assert requests.post(url + "/setup", json=setup_body(text, project="2.17"), timeout=5).status_code == 200
     assert backend.projects.get(2) == ProjectSettings(PredictOptions(text_threshold=0.2, prompt="cat . dog"))
@@ -218,8 +220,8 @@ def test_prelabel_and_versions_use_the_project(app):
     requests.post(url + "/predict", json=predict_body(project="7.1", context=PROMPT_CONTEXT), timeout=5)
     assert requests.post(url + "/prelabel", json={"project": 7}, timeout=5).status_code == 202
     assert backend.runs.started[-1] == RunRequest(project=7, prompt="dog", options=PredictOptions(min_mask_area=0.01))
-    assert requests.get(url + "/versions", timeout=5).json() == {"versions": ["stub-version"],
-                                                                 "model_version": "stub-version"}
+    assert requests.get(url + "/versions", timeout=5).json() == {
+        "versions": ["stub-version"], "model_version": "stub-version", "engines": {"grounded-sam": ["stub-version"]}}
 
 
 # ------------------------------------------------------------------- the real embedded backend
@@ -227,8 +229,9 @@ def test_prelabel_and_versions_use_the_project(app):
 def test_embedded_remembered_prompt_decides_the_labels(start_backend):
     backend = start_backend(PRELOAD_MODELS="false")
     url = backend.url
-    assert requests.get(url + "/versions", timeout=5).json() == {"versions": ["grounding-dino+sam"],
-                                                                 "model_version": "grounding-dino+sam"}
+    assert requests.get(url + "/versions", timeout=5).json() == {
+        "versions": ["grounding-dino+sam"], "model_version": "grounding-dino+sam",
+        "engines": {"grounded-sam": ["grounding-dino+sam"]}}
     requests.post(url + "/setup", json=setup_body({"prompt": "cat"}), timeout=5).raise_for_status()
     batch = requests.post(url + "/predict", json=predict_body(image=GOOD, n=2), timeout=120).json()["results"]
     assert all(labels_of(p) == {"cat"} for p in batch)  # extra_params.prompt for a task without one
@@ -292,7 +295,8 @@ def test_queue_mode_versions_and_remember_off(queue_stack, redis_server, start_b
     assert requests.get(web.url + "/versions", timeout=5).json()["versions"] == ["grounding-dino+sam"]
     other = start_backend(REDIS_URL=redis_server.url, MODEL_VERSION="web-v2", REMEMBER_PROMPT="false")
     assert requests.get(other.url + "/versions", timeout=5).json() == {
-        "versions": ["web-v2", "grounding-dino+sam"], "model_version": "web-v2"}  # its own, then the workers'
+        "versions": ["web-v2", "grounding-dino+sam"], "model_version": "web-v2",  # its own, then the workers'
+        "engines": {"grounded-sam": ["grounding-dino+sam"]}}
     requests.post(other.url + "/predict", json=predict_body("12.1", PROMPT_CONTEXT, image=GOOD), timeout=90)
     assert redis.Redis.from_url(redis_server.url).exists(keys.project_key(12)) == 0  # nothing remembered
 

@@ -107,7 +107,8 @@ def test_web_process_never_loads_torch(queue_stack):
 def test_health_reports_queues_and_workers(queue_stack):
     health = requests.get(f"{queue_stack[0].url}/health", timeout=1).json()
     assert health["mode"] == "queue" and health["redis"] == "ok"
-    assert health["workers"] == 1 and health["queues"] == {"interactive": 0, "prelabel": 0}
+    assert health["workers"] == 1 and health["queues"] == {"interactive.grounded-sam": 0, "prelabel.grounded-sam": 0, "interactive.sam3": 0, "prelabel.sam3": 0}
+    assert list(health["engines"]) == ["grounded-sam"] and health["engines"]["grounded-sam"]["workers"] == 1
 
 
 def test_bad_prompt_is_rejected_before_enqueueing(queue_stack):
@@ -115,13 +116,14 @@ def test_bad_prompt_is_rejected_before_enqueueing(queue_stack):
     assert response.status_code == 400 and "phrases" in response.json()["message"]
 
 
-def test_no_worker_gives_a_clear_timeout(tmp_path_factory, start_backend):
+def test_no_worker_gives_a_clear_503_naming_the_engine(tmp_path_factory, start_backend):
     lonely = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("lonely")).start()
     try:
         web = start_backend(REDIS_URL=lonely.url, PREDICT_TIMEOUT="2")
         response = requests.post(f"{web.url}/predict", json=body(IMAGES[0]), timeout=30)
-        assert response.status_code == 504
-        assert "PREDICT_TIMEOUT" in response.json()["message"] and "worker" in response.json()["message"]
+        assert response.status_code == 503  # at once: nothing is enqueued for a worker that does not exist
+        assert "no live worker serves engine 'grounded-sam'" in response.json()["message"]
+        assert "ENGINE=grounded-sam python -m backend worker" in response.json()["message"]
         assert requests.get(f"{web.url}/health", timeout=1).json()["status"] == "DEGRADED"
     finally:
         lonely.stop()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from backend.queue import liveness
 import requests
 
 from backend.queue import keys, liveness, transport
@@ -47,14 +49,14 @@ def stack(queue_stack, redis_server):
 
 
 def push_raw_job(connection: redis.Redis, data: bytes, **fields: str) -> str:
-    """Enqueue a job on ``interactive`` the way RQ lays it out, with nothing but Redis commands."""
+    """Enqueue a job on ``interactive.grounded-sam`` the way RQ lays it out, with nothing but Redis commands."""
     job_id = f"hostile-{uuid.uuid4().hex[:8]}"
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
     connection.hset(f"rq:job:{job_id}", mapping={
-        "data": data, "created_at": now, "enqueued_at": now, "origin": "interactive", "status": "queued",
+        "data": data, "created_at": now, "enqueued_at": now, "origin": "interactive.grounded-sam", "status": "queued",
         "description": "hostile", "timeout": "30", **fields})
-    connection.sadd("rq:queues", "rq:queue:interactive")
-    connection.rpush("rq:queue:interactive", job_id)
+    connection.sadd("rq:queues", "rq:queue:interactive.grounded-sam")
+    connection.rpush("rq:queue:interactive.grounded-sam", job_id)
     return job_id
 
 
@@ -172,11 +174,20 @@ def test_keys_of_served_jobs_and_liveness_expire(stack):
     assert 0 < connection.ttl(keys.WORKERS) <= liveness.WORKERS_KEY_TTL_S
 
 
+def register_stuck_worker(connection) -> None:
+    """A worker that is live and registered for the default engine, but no process serves its queues."""
+    stuck = "gsam-00000000000f"
+    liveness.mark_alive(connection, stuck, ttl_s=120)
+    liveness.register_worker(connection, stuck, liveness.WorkerInfo("grounded-sam", "grounding-dino+sam"))
+
+
 def test_timed_out_predict_leaves_no_key_without_expiry_and_a_small_payload(tmp_path_factory, start_backend):
-    """No worker: the job carries only what a worker needs, and after the 504 nothing is left unexpiring."""
+    """A registered worker that takes nothing: the job carries only what a worker needs, and after
+    the 504 nothing is left unexpiring."""
     lonely = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("lonely")).start()
     try:
         connection = redis.Redis.from_url(lonely.url)
+        register_stuck_worker(connection)
         web = start_backend(REDIS_URL=lonely.url, PREDICT_TIMEOUT="3")
         request = body(IMAGE, IMAGE, prompt="cat")
         request["tasks"][0].update(annotations=[{"result": ["x" * 1000]}], predictions=[{"result": []}], drafts=[])
@@ -210,6 +221,7 @@ def test_web_process_never_unpickles_a_forged_result(tmp_path_factory, start_bac
     lonely = RedisServer(port=free_port(), data_dir=tmp_path_factory.mktemp("forged")).start()
     try:
         connection = redis.Redis.from_url(lonely.url)
+        register_stuck_worker(connection)
         web = start_backend(REDIS_URL=lonely.url, PREDICT_TIMEOUT="20")
         marker = tmp_path / "web-unpickled"
         answer = {}

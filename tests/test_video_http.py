@@ -171,7 +171,10 @@ def test_bounds_and_the_deadline(start_backend, server, tiny_family):
 
 
 def test_the_deadline_answers_what_it_has(start_backend, server, tiny_family):
-    slow = start_backend(**video_env(server, tiny_family, VIDEO_DEADLINE="1", VIDEO_DETECT_EVERY="1"))
+    # RETRIEVE_BUDGET=0: VIDEO_DEADLINE alone (within the budget each video of a batch call is a call of
+    # its own, with its own deadline, and a video not started in time goes to a bulk run)
+    slow = start_backend(**video_env(server, tiny_family, VIDEO_DEADLINE="1", VIDEO_DETECT_EVERY="1",
+                                     RETRIEVE_BUDGET="0"))
     response = predict(slow, [task(1, "long"), task(2, "good")])
     assert response.status_code == 200
     first, second = response.json()["results"]

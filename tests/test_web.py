@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+from backend.ls.engines import check_choice
 import requests
 from werkzeug.serving import make_server
 
@@ -77,13 +79,24 @@ class StubBackend:
     def health(self) -> dict:
         return {"status": "UP", "model_class": MODEL_CLASS, "model_version": self.model_version, "mode": "stub"}
 
+    def served(self) -> dict[str, list[str]]:
+        return {"grounded-sam": [self.model_version]}
+
+    def check_choice(self, options) -> None:  # the real check, against what the stub serves
+        check_choice(options, self.served(), self.served(), "the stub serves grounded-sam only")
+
+    def engine_state(self, options) -> dict:
+        engine = options.engine or "grounded-sam"
+        return {"engine": engine, "engine_served": engine in self.served(), "engines": self.served(),
+                "model_version": self.model_version}
+
     def preload(self) -> None:
         raise AssertionError("create_app(preload=False) must not preload")
 
     def prewarm(self, project: int, request: PredictRequest) -> None:
         self.prewarmed.append((project, [t["id"] for t in request.tasks]))
 
-    def warm(self, project: int, count: int, after: int | None = None) -> dict:
+    def warm(self, project: int, count: int, after: int | None = None, options=None) -> dict:
         self.warmed.append((project, count, after))
         if self.raises is not None:
             raise self.raises
@@ -145,9 +158,18 @@ def test_queue_errors_of_the_backend_map_to_their_status(served, error, status):
 
 def test_the_backend_limits_bound_the_request(served):
     url, backend = served
-    response = requests.post(url + "/predict", json=predict_body(4), timeout=5)
+    context = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea", "value": {"text": ["cat"]}}]}
+    response = requests.post(url + "/predict", json=predict_body(4, context), timeout=5)
     assert response.status_code == 413 and "MAX_TASKS_PER_REQUEST" in response.json()["message"]
     assert backend.requests == []
+    # "Retrieve predictions" (no context) within RETRIEVE_BUDGET: the first MAX_TASKS_PER_REQUEST tasks
+    # now, the rest answered [] and handed to a bulk run over exactly those tasks
+    response = requests.post(url + "/predict", json=predict_body(4), timeout=5)
+    assert response.status_code == 200
+    assert [bool(r) for r in response.json()["results"]] == [True, True, True, False]
+    assert [[t["id"] for t in r.tasks] for r in backend.requests] == [[1, 2, 3]]
+    (run,) = backend.runs.started
+    assert (run.project, run.task_ids) == (1, (4,))
 
 
 def test_prelabel_gives_the_runs_a_validated_request(served):

@@ -1,4 +1,4 @@
-"""A bulk run's chunks as RQ jobs on the ``prelabel`` queue: the job function workers run, and the
+"""A bulk run's chunks as RQ jobs on its engine's ``prelabel`` queue: the job function workers run, and the
 supervisor's side (enqueue, count and cancel a run's jobs) as :class:`RqChunkQueue`, the default
 :class:`~backend.bulk.supervisor.ChunkQueue`.
 
@@ -25,10 +25,10 @@ from backend.bulk.redisstore import ACTIVE_TTL_S, RedisRunStore
 from backend.bulk.spec import BulkTask, PrelabelSpec
 from backend.ls.client import LabelStudioApi
 from backend.queue import keys
-from backend.queue.liveness import is_alive, live_model_versions, live_workers
+from backend.queue.liveness import is_alive, live_engines, live_model_versions, live_workers
 from backend.queue.resident import resident_pipeline
 from backend.queue.transport import (NOT_STARTED, PRELABEL, PRELABEL_JOB_TIMEOUT_S, PRELABEL_RETRY, RESULT_TTL_S,
-                                    drop_unstarted, fetch_jobs, queue)
+                                    drop_unstarted, engine_queue, fetch_jobs, queue)
 
 FAILURE_TTL_S = 24 * 3600
 
@@ -53,8 +53,9 @@ def prelabel_chunk_job(run_id: str, spec: dict, tasks: list[dict]) -> None:
 
 def enqueue_prelabel_chunk(connection: redis.Redis, run_id: str, spec: PrelabelSpec,
                            tasks: Sequence[BulkTask]) -> str:
-    """Enqueue one chunk on ``prelabel`` and record its job id with the run; returns the job id."""
-    job = queue(PRELABEL, connection).enqueue(
+    """Enqueue one chunk on its engine's ``prelabel`` queue and record its job id with the run;
+    returns the job id."""
+    job = queue(engine_queue(PRELABEL, spec.engine), connection).enqueue(
         prelabel_chunk_job, run_id, spec.to_dict(), [t.to_json() for t in tasks],
         # ttl: a queued chunk no worker takes expires with its run's record, not never
         job_timeout=PRELABEL_JOB_TIMEOUT_S, retry=PRELABEL_RETRY, ttl=ACTIVE_TTL_S, result_ttl=RESULT_TTL_S,
@@ -120,8 +121,11 @@ class RqChunkQueue:
     def live_workers(self) -> int:
         return live_workers(self.connection)
 
-    def live_model_versions(self) -> dict[str, list[str]]:
-        return live_model_versions(self.connection)
+    def live_model_versions(self, engine: str | None = None) -> dict[str, list[str]]:
+        return live_model_versions(self.connection, engine)
+
+    def live_engines(self) -> dict[str, dict[str, list[str]]]:
+        return live_engines(self.connection)
 
 
 __all__ = ["RqChunkQueue", "cancel_run_jobs", "enqueue_prelabel_chunk", "prelabel_chunk_job", "run_jobs_in_flight",

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from backend.batching import chunks
@@ -35,7 +36,9 @@ from backend.bulk.spec import BulkTask, PrelabelSpec
 from backend.bulk.status import RunState, RunStatus
 from backend.bulk.progress import ProgressBar
 from backend.bulk.supervisor import POLL_S, STALL_S, ChunkQueue, Supervisor, cancel_run
+from backend.errors import EngineNotServed
 from backend.ls.client import LabelStudioApi, LabelStudioApiError
+from backend.ls.engines import choose_engine
 from backend.ls.labelconfig import LabelConfigError, parse_label_config
 from backend.ls.tasks import RequestError, split_prompt
 from backend.pipeline.predict import prompt_limits
@@ -77,7 +80,8 @@ def _versions_text(versions: dict[str, list[str]]) -> str:
                      for version, names in sorted(versions.items()))
 
 
-def served_model_version(chunks_queue: ChunkQueue, requested: str | None, wait_s: float = WORKER_WAIT_S) -> str:
+def served_model_version(chunks_queue: ChunkQueue, requested: str | None, wait_s: float = WORKER_WAIT_S,
+                         engine: str | None = None) -> str:
     """The model version a queue-mode run labels with: the one the live workers serve, or
     ``requested``. Raises :class:`PrelabelError` (saying which versions are live) when the workers
     disagree and none was requested, when no live worker serves ``requested``, or when no worker is
@@ -85,7 +89,7 @@ def served_model_version(chunks_queue: ChunkQueue, requested: str | None, wait_s
     just started register within a second)."""
     deadline = time.monotonic() + wait_s
     while True:
-        versions = retry_redis(chunks_queue.live_model_versions, "listing the live workers")
+        versions = retry_redis(lambda: chunks_queue.live_model_versions(engine), "listing the live workers")
         if versions or requested or time.monotonic() >= deadline:  # wait only when the workers must choose
             break
         time.sleep(0.5)
@@ -124,7 +128,11 @@ class _RunsBase:
 
     # ------------------------------------------------------------------ what a mode supplies
 
-    def _model_version(self, requested: str | None, wait_s: float) -> str:
+    def _model_version(self, requested: str | None, wait_s: float, engine: str) -> str:
+        raise NotImplementedError
+
+    def _served(self) -> dict[str, list[str]]:
+        """Engine -> the model versions it serves now (what a project's choice is resolved against)."""
         raise NotImplementedError
 
     def _follow(self, api: LabelStudioApi, spec: PrelabelSpec, run_id: str, chunk: int) -> Callable[[], object]:
@@ -143,19 +151,19 @@ class _RunsBase:
 
     def start(self, request: RunRequest) -> RunStatus:
         api, spec = self._open(request, START_WAIT_S)
-        run_id = self.store.create(spec, None, chunk=request.chunk)
+        run_id = self.store.create(spec, None, chunk=request.chunk, scope=request.task_ids)
         self._in_background(run_id, api, self._follow(api, spec, run_id, request.chunk))
         return self.store.status(run_id)
 
     def run(self, request: RunRequest, *, progress: bool = True) -> RunStatus:
         api, spec = self._open(request, WORKER_WAIT_S)
         with api:
-            plan = plan_prelabel(api, spec.project, spec.model_version, spec.redo)
+            plan = plan_prelabel(api, spec.project, spec.model_version, spec.redo, task_ids=request.task_ids)
             log.info("project %s: %d tasks to label, %d skipped (they have a %r prediction)", spec.project,
                      len(plan.tasks), plan.skipped, spec.model_version)
             ids = [t.id for t in plan.tasks]
-            run_id = retry_redis(lambda: self.store.create(spec, ids, skipped=plan.skipped, chunk=request.chunk),
-                                 "creating the run")
+            run_id = retry_redis(lambda: self.store.create(spec, ids, skipped=plan.skipped, chunk=request.chunk,
+                                                           scope=request.task_ids), "creating the run")
             return self._drive(api, spec, run_id, plan.tasks, request.chunk, progress)
 
     def status(self, run_id: str) -> RunStatus | None:
@@ -183,8 +191,15 @@ class _RunsBase:
                     prompt = None
             except RequestError as exc:
                 raise PrelabelError(str(exc)) from None
-        return PrelabelSpec(project=request.project, label_config=config_xml, prompt=prompt,
-                            model_version=self._model_version(request.model_version, wait_s), redo=request.redo,
+        options = request.options
+        if request.model_version is not None:  # the run's own choice of version wins over the project's
+            options = replace(options, model_version=request.model_version)
+        try:
+            engine = choose_engine(options, self.settings.engine.value, self._served())
+        except EngineNotServed:  # a version no worker serves yet: the run waits for its workers
+            engine = options.engine or self.settings.engine.value
+        return PrelabelSpec(project=request.project, label_config=config_xml, prompt=prompt, engine=engine,
+                            model_version=self._model_version(options.model_version, wait_s, engine), redo=request.redo,
                             options=request.options)
 
     def _open(self, request: RunRequest, wait_s: float) -> tuple[LabelStudioApi, PrelabelSpec]:
@@ -218,12 +233,25 @@ class EmbeddedRuns(_RunsBase):
     """Runs whose chunks go through ``pipeline`` in this process (see the module docstring)."""
 
     def __init__(self, settings: Settings, pipeline, store: MemoryRunStore | None = None,
-                 api_factory: Callable[[], LabelStudioApi] | None = None):
+                 api_factory: Callable[[], LabelStudioApi] | None = None, pipelines: dict | None = None):
         super().__init__(settings, store or MemoryRunStore(), api_factory)
         self.pipeline = pipeline
+        self.pipelines = pipelines or {settings.engine.value: pipeline}  # engine -> its pipeline (ENGINES)
 
-    def _model_version(self, requested: str | None, wait_s: float) -> str:
-        version = self.pipeline.model_version
+    def _served(self) -> dict[str, list[str]]:
+        return {engine: [pipeline.model_version] for engine, pipeline in self.pipelines.items()}
+
+    def _pipeline_for(self, spec: PrelabelSpec):
+        if spec.engine not in self.pipelines:
+            raise PrelabelError(f"engine {spec.engine!r} is not loaded by this process (ENGINES="
+                                f"{','.join(self.pipelines)}): add it to ENGINES and restart")
+        return self.pipelines[spec.engine]
+
+    def _model_version(self, requested: str | None, wait_s: float, engine: str) -> str:
+        if engine not in self.pipelines:
+            raise PrelabelError(f"engine {engine!r} is not loaded by this process (ENGINES="
+                                f"{','.join(self.pipelines)}): add it to ENGINES and restart")
+        version = self.pipelines[engine].model_version
         if requested and requested != version:
             raise PrelabelError(f"this process serves model_version {version!r}, not {requested!r} "
                                 "(embedded mode: set the model settings or MODEL_VERSION instead)")
@@ -231,7 +259,7 @@ class EmbeddedRuns(_RunsBase):
 
     def _follow(self, api, spec, run_id, chunk):
         def main() -> None:
-            plan = plan_prelabel(api, spec.project, spec.model_version, spec.redo)
+            plan = plan_prelabel(api, spec.project, spec.model_version, spec.redo, task_ids=self.store.scope(run_id))
             if self.store.state(run_id) != RunState.PLANNING:  # cancelled while planning
                 return
             self.store.set_tasks(run_id, [t.id for t in plan.tasks], skipped=plan.skipped)
@@ -247,7 +275,7 @@ class EmbeddedRuns(_RunsBase):
                 if self.store.state(run_id) != RunState.RUNNING:
                     break
                 try:
-                    process_chunk(self.pipeline, api, self.store, run_id, spec, part)
+                    process_chunk(self._pipeline_for(spec), api, self.store, run_id, spec, part)
                 except Exception as exc:  # noqa: BLE001 - one bad chunk must not end the run: record why, go on
                     log.exception("run %s: a chunk of %d tasks failed", run_id, len(part))
                     fail_tasks(self.store, run_id, part, f"chunk failed: {_failure_text(exc)}")
@@ -281,8 +309,12 @@ class QueueRuns(_RunsBase):
         self.poll_s = poll_s
         self.stall_s = stall_s
 
-    def _model_version(self, requested: str | None, wait_s: float) -> str:
-        return served_model_version(self.chunks, requested, wait_s)
+    def _served(self) -> dict[str, list[str]]:
+        versions = retry_redis(self.chunks.live_engines, "listing the live workers")
+        return {engine: sorted(by_version) for engine, by_version in versions.items()}
+
+    def _model_version(self, requested: str | None, wait_s: float, engine: str) -> str:
+        return served_model_version(self.chunks, requested, wait_s, engine)
 
     def _supervisor(self, api: LabelStudioApi, spec: PrelabelSpec, run_id: str, tasks: list[BulkTask] | None,
                     chunk: int) -> Supervisor:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from backend.ls.options import PredictOptions
+from backend.ls.options import ENGINE_NAMES, PredictOptions
+from backend.settings import EngineKind
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,12 @@ class PrelabelSpec:
     model_version: str
     redo: bool = False
     options: PredictOptions = PredictOptions()
+    engine: str = EngineKind.GROUNDED_SAM.value  # whose workers label it (queue mode: its prelabel queue)
 
     def to_dict(self) -> dict:
         return {"project": self.project, "label_config": self.label_config, "prompt": self.prompt,
-                "model_version": self.model_version, "redo": self.redo, "options": self.options.to_json()}
+                "model_version": self.model_version, "redo": self.redo, "options": self.options.to_json(),
+                "engine": self.engine}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrelabelSpec":
@@ -37,7 +40,17 @@ class PrelabelSpec:
         return cls(project=int(data["project"]), label_config=str(data["label_config"]),
                    prompt=str(prompt) if prompt else None, model_version=str(data["model_version"]),
                    redo=bool(data.get("redo", False)),
-                   options=PredictOptions.from_json(data.get("options")))  # re-validated: it crossed Redis
+                   options=PredictOptions.from_json(data.get("options")),  # re-validated: it crossed Redis
+                   engine=_engine(data.get("engine")))
+
+
+def _engine(value: Any) -> str:
+    """A spec's engine read back from Redis (runs recorded before engines were named: the default)."""
+    if value is None:
+        return EngineKind.GROUNDED_SAM.value
+    if value not in ENGINE_NAMES:
+        raise ValueError(f"a run's engine is one of {', '.join(ENGINE_NAMES)}, not {value!r:.40}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -74,8 +74,12 @@ class ChunkQueue(Protocol):
     def live_workers(self) -> int:
         ...
 
-    def live_model_versions(self) -> dict[str, list[str]]:
-        """Model version -> names of the live workers that serve it."""
+    def live_model_versions(self, engine: str | None = None) -> dict[str, list[str]]:
+        """Model version -> names of the live workers that serve it (of ``engine`` only, when given)."""
+        ...
+
+    def live_engines(self) -> dict[str, dict[str, list[str]]]:
+        """Engine -> model version -> names of the live workers serving it."""
         ...
 
 
@@ -164,10 +168,13 @@ class Supervisor:
     # ------------------------------------------------------------------ planning, adoption, recovery
 
     def _plan(self) -> None:
-        """The run is ``planning`` and ours: list its tasks in LS (again, after an adoption)."""
+        """The run is ``planning`` and ours: list its tasks in LS (again, after an adoption), only
+        those of its scope when it has one (a subset run: the scope is in Redis, so an adopter
+        plans the same subset)."""
         try:
             with self._keeping_lease():
-                plan = plan_prelabel(self.api, self.spec.project, self.spec.model_version, self.spec.redo)
+                plan = plan_prelabel(self.api, self.spec.project, self.spec.model_version, self.spec.redo,
+                                     task_ids=self.store.scope(self.run_id))
         except (LabelStudioApiError, PrelabelError) as exc:
             log.error("run %s: planning failed: %s", self.run_id, exc)
             self.store.finish(self.run_id, RunState.FAILED, error=str(exc))

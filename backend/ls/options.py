@@ -13,9 +13,14 @@ import reprlib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from backend.settings import EngineKind
+
 #: Region kinds a project may ask for (``outputs``); the config's controls decide which exist at all.
 OUTPUT_KINDS = ("rectangle", "brush", "polygon")
 MAX_PROMPT_CHARS = 2000
+#: The engines a project may choose (``extra_params.engine``): :class:`backend.settings.EngineKind`'s values.
+ENGINE_NAMES = tuple(kind.value for kind in EngineKind)
+MAX_VERSION_CHARS = 200
 
 
 _SHOWN = reprlib.Repr()  # attributes, not keyword arguments: Python 3.11 has no Repr(**limits)
@@ -60,6 +65,8 @@ class PredictOptions:
 
     ``min_mask_area``: pixels when >= 1, else a fraction of the image's pixels. ``outputs``: the
     region kinds to answer with (a subset of :data:`OUTPUT_KINDS`; None: every kind the config has).
+    ``engine`` / ``model_version``: which engine answers the project (None: the deployment's default);
+    whether one is served is the mode's to check (:meth:`backend.modes.base.Backend.check_choice`).
     """
 
     box_threshold: float | None = None
@@ -71,6 +78,8 @@ class PredictOptions:
     polygon_tolerance: float | None = None
     prompt: str | None = None
     outputs: tuple[str, ...] | None = None
+    engine: str | None = None
+    model_version: str | None = None
 
     @classmethod
     def from_json(cls, params: Any) -> "PredictOptions":
@@ -113,6 +122,17 @@ class PredictOptions:
                 raise OptionsError(f"extra_params.outputs must be a non-empty list of {list(OUTPUT_KINDS)}, "
                                    f"not {_shown(outputs)}")
             values["outputs"] = tuple(dict.fromkeys(outputs))
+        engine = params.get("engine")
+        if engine is not None:
+            if not isinstance(engine, str) or engine.strip().lower() not in ENGINE_NAMES:
+                raise OptionsError(f"extra_params.engine must be one of {list(ENGINE_NAMES)}, not {_shown(engine)}")
+            values["engine"] = engine.strip().lower()
+        version = params.get("model_version")
+        if version is not None:
+            if not isinstance(version, str) or not version.strip() or len(version) > MAX_VERSION_CHARS:
+                raise OptionsError("extra_params.model_version must be a model version the backend serves "
+                                   f"(GET /versions), not {_shown(version)}")
+            values["model_version"] = version.strip()
         return cls(**values)
 
     def to_json(self) -> dict:

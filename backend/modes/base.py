@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # type names only: importing them here would pull torch-free but heavy modules early
     from backend.bulk.runs import Runs
+    from backend.ls.options import PredictOptions
     from backend.ls.tasks import PredictRequest, PromptLimits
     from backend.metrics import Metrics
     from backend.modes.projects import ProjectStore
@@ -44,6 +45,19 @@ class Backend(Protocol):
 
     def predict(self, request: PredictRequest) -> list[dict]: ...
 
+    def served(self) -> dict[str, list[str]]:
+        """Engine -> the model versions it serves now (embedded: ENGINES' pipelines; queue: the live workers)."""
+        ...
+
+    def check_choice(self, options: PredictOptions) -> None:
+        """``/setup``: raise OptionsError (400) when the project's ``engine`` / ``model_version``
+        cannot be served by this deployment (saying what to do)."""
+        ...
+
+    def engine_state(self, options: PredictOptions) -> dict:
+        """``{"engine", "engine_served", "engines"}`` for a project with ``options``."""
+        ...
+
     def versions(self) -> list[str]:
         """The model versions this deployment serves (``GET /versions``), its own first."""
         ...
@@ -61,8 +75,9 @@ class Backend(Protocol):
         mode can (returns at once; a no-op where it cannot)."""
         ...
 
-    def warm(self, project: int, count: int, after: int | None = None) -> dict:
-        """Encode ``project``'s first ``count`` tasks after ``after`` (``POST /warm``): the answer's
+    def warm(self, project: int, count: int, after: int | None = None, options: PredictOptions = ...) -> dict:
+        """Encode ``project``'s first ``count`` tasks after ``after`` with the engine ``options``
+        choose (``POST /warm``): the answer's
         body, ``{"encoded": n}`` when done here and now (embedded), ``{"workers": n}`` when ``n``
         workers took the request and encode in the background (queue). Raises ValueError for a
         count out of bounds, a QueueError where the mode cannot."""

@@ -25,7 +25,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 
 import redis
 from rq import SimpleWorker
@@ -35,11 +34,13 @@ from backend.bulk.chunkjob import prelabel_chunk_job
 from backend.errors import ModelLoadError
 from backend.pipeline.predict import Pipeline
 from backend.pipeline.prewarm import Prewarmer
-from backend.queue import liveness, resident
+from backend.modelinfo import model_sources
+from backend.queue import affinity, liveness, resident
 from backend.queue.connection import backoff, connect
 from backend.queue.jobs import predict_job
 from backend.queue.prewarm import WarmListener
-from backend.queue.transport import QUEUES, SERIALIZER, GsamJob, function_path, queue
+from backend.queue.transport import (INTERACTIVE, QUEUES, SERIALIZER, GsamJob, engine_queue, function_path,
+                                    new_worker_name, queue, worker_queue)
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class GsamWorker(SimpleWorker):
     def __init__(self, *args, pipeline: Pipeline, **kwargs):
         super().__init__(*args, **kwargs)
         self.pipeline = pipeline
+        self.info = worker_info(pipeline.settings, pipeline.model_version)
 
     def request_stop(self, signum, frame):
         # RQ stops an idle worker by raising from this handler without keeping a flag; with Redis
@@ -85,8 +87,8 @@ class GsamWorker(SimpleWorker):
         while not stop.is_set():
             try:
                 liveness.mark_alive(self.connection, self.name)
-                # bulk runs take their model version from the live workers
-                liveness.register_worker_version(self.connection, self.name, self.pipeline.model_version)
+                # routing (engine queues, click owners) and bulk runs' model version read the live workers
+                liveness.register_worker(self.connection, self.name, self.info)
                 if liveness.claim_reaper_round(self.connection, self.name, hold_s=0.9 * HOUSEKEEPING_EVERY_S):
                     liveness.requeue_abandoned(self.connection)
                     # bulk runs whose supervisor died are supervised from here
@@ -115,14 +117,59 @@ def limit_cpu_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def listen_for_warm_requests(settings: Settings, pipeline: Pipeline) -> WarmListener | None:
+def worker_info(settings: Settings, model_version: str) -> liveness.WorkerInfo:
+    """What this worker declares it serves: ENGINE, its model version, the settings naming its checkpoints."""
+    return liveness.WorkerInfo(settings.engine.value, model_version, model_sources(settings))
+
+
+class Identity:
+    """This worker's current name (a new one after each reconnect), read by its pre-warming thread."""
+
+    def __init__(self):
+        self.name = new_worker_name()
+
+    def renew(self) -> str:
+        self.name = new_worker_name()
+        return self.name
+
+
+def owned_tasks(settings: Settings, identity: Identity):
+    """``owns(task id)``: whether this worker owns the task among the live workers of its engine
+    (:mod:`backend.queue.affinity`; read from Redis per task: workers come and go)."""
+    connection = connect(settings.redis_url)
+    engine = settings.engine.value
+
+    def owns(task_id: int) -> bool:
+        live = liveness.live_worker_info(connection)
+        workers = [name for name, info in live.items() if info.engine == engine]
+        return affinity.owns(identity.name, affinity.task_key(task_id), workers)
+
+    return owns
+
+
+def listen_for_warm_requests(settings: Settings, pipeline: Pipeline, identity: Identity) -> WarmListener | None:
     """Encode what the web process broadcasts to pre-warm (:mod:`backend.queue.prewarm`) into this
-    worker's embedding cache, between jobs; None without LS credentials (the tasks come from LS)."""
+    worker's embedding cache, between jobs: only requests for this worker's engine, and with click
+    affinity only the tasks this worker owns. None without LS credentials (the tasks come from LS)."""
     if not settings.has_label_studio_credentials:
         log.info("pre-warming off in this worker: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to have it "
                  "encode the next tasks' embeddings")
         return None
-    return WarmListener(settings.redis_url, Prewarmer(pipeline).submit).start()
+    engine = settings.engine.value
+    prewarmer = Prewarmer(pipeline, owns=owned_tasks(settings, identity) if settings.click_affinity else None)
+
+    def on_request(request) -> None:
+        if request.engine in (None, engine):
+            prewarmer.submit(request)
+
+    return WarmListener(settings.redis_url, on_request).start()
+
+
+def served_queues(kinds: list[str], engine: str, worker_name: str) -> list[str]:
+    """The queues a worker serves, in priority order: its own (clicks of the images it owns), then
+    its engine's queues of ``kinds``."""
+    own = [worker_queue(engine, worker_name)] if INTERACTIVE in kinds else []
+    return own + [engine_queue(kind, engine) for kind in kinds]
 
 
 def report_load_error(redis_url: str, reason: str) -> None:
@@ -164,18 +211,24 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
         report_load_error(settings.redis_url, exc.reason)
         raise SystemExit(f"error: the models cannot be loaded: {exc.reason}") from None
     resident.install(pipeline)
-    listen_for_warm_requests(settings, pipeline)
+    identity = Identity()
+    listen_for_warm_requests(settings, pipeline, identity)
     job_class = GsamJob.allowing(JOB_FUNCTIONS)
-    name = f"gsam-{uuid.uuid4().hex[:12]}"
+    name = identity.name
     pauses = backoff(1.0, 30.0)
     while True:
         connection = connect(settings.redis_url)
         worker = None
         try:
-            worker = GsamWorker([queue(q, connection, job_class) for q in queues], connection=connection,
+            names = served_queues(queues, settings.engine.value, name)
+            worker = GsamWorker([queue(q, connection, job_class) for q in names], connection=connection,
                                 name=name, worker_ttl=60, maintenance_interval=MAINTENANCE_EVERY_S,
                                 serializer=SERIALIZER, job_class=job_class, pipeline=pipeline)
-            log.info("worker %s serving %s (%d CPU thread(s))", name, ", ".join(queues), threads)
+            # registered before it says "serving": the web process routes only to live, registered workers
+            liveness.mark_alive(connection, name)
+            liveness.register_worker(connection, name, worker.info)
+            log.info("worker %s (engine %s, %s) serving %s (%d CPU thread(s))", name, settings.engine.value,
+                     pipeline.model_version, ", ".join(names), threads)
             worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level)
             return
         except redis.RedisError as exc:
@@ -187,4 +240,4 @@ def run_worker(settings: Settings, queues: list[str], batch_size: int | None = N
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             time.sleep(pause)
-            name = f"gsam-{uuid.uuid4().hex[:12]}"  # the old registration may linger until it expires
+            name = identity.renew()  # the old registration may linger until it expires

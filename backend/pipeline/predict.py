@@ -28,6 +28,7 @@ from backend.ls.polygons import PolygonParams
 from backend.ls.regions import build_prediction, empty_prediction
 from backend.ls.selection import DropReason, SelectDefaults, request_thresholds
 from backend.settings import DEFAULT_BATCH_SIZE, Settings
+from backend.pipeline.loadlock import MODEL_LOADS
 from backend.pipeline.outcome import TaskOutcome
 from backend.pipeline.refine import refine_image
 from backend.ls.smartprompt import parse_smart_prompt
@@ -132,7 +133,8 @@ class Pipeline:
             if self._engine is None:
                 started = time.perf_counter()
                 try:
-                    self._engine = self._engine_factory()
+                    with MODEL_LOADS:  # from_pretrained is not thread-safe (another engine may be loading)
+                        self._engine = self._engine_factory()
                 except ModelLoadError as exc:
                     self.load_error = exc
                     log.error("the models cannot be loaded: %s", exc.reason)

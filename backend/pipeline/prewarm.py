@@ -25,6 +25,7 @@ from typing import Callable
 from backend.errors import ImageError, ReasonError
 from backend.ls.client import LabelStudioApi
 from backend.ls.labelconfig import LabelConfig, parse_label_config
+from backend.ls.options import ENGINE_NAMES
 from backend.ls.tasks import PredictRequest, plan_tasks
 
 log = logging.getLogger(__name__)
@@ -40,12 +41,14 @@ def _is_id(value: object) -> bool:
 @dataclass(frozen=True)
 class WarmRequest:
     """Encode the next ``count`` tasks of ``project`` after task ``after`` (None: from the first).
-    ``config``: the project's label config, or None to read it from LS first."""
+    ``config``: the project's label config, or None to read it from LS first. ``engine``: the
+    project's engine (queue mode: only its workers warm; None: every worker)."""
 
     project: int
     after: int | None
     count: int
     config: LabelConfig | None = None
+    engine: str | None = None
 
     def __post_init__(self):
         if not _is_id(self.project):
@@ -54,11 +57,13 @@ class WarmRequest:
             raise ValueError(f"after={self.after!r}: a Label Studio task id is a positive integer")
         if not _is_id(self.count) or self.count > MAX_WARM_TASKS:
             raise ValueError(f"tasks={self.count!r}: warm between 1 and {MAX_WARM_TASKS} tasks")
+        if self.engine is not None and self.engine not in ENGINE_NAMES:
+            raise ValueError(f"engine={self.engine!r:.40}: not an engine ({', '.join(ENGINE_NAMES)})")
 
     def to_json(self) -> dict:
-        """``{"project", "after", "count", "label_config": XML | None}`` (queue mode's broadcast)."""
+        """``{"project", "after", "count", "label_config": XML | None, "engine"}`` (queue mode's broadcast)."""
         return {"project": self.project, "after": self.after, "count": self.count,
-                "label_config": self.config.xml if self.config is not None else None}
+                "label_config": self.config.xml if self.config is not None else None, "engine": self.engine}
 
     @classmethod
     def from_json(cls, value: object) -> WarmRequest:
@@ -69,7 +74,7 @@ class WarmRequest:
         if xml is not None and not isinstance(xml, str):
             raise ValueError("'label_config' must be the project's XML label config or null")
         config = parse_label_config(xml) if xml is not None else None  # LabelConfigError is a ValueError
-        return cls(value.get("project"), value.get("after"), value.get("count"), config)
+        return cls(value.get("project"), value.get("after"), value.get("count"), config, value.get("engine"))
 
 
 def after_predict(project: int, request: PredictRequest, count: int) -> WarmRequest | None:
@@ -84,10 +89,14 @@ def after_predict(project: int, request: PredictRequest, count: int) -> WarmRequ
 
 class Prewarmer:
     """``submit(WarmRequest)`` returns at once; :meth:`warm` does the same work in the caller's
-    thread (``POST /warm`` in embedded mode, tests). ``api_factory`` builds the LS client (default: from the settings)."""
+    thread (``POST /warm`` in embedded mode, tests). ``api_factory`` builds the LS client (default:
+    from the settings). ``owns(task id)``: whether to encode that task here (queue mode: the tasks
+    this worker owns, :mod:`backend.queue.affinity`; None: every task)."""
 
-    def __init__(self, pipeline, api_factory: Callable[[], LabelStudioApi] | None = None):
+    def __init__(self, pipeline, api_factory: Callable[[], LabelStudioApi] | None = None,
+                 owns: Callable[[int], bool] | None = None):
         self.pipeline = pipeline
+        self.owns = owns
         settings = pipeline.settings
         self._api_factory = api_factory or (lambda: LabelStudioApi(settings.label_studio_url,
                                                                    settings.label_studio_api_key))
@@ -142,6 +151,8 @@ class Prewarmer:
         for task in tasks:
             if background and self._superseded():
                 break
+            if self.owns is not None and not self.owns(task.id):
+                continue  # another worker owns it and encodes it
             plan = plan_tasks(PredictRequest([{"id": task.id, "data": task.data}], config, None),
                               self.pipeline.limits)[0]
             if plan.error:

@@ -31,6 +31,7 @@ from backend.ls.tasks import PredictRequest, split_prompt
 from backend.ls.videocontext import parse_context_tracks
 from backend.ls.videoregions import build_video_prediction
 from backend.ls.regions import empty_prediction
+from backend.pipeline.loadlock import MODEL_LOADS
 from backend.pipeline.outcome import TaskOutcome
 from backend.pipeline.videotrack import Deadline, RunResult, TrackParams, track_boxes, track_text
 from backend.pipeline.videotrack_sam3 import track_text_sam3
@@ -60,7 +61,8 @@ class LoadOnce:
                 raise self.error
             if self.model is None:
                 try:
-                    self.model = self._load()
+                    with MODEL_LOADS:  # from_pretrained is not thread-safe
+                        self.model = self._load()
                 except ModelLoadError as exc:
                     self.error = exc
                     log.error("%s cannot be loaded: %s", self.what, exc.reason)

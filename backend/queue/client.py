@@ -2,7 +2,8 @@
 
 :meth:`QueueClient.predict` takes the request the web process has already parsed and validated,
 cuts it into chunks of ``chunk_size`` tasks, enqueues one :func:`backend.queue.jobs.predict_job`
-per chunk on ``interactive`` and waits for all of them, in task order. Failures are
+per chunk on its engine's ``interactive`` queue (a one-task chunk on the queue of the worker that
+owns the task, :mod:`backend.queue.affinity`) and waits for all of them, in task order. Failures are
 :class:`QueueError` subclasses whose ``http_status`` is what the web layer answers.
 
 Keys: interactive jobs expire (``ttl`` while queued, ``result_ttl``/``failure_ttl`` once ended) and
@@ -27,8 +28,10 @@ from backend.queue import keys
 from backend.queue.connection import connect
 from backend.queue.errors import JobFailed, QueueTimeout, QueueUnavailable
 from backend.queue.jobs import predict_job
-from backend.queue.liveness import decode_load_errors
-from backend.queue.transport import INTERACTIVE, QUEUES, drop_unstarted, queue
+from backend.queue.liveness import decode_load_errors, live_worker_info
+from backend.queue.affinity import route, task_key
+from backend.queue.transport import INTERACTIVE, QUEUES, drop_unstarted, engine_queue, queue
+from backend.settings import EngineKind
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +54,23 @@ def predict_payload(request: PredictRequest) -> tuple[dict, list[dict]]:
 class QueueClient:
     """The web process's view of the queues: interactive predictions and health."""
 
-    def __init__(self, redis_url: str, predict_timeout_s: float, chunk_size: int):
+    def __init__(self, redis_url: str, predict_timeout_s: float, chunk_size: int, affinity_max_queue: int | None = 4):
         self.connection = connect(redis_url)
         self.health_connection = connect(redis_url, timeout_s=0.5)  # /health must answer within 1 s
         self.predict_timeout_s = predict_timeout_s
         self.chunk_size = chunk_size
+        self.affinity_max_queue = affinity_max_queue  # None: no click affinity (every job to the shared queue)
 
-    def predict(self, request: PredictRequest) -> list[dict]:
-        """Enqueue the request's tasks in chunks on ``interactive`` and wait for all of them, in task order.
+    def _queue_for(self, engine: str, chunk: list[dict], workers: list[str]) -> str:
+        """A one-task chunk goes to its owner (unless affinity is off or the owner is busy); larger
+        chunks (Retrieve predictions: no embedding is kept) to the engine's shared queue."""
+        if self.affinity_max_queue is None or len(chunk) != 1:
+            return engine_queue(INTERACTIVE, engine)
+        return route(self.connection, engine, task_key(chunk[0].get("id")), workers, self.affinity_max_queue)
+
+    def predict(self, request: PredictRequest, engine: str, workers: list[str]) -> list[dict]:
+        """Enqueue the request's tasks in chunks for ``engine`` (whose live workers are ``workers``)
+        and wait for all of them, in task order.
 
         Each job carries only what a worker needs (see :func:`predict_payload`). When the wait ends
         without an answer, the jobs no worker has started are deleted; started ones end with their
@@ -68,10 +80,11 @@ class QueueClient:
         deadline = time.monotonic() + self.predict_timeout_s
         jobs: list[Job] = []
         try:
-            interactive = queue(INTERACTIVE, self.connection)
             for i in range(0, len(tasks), self.chunk_size):
-                jobs.append(interactive.enqueue(
-                    predict_job, {**shared, "tasks": tasks[i:i + self.chunk_size]},
+                chunk = tasks[i:i + self.chunk_size]
+                target = queue(self._queue_for(engine, chunk, workers), self.connection)
+                jobs.append(target.enqueue(
+                    predict_job, {**shared, "tasks": chunk},
                     job_timeout=int(self.predict_timeout_s) + 30, retry=Retry(max=1),
                     # ttl: a queued job nobody waits for any more expires even if this process dies
                     ttl=int(self.predict_timeout_s) + 60, result_ttl=60, failure_ttl=3600,
@@ -114,21 +127,34 @@ class QueueClient:
             # a failed attempt that is being retried, or a retry result: keep waiting
 
     def health(self) -> dict:
-        """Queue depths, live workers and the recent model-load errors of workers (``worker_errors``,
-        latest first: a worker that cannot load its models exits, so only this tells why none is
-        live; ``reason`` then repeats the latest); never waits more than ~0.5 s on Redis."""
+        """Queue depths (each engine's shared queues), live workers, the engines they serve
+        (``engines``: engine -> ``{"workers", "model_versions", "models": {version: checkpoints}}``) and the recent model-load errors
+        of workers (``worker_errors``, latest first: a worker that cannot load its models exits, so
+        only this tells why none is live; ``reason`` then repeats the latest); never waits more than
+        ~0.5 s per Redis call."""
         now = time.time()
+        names = [engine_queue(kind, engine.value) for engine in EngineKind for kind in QUEUES]
         try:
             with self.health_connection.pipeline() as pipe:
-                for name in QUEUES:
+                for name in names:
                     pipe.llen(queue(name, self.health_connection).key)
                 pipe.zcount(keys.WORKERS, now, "+inf")  # liveness.live_workers, in the same round trip
                 pipe.zrevrangebyscore(keys.WORKER_ERRORS, "+inf", now)  # liveness.load_errors
                 *depths, workers, errors = pipe.execute()
+            live = live_worker_info(self.health_connection)
         except redis.RedisError as exc:
             return {"status": "DEGRADED", "redis": f"unreachable ({type(exc).__name__})"}
+        engines: dict[str, dict] = {}
+        for info in live.values():  # what each engine's live workers declare: versions and checkpoints
+            entry = engines.setdefault(info.engine, {"workers": 0, "model_versions": [], "models": {}})
+            entry["workers"] += 1
+            if info.model_version not in entry["model_versions"]:
+                entry["model_versions"] = sorted([*entry["model_versions"], info.model_version])
+            entry["models"].setdefault(info.model_version, info.models)
         state = {"status": "UP" if workers else "DEGRADED", "redis": "ok", "workers": int(workers),
-                 "queues": dict(zip(QUEUES, (int(d) for d in depths))), "worker_errors": decode_load_errors(errors)}
+                 "engines": engines,
+                 "queues": {name: int(depth) for name, depth in zip(names, depths)},
+                 "worker_errors": decode_load_errors(errors)}
         if not workers and state["worker_errors"]:
             state["reason"] = f"no worker is live; a worker could not load its models: {state['worker_errors'][0]}"
         return state

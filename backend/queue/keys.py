@@ -4,7 +4,7 @@
 code that writes the key, the names live here::
 
     gsam:workers                 sorted set worker name -> when its liveness expires
-    gsam:worker-versions         hash worker name -> the model version it serves
+    gsam:worker-info             hash worker name -> JSON: the engine, model version and checkpoints it serves
     gsam:reaper-lock             which worker runs the housekeeping round (SET NX PX)
     gsam:worker-errors           sorted set: why a worker could not load its models -> when that expires
     gsam:run:<id>                hash: the run's record (status, spec, chunk, timestamps, error)
@@ -31,7 +31,7 @@ import hashlib
 import re
 
 WORKERS = "gsam:workers"
-WORKER_VERSIONS = "gsam:worker-versions"
+WORKER_INFO = "gsam:worker-info"
 REAPER_LOCK = "gsam:reaper-lock"
 WORKER_ERRORS = "gsam:worker-errors"
 RUN_PREFIX = "gsam:run:"

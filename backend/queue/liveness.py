@@ -10,7 +10,7 @@ abandoned-job handling once it has none.
 A worker whose models cannot load exits; before it does, :func:`record_load_error` leaves the
 reason in ``gsam:worker-errors`` for :data:`LOAD_ERROR_TTL_S`, where queue-mode ``/health`` reads it.
 
-Keys (names in :mod:`backend.queue.keys`): ``gsam:workers`` and ``gsam:worker-versions`` expire a
+Keys (names in :mod:`backend.queue.keys`): ``gsam:workers`` and ``gsam:worker-info`` expire a
 minute after the last worker refreshed them; ``gsam:reaper-lock`` is set with PX;
 ``gsam:worker-errors`` expires :data:`LOAD_ERROR_TTL_S` after the last error was recorded.
 Imports the transport and the key names; nothing else of the backend.
@@ -18,16 +18,22 @@ Imports the transport and the key names; nothing else of the backend.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 
 import redis
 from rq.exceptions import NoSuchJobError
 from rq.registry import StartedJobRegistry
 
 from backend.queue import keys
-from backend.queue.transport import QUEUES, SERIALIZER, GsamJob, fetch_job, queue
+from backend.queue.transport import (INTERACTIVE, QUEUES, SERIALIZER, GsamJob, engine_queue, fetch_job,
+                                    parse_worker_queue, queue)
+
+#: The longest model version a worker may register (as ``extra_params.model_version`` allows).
+MAX_VERSION_CHARS = 200
 
 log = logging.getLogger(__name__)
 
@@ -71,36 +77,83 @@ def claim_reaper_round(connection: redis.Redis, worker_name: str, hold_s: float)
     return bool(connection.set(keys.REAPER_LOCK, worker_name, nx=True, px=int(hold_s * 1000)))
 
 
-def register_worker_version(connection: redis.Redis, worker_name: str, model_version: str) -> None:
-    """Record the model version ``worker_name`` serves (a worker's housekeeping, every few seconds).
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker declares it serves: its ``engine`` (``ENGINE``), the ``model_version`` that
+    names its models, and ``models`` (the settings naming its checkpoints, e.g. ``{"SAM_MODEL": ...}``)."""
 
-    ``gsam:worker-versions`` is a hash worker name -> version; which workers are alive is the
-    ``gsam:workers`` sorted set. Both keys expire a minute after the last worker refreshed them, and
-    entries of workers that left the liveness set are dropped here.
+    engine: str
+    model_version: str
+    models: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"engine": self.engine, "model_version": self.model_version, "models": self.models})
+
+    @classmethod
+    def from_json(cls, raw) -> WorkerInfo | None:
+        """None for an entry that is not one (it crossed Redis: checked, never trusted)."""
+        try:
+            data = json.loads(raw)
+        except (TypeError, ValueError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        engine, version, models = data.get("engine"), data.get("model_version"), data.get("models") or {}
+        if not isinstance(engine, str) or not isinstance(version, str) or not isinstance(models, dict):
+            return None
+        return cls(engine[:64], version[:MAX_VERSION_CHARS],
+                   {str(k)[:64]: str(v)[:500] for k, v in list(models.items())[:8]})
+
+
+def register_worker(connection: redis.Redis, worker_name: str, info: WorkerInfo) -> None:
+    """Record what ``worker_name`` serves (a worker's housekeeping, every few seconds).
+
+    ``gsam:worker-info`` is a hash worker name -> :meth:`WorkerInfo.to_json`; which workers are
+    alive is the ``gsam:workers`` sorted set. Both keys expire a minute after the last worker
+    refreshed them, and entries of workers that left the liveness set are dropped here.
     """
     with connection.pipeline(transaction=False) as pipe:
-        pipe.hset(keys.WORKER_VERSIONS, worker_name, model_version)
-        pipe.expire(keys.WORKER_VERSIONS, REGISTRY_TTL_S)  # gsam:workers' own expiry is mark_alive's
-        pipe.hkeys(keys.WORKER_VERSIONS)
+        pipe.hset(keys.WORKER_INFO, worker_name, info.to_json())
+        pipe.expire(keys.WORKER_INFO, REGISTRY_TTL_S)  # gsam:workers' own expiry is mark_alive's
+        pipe.hkeys(keys.WORKER_INFO)
         names = pipe.execute()[-1]
     if names:
         scores = connection.zmscore(keys.WORKERS, names)
         gone = [name for name, score in zip(names, scores) if score is None]
         if gone:
-            connection.hdel(keys.WORKER_VERSIONS, *gone)
+            connection.hdel(keys.WORKER_INFO, *gone)
 
 
-def live_model_versions(connection: redis.Redis) -> dict[str, list[str]]:
-    """Model version -> names of the live workers that serve it (workers that registered none are left out)."""
-    names = [n.decode() if isinstance(n, bytes) else n
-             for n in connection.zrangebyscore(keys.WORKERS, time.time(), "+inf")]
-    if not names:
-        return {}
+def live_worker_info(connection: redis.Redis) -> dict[str, WorkerInfo]:
+    """Worker name -> what it serves, for the live workers that registered (in one round trip)."""
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.zrangebyscore(keys.WORKERS, time.time(), "+inf")
+        pipe.hgetall(keys.WORKER_INFO)
+        live, registered = pipe.execute()
+    infos = {_text(name): WorkerInfo.from_json(raw) for name, raw in registered.items()}
+    return {name: info for name, info in ((_text(n), infos.get(_text(n))) for n in live) if info is not None}
+
+
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def live_model_versions(connection: redis.Redis, engine: str | None = None) -> dict[str, list[str]]:
+    """Model version -> names of the live workers that serve it (of ``engine`` only, when given;
+    workers that registered nothing are left out)."""
     versions: dict[str, list[str]] = {}
-    for name, version in zip(names, connection.hmget(keys.WORKER_VERSIONS, names)):
-        if version is not None:
-            versions.setdefault(version.decode() if isinstance(version, bytes) else version, []).append(name)
+    for name, info in sorted(live_worker_info(connection).items()):
+        if engine is None or info.engine == engine:
+            versions.setdefault(info.model_version, []).append(name)
     return versions
+
+
+def live_engines(connection: redis.Redis) -> dict[str, dict[str, list[str]]]:
+    """Engine -> model version -> names of the live workers serving it."""
+    engines: dict[str, dict[str, list[str]]] = {}
+    for name, info in sorted(live_worker_info(connection).items()):
+        engines.setdefault(info.engine, {}).setdefault(info.model_version, []).append(name)
+    return engines
 
 
 def record_load_error(connection: redis.Redis, reason: str, ttl_s: float = LOAD_ERROR_TTL_S) -> None:
@@ -128,16 +181,34 @@ def decode_load_errors(entries) -> list[str]:
     return [e.decode(errors="replace") if isinstance(e, bytes) else str(e) for e in entries]
 
 
+def known_queues(connection: redis.Redis) -> list[str]:
+    """The names of every queue of this backend: each engine's shared queues, and the per-worker
+    queues RQ has registered (``rq:queues``)."""
+    from rq import Queue
+
+    from backend.settings import EngineKind
+
+    names = [engine_queue(kind, engine.value) for engine in EngineKind for kind in QUEUES]
+    for registered in Queue.all(connection=connection, serializer=SERIALIZER):
+        if parse_worker_queue(registered.name) is not None:
+            names.append(registered.name)
+    return names
+
+
 def requeue_abandoned(connection: redis.Redis) -> list[str]:
-    """Re-queue (at the front) the started jobs of dead workers. Returns their ids.
+    """Re-queue (at the front) the started jobs of dead workers, and move the jobs waiting in a dead
+    worker's own queue to its engine's shared queue. Returns the ids of the started ones.
 
     No backoff: a worker's death is not the job's fault, and RQ's scheduled retries would wait for
     a scheduler whose lock the dead worker may still hold. Each re-queue spends one retry, so a job
     that keeps killing workers ends; one without retries left goes through RQ's own abandoned-job
-    handling (recorded as failed).
+    handling (recorded as failed). A job re-queued from a worker's own queue goes to the shared one
+    (its owner is gone; any worker of the engine may take it).
     """
     abandoned = []
-    for name in QUEUES:
+    for name in known_queues(connection):
+        owned = parse_worker_queue(name)
+        target = engine_queue(INTERACTIVE, owned[0]) if owned else name
         registry = StartedJobRegistry(name, connection=connection, job_class=GsamJob, serializer=SERIALIZER)
         out_of_retries = []
         for entry in connection.zrange(registry.key, 0, -1):
@@ -152,18 +223,45 @@ def requeue_abandoned(connection: redis.Redis) -> list[str]:
             if (job.retries_left or 0) > 0:
                 connection.zrem(registry.key, entry)
                 job.retries_left -= 1
+                job.origin = target
                 job.save()
-                queue(job.origin, connection).enqueue_job(job, at_front=True)
+                queue(target, connection).enqueue_job(job, at_front=True)
             else:
                 out_of_retries.append(entry)
         if out_of_retries:
             connection.zadd(registry.key, {entry: 0 for entry in out_of_retries}, xx=True)
             registry.cleanup(timestamp=1)
+        if owned and not is_alive(connection, owned[1]):
+            _hand_over(connection, name, target)
     if abandoned:
         log.warning("re-queued or failed %d job(s) of dead workers: %s", len(abandoned), ", ".join(abandoned))
     return abandoned
 
 
+def _hand_over(connection: redis.Redis, dead: str, target: str) -> None:
+    """Move the jobs waiting in a dead worker's queue ``dead`` to ``target``, in order, and forget
+    the queue once it is empty and its started registry too (RQ lists queues in ``rq:queues``)."""
+    source = queue(dead, connection)
+    moved = 0
+    for job_id in source.get_job_ids():
+        try:
+            job = fetch_job(job_id, connection)
+        except NoSuchJobError:
+            source.remove(job_id)
+            continue
+        source.remove(job_id)
+        job.origin = target
+        job.save()
+        queue(target, connection).enqueue_job(job)
+        moved += 1
+    if moved:
+        log.warning("moved %d waiting job(s) of a dead worker's queue to %s", moved, target)
+    started = StartedJobRegistry(dead, connection=connection, job_class=GsamJob, serializer=SERIALIZER)
+    if source.count == 0 and started.count == 0:
+        source.delete(delete_jobs=False)
+
+
 __all__ = ["ALIVE_TTL_S", "LOAD_ERROR_TTL_S", "REGISTRY_TTL_S", "WORKERS_KEY_TTL_S", "claim_reaper_round",
            "decode_load_errors", "is_alive", "live_model_versions", "live_workers", "load_errors", "mark_alive",
-           "mark_gone", "record_load_error", "register_worker_version", "requeue_abandoned"]
+           "mark_gone", "record_load_error", "register_worker", "requeue_abandoned", "WorkerInfo", "known_queues",
+           "live_engines", "live_worker_info"]

@@ -1,7 +1,12 @@
 """The RQ transport: the two queues, the JSON serializer, and the job class that runs only allowed functions.
 
-Two queues, served in this order by every worker: ``interactive`` (an annotator or LS is waiting on
-the HTTP call) and ``prelabel`` (bulk runs).
+Two kinds of queue, served in this order by every worker: ``interactive`` (an annotator or LS is
+waiting on the HTTP call) and ``prelabel`` (bulk runs). Each engine has its own queues
+(``interactive.sam3``, ``prelabel.grounded-sam``: :func:`engine_queue`), so a job is only taken by
+a worker that serves its project's engine, and each worker has one more, its own
+(``interactive.<engine>.<worker name>``: :func:`worker_queue`), where the web process sends the
+clicks of the images that worker owns (:mod:`backend.queue.affinity`). A worker serves its own
+queue first, then its engine's ``interactive``, then its engine's ``prelabel``.
 
 Trust boundary: anyone who can write to Redis can push jobs. So nothing here is pickled (jobs,
 arguments, results and meta cross Redis as JSON, :data:`SERIALIZER`), and a job runs only a function
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from collections.abc import Callable, Iterable
 
 import redis
@@ -28,8 +34,11 @@ from rq.serializers import JSONSerializer
 log = logging.getLogger(__name__)
 
 INTERACTIVE, PRELABEL = "interactive", "prelabel"
-#: Every queue, in the order a worker serves them.
+#: Every kind of queue, in the order a worker serves them.
 QUEUES = (INTERACTIVE, PRELABEL)
+#: Engine names are :class:`backend.settings.EngineKind` values; they name queues, so no '.' in them.
+_ENGINE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+_WORKER_NAME = re.compile(r"gsam-[0-9a-f]{12}")
 PRELABEL_JOB_TIMEOUT_S = 900
 PRELABEL_RETRY = Retry(max=3, interval=[5, 20, 60])
 RESULT_TTL_S = 600
@@ -96,6 +105,36 @@ class GsamJob(Job):
             log.warning("job %s: not sending its %d webhook(s) (this backend sends none)", self.id, len(self.webhooks))
 
 
+def engine_queue(kind: str, engine: str) -> str:
+    """The name of ``engine``'s shared queue of ``kind`` (``interactive`` or ``prelabel``)."""
+    if kind not in QUEUES or not _ENGINE_NAME.fullmatch(engine):
+        raise ValueError(f"no queue {kind!r} for engine {engine!r}: kinds are {', '.join(QUEUES)}")
+    return f"{kind}.{engine}"
+
+
+def worker_queue(engine: str, worker_name: str) -> str:
+    """The name of one worker's own interactive queue (the clicks of the images it owns)."""
+    if not _WORKER_NAME.fullmatch(worker_name):
+        raise ValueError(f"not a worker name: {worker_name!r}")
+    return f"{engine_queue(INTERACTIVE, engine)}.{worker_name}"
+
+
+def parse_worker_queue(name: str) -> tuple[str, str] | None:
+    """``(engine, worker name)`` of a :func:`worker_queue` name; None for any other name."""
+    kind, _, rest = name.partition(".")
+    engine, _, worker = rest.partition(".")
+    if kind != INTERACTIVE or not _ENGINE_NAME.fullmatch(engine) or not _WORKER_NAME.fullmatch(worker):
+        return None
+    return engine, worker
+
+
+def new_worker_name() -> str:
+    """A fresh worker name (what :func:`worker_queue` accepts)."""
+    import uuid
+
+    return f"gsam-{uuid.uuid4().hex[:12]}"
+
+
 def queue(name: str, connection: redis.Redis, job_class: type[GsamJob] = GsamJob) -> Queue:
     """An RQ queue with this module's serializer and a :class:`GsamJob` class (never RQ's pickle default)."""
     return Queue(name, connection=connection, serializer=SERIALIZER, job_class=job_class)
@@ -128,6 +167,6 @@ def drop_unstarted(jobs: Iterable[Job], refresh: bool = True) -> int:
     return dropped
 
 
-__all__ = ["GsamJob", "INTERACTIVE", "PRELABEL", "PRELABEL_JOB_TIMEOUT_S", "PRELABEL_RETRY", "QUEUES",
+__all__ = ["engine_queue", "new_worker_name", "parse_worker_queue", "worker_queue", "GsamJob", "INTERACTIVE", "PRELABEL", "PRELABEL_JOB_TIMEOUT_S", "PRELABEL_RETRY", "QUEUES",
            "NOT_STARTED", "RESULT_TTL_S", "SERIALIZER", "UnsafeJobError", "drop_unstarted", "fetch_job", "fetch_jobs",
            "function_path", "queue"]

@@ -23,17 +23,18 @@ from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, NotFound
 
-from backend.errors import ModelLoadError
+from backend.errors import EngineNotServed, ModelLoadError
 from backend.jsonbounds import loads_bounded
 from backend.bulk.request import PrelabelError, RunRequest
 from backend.ls.client import LabelStudioApiError
 from backend.ls.labelconfig import LabelConfigError, parse_label_config
 from backend.ls.options import OptionsError, PredictOptions
 from backend.ls.regions import empty_prediction
-from backend.ls.tasks import RequestError, RequestTooLarge, asks_for_nothing, parse_predict_request, split_prompt
+from backend.ls.tasks import RequestError, RequestTooLarge, asks_for_nothing, split_prompt
 from backend.modes.base import Backend
 from backend.modes.factory import build_backend
 from backend.modes.projects import PROJECT_ID_LIMIT, apply_project, for_run, project_id
+from backend.modes.retrieve import Retrieve
 from backend.queue import keys
 from backend.queue.errors import QueueError
 from backend.settings import Settings
@@ -79,6 +80,7 @@ def extra_params_options(value: Any, backend: Backend) -> PredictOptions:
             raise OptionsError(f"extra_params is not valid JSON ({exc}); use e.g. {{\"box_threshold\": 0.35}}") \
                 from None
     options = PredictOptions.from_json(value)
+    backend.check_choice(options)  # an engine or model version this deployment cannot serve: 400
     if options.prompt is not None:
         try:
             split_prompt(options.prompt, backend.limits)
@@ -104,6 +106,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
     app = Flask(__name__)
     app.json = BoundedJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    retrieve = Retrieve(settings, backend)  # "Retrieve predictions" within RETRIEVE_BUDGET
     app.json.sort_keys = False
     _register_errors(app)
 
@@ -147,13 +150,14 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
         if project is not None:
             backend.projects.set_options(project, options)
             log.info("setup: project %d, options %s", project, sorted(options.to_json()) or "none")
-        return jsonify({"model_version": backend.model_version})
+        # LS keeps this as the version whose predictions "Retrieve predictions" skips: the project's engine's
+        return jsonify({"model_version": backend.engine_state(options).get("model_version") or backend.model_version})
 
     @app.post("/predict")
     def predict():
         body = json_object(request)
-        parsed = parse_predict_request(body, backend.limits)
         project = project_id(body.get("project"))
+        parsed = retrieve.parse(body, project)  # over MAX_TASKS_PER_REQUEST only where RETRIEVE_BUDGET applies
         if project is not None:  # the project's options; its default prompt for calls without context
             parsed = apply_project(backend.projects, project, parsed, backend.limits)
         started = time.perf_counter()
@@ -162,9 +166,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
                      "empty predictions", len(parsed.tasks))
             predictions = [empty_prediction(backend.model_version) for _ in parsed.tasks]
         else:
-            predictions = backend.predict(parsed)
+            predictions = retrieve.predict(parsed, project, g.started)  # [] for tasks deferred to a bulk run
             log.info("predict: %d tasks, %d regions, %.2f s", len(parsed.tasks),
-                     sum(len(p["result"]) for p in predictions), time.perf_counter() - started)
+                     sum(len(p["result"]) for p in predictions if p), time.perf_counter() - started)
             if project is not None:  # the next tasks' embeddings, where the mode can
                 backend.prewarm(project, parsed)
         return jsonify({"results": predictions, "model_version": backend.model_version})
@@ -176,8 +180,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
         tasks, after = body.get("tasks", settings.prewarm_tasks or 3), body.get("after")
         if project is None or not _is_int(tasks) or (after is not None and not _is_int(after)):
             raise RequestError("POST /warm takes {\"project\": ID, \"tasks\"?: 1-100, \"after\"?: task id}")
+        stored = backend.projects.get(project)
         try:
-            answer = backend.warm(project, tasks, after)
+            answer = backend.warm(project, tasks, after, stored.options if stored else PredictOptions())
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         return jsonify({"project": project, **answer})
@@ -203,7 +208,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
     @app.get("/versions")
     def versions():
         # LS 1.23 (ml/api.py MLBackendVersionsAPI) reads "versions" to fill its model-version list
-        return jsonify({"versions": backend.versions(), "model_version": backend.model_version})
+        return jsonify({"versions": backend.versions(), "model_version": backend.model_version,
+                        "engines": backend.served()})
 
     @app.get("/projects/<int:project>/settings")
     def project_settings(project: int):
@@ -211,7 +217,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
         if stored is None:
             return _error(404, f"no settings stored for project {project}: Label Studio stores them with "
                                "/setup (when the model connection is saved or checked)")
-        return jsonify({**stored.to_json(project), "remember_prompt": backend.projects.remember})
+        # which engine answers the project, and whether it is served right now
+        return jsonify({**stored.to_json(project), "remember_prompt": backend.projects.remember,
+                        **backend.engine_state(stored.options)})
 
     @app.post("/webhook")
     def webhook():
@@ -264,6 +272,11 @@ def _register_errors(app: Flask) -> None:
         # Logged once with the fix where the load failed; per request only the status line.
         log.info("503 on %r: the models are not loaded", request.path[:100])
         return _error(503, f"the models are not loaded: {exc.reason}")
+
+    @app.errorhandler(EngineNotServed)
+    def _engine_not_served(exc: EngineNotServed):
+        log.warning("503 on %r: %s", request.path[:100], exc.reason)
+        return _error(503, exc.reason)
 
     @app.errorhandler(QueueError)
     def _queue_error(exc):
