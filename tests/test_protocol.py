@@ -96,10 +96,11 @@ def test_health_and_setup(backend):
     health = replay(backend, "health_request.json")
     assert health.status_code == 200
     state = health.json()
-    models = state.pop("models")
+    models, engines = state.pop("models"), state.pop("engines")
     assert state == {"status": "UP", "model_class": "GroundedSAM", "model_version": "grounding-dino+sam",
                      "mode": "embedded", "engine": "grounded-sam"}
     assert set(models) == {"GROUNDING_DINO_MODEL", "SAM_MODEL", "TRACKER_MODEL"} and models["SAM_MODEL"].endswith("/sam")
+    assert engines == {"grounded-sam": {"model_versions": ["grounding-dino+sam"], "models": models}}
     setup = replay(backend, "setup_request.json")
     assert setup.status_code == 200 and setup.json() == {"model_version": "grounding-dino+sam"}
 
