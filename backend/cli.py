@@ -17,14 +17,14 @@ from backend.cli_video import PALETTE
 
 
 #: The CLI's region kinds (``--outputs``), each with the control its label config gets. The default
-#: is rectangles and brush masks, what the JSON always held; polygons are asked for by name.
+#: is rectangles and brush masks, what the JSON always held; polygons and bitmasks are asked for by name.
 CLI_CONTROLS = {"rectangle": ("RectangleLabels", "label"), "brush": ("BrushLabels", "mask"),
-                "polygon": ("PolygonLabels", "polygon")}
+                "polygon": ("PolygonLabels", "polygon"), "bitmask": ("BitmaskLabels", "bitmask")}
 DEFAULT_OUTPUTS = ("rectangle", "brush")
 
 
 def parse_outputs(text: str) -> tuple[str, ...]:
-    """``--outputs``: 'rectangle,brush,polygon' → the kinds, in that order, each once."""
+    """``--outputs``: 'rectangle,brush,polygon,bitmask' → the kinds, in that order, each once."""
     kinds = [k.strip().lower() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in CLI_CONTROLS]
     if not kinds or unknown:
@@ -54,6 +54,7 @@ def draw_overlay(image, prediction: dict):
     colour, labels written at the boxes (at the polygons when there are no boxes)."""
     from PIL import Image, ImageDraw
 
+    from backend.bitmask import png_to_mask
     from backend.ls.geometry import PercentRect, percent_to_pixels
     from backend.rle import rle_to_mask
 
@@ -63,10 +64,15 @@ def draw_overlay(image, prediction: dict):
     labels = sorted({_label(r) for r in prediction["result"]})
     color = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
     for region in prediction["result"]:
+        size = region.get("original_height"), region.get("original_width")
         if region["type"] == "brushlabels":
-            mask = rle_to_mask(region["value"]["rle"], region["original_height"], region["original_width"])
-            alpha = Image.fromarray((mask * 110).astype("uint8"), "L")
-            tint.paste(color[region["value"]["brushlabels"][0]] + (110,), (0, 0), alpha)
+            mask = rle_to_mask(region["value"]["rle"], *size)
+        elif region["type"] == "bitmasklabels":
+            mask = png_to_mask(region["value"]["imageDataURL"], *size)
+        else:
+            continue
+        alpha = Image.fromarray((mask * 110).astype("uint8"), "L")
+        tint.paste(color[_label(region)] + (110,), (0, 0), alpha)
     canvas = Image.alpha_composite(canvas, tint)
     draw = ImageDraw.Draw(canvas)
     has_boxes = any(r["type"] == "rectanglelabels" for r in prediction["result"])
@@ -238,10 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--prompt", required=True,
                          help='phrases separated by ".", "," or "?", e.g. "cat . red car"')
     predict.add_argument("--outputs", type=parse_outputs, default=None, metavar="KINDS",
-                         help="images: the region kinds to write, comma-separated, of rectangle, brush, polygon "
-                              "(default rectangle,brush). Each kind is a control of the JSON's label config: "
+                         help="images: the region kinds to write, comma-separated, of rectangle, brush, polygon, "
+                              "bitmask (default rectangle,brush). Each kind is a control of the JSON's label config: "
                               'RectangleLabels "label", BrushLabels "mask", PolygonLabels "polygon" (the mask\'s '
-                              "outline, simplified at POLYGON_TOLERANCE), all on Image \"image\"")
+                              'outline, simplified at POLYGON_TOLERANCE), BitmaskLabels "bitmask" (the mask as a '
+                              'PNG), all on Image "image"')
     predict.add_argument("--json", help="write the LS prediction JSON here")
     predict.add_argument("--overlay", help="write a PNG with boxes, polygons, masks and labels drawn here (a video: "
                                            "an MP4 with the tracks drawn, or a strip of frames for .png/.jpg)")

@@ -84,8 +84,8 @@ def band_to_rle(band: np.ndarray, top: int, height: int) -> list[int]:
     h, w = arr.shape
     if w < 1:
         raise ValueError(f"band has width {w} (shape {arr.shape}); the mask width must be >= 1")
-    top = _index(top, "top", minimum=0)
-    height = _index(height, "height", minimum=1)
+    top = int_at_least(top, "top", minimum=0)
+    height = int_at_least(height, "height", minimum=1)
     if top + h > height:
         raise ValueError(
             f"band rows [{top}, {top + h}) (top={top}, {h} rows) do not fit in a mask of "
@@ -148,7 +148,7 @@ def rle_to_mask(rle: list[int] | np.ndarray, height: int, width: int) -> np.ndar
     height*width*4 values or the stream ends before producing them.
     """
     data = _as_bytes(rle)
-    h, w = _index(height, "height", minimum=1), _index(width, "width", minimum=1)
+    h, w = int_at_least(height, "height", minimum=1), int_at_least(width, "width", minimum=1)
     expected = h * w * 4
     if data.size * 8 < _HEADER_BITS:
         raise ValueError(
@@ -210,7 +210,7 @@ def _check_value_count(pixels: int, what: str) -> None:
         )
 
 
-def _index(value, name: str, minimum: int) -> int:
+def int_at_least(value, name: str, minimum: int) -> int:
     """``value`` as an int >= ``minimum`` (numpy ints accepted, bool and float not)."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got bool")

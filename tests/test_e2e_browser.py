@@ -43,7 +43,10 @@ README_SHOT = REPO / "docs" / "annotator-flow.png"
 
 # Brush only (plus the smart keypoint tool), so every pixel the overlay changes belongs to a mask;
 # rectangles would add outlines the RLE comparison would have to explain away.
-LABEL_CONFIG = """<View>
+def smart_config(mask_control: str) -> str:
+    """A prompt box, the smart keypoint tool and one mask control (``BrushLabels name="mask"``,
+    ``BitmaskLabels name="bm"``, ...) labelling cat and dog."""
+    return f"""<View>
   <Image name="image" value="$image"/>
   <TextArea name="prompt" toName="image" editable="true" rows="2" maxSubmissions="1" showSubmitButton="true"
             placeholder="Text prompt, e.g. cat . red car"/>
@@ -51,11 +54,34 @@ LABEL_CONFIG = """<View>
     <Label value="cat"/>
     <Label value="dog"/>
   </KeyPointLabels>
-  <BrushLabels name="mask" toName="image">
+  <{mask_control} toName="image">
     <Label value="cat"/>
     <Label value="dog"/>
-  </BrushLabels>
+  </{mask_control.split()[0]}>
 </View>"""
+
+
+LABEL_CONFIG = smart_config('BrushLabels name="mask"')
+
+
+def open_with_suggestions(page, label_studio, project_id: int) -> None:
+    """Log in, open the project's first task from the Data Manager, turn Auto-Annotation on (LS
+    then shows the model's suggestions) and take the pan tool (a mask tool floats its size slider
+    over the image)."""
+    log_in(page, label_studio)
+    open_first_task_from_data_manager(page, label_studio, project_id)
+    page.get_by_test_id("bottombar-auto-annotation-toggle").check(force=True)
+    page.get_by_text("Auto-Accept Suggestions").wait_for(timeout=UI_TIMEOUT_MS)
+    page.get_by_role("button", name="pan").click()
+
+
+def pick_smart_keypoint(page, label: str) -> None:
+    """Auto-Annotation on, then the smart tools' group (its button has no label) and the
+    KeyPointLabels' ``label``: the first labels row, as :func:`smart_config` lists KeyPointLabels first."""
+    page.get_by_test_id("bottombar-auto-annotation-toggle").check(force=True)
+    page.locator("button.lsf-tool_smart:visible").first.click(timeout=UI_TIMEOUT_MS)
+    page.locator(".lsf-labels").first.locator(".lsf-label", has_text=label).click()
+    page.locator("button.lsf-tool_active[aria-label=key-point-tool]").wait_for(state="attached", timeout=UI_TIMEOUT_MS)
 WIDTH, HEIGHT = 320, 240
 UI_TIMEOUT_MS = 60_000  # LS's first page load compiles nothing, but 2 shared cores can be slow
 MODEL_STAGES = ("images", "prepare", "engine", "regions", "refine")  # gsam_stage_seconds labels
@@ -265,11 +291,7 @@ def test_annotator_prompts_accepts_submits_and_clicks(label_studio, ls, chromium
     try:
         with kept_on_failure(page, "prompt-accept-submit", label_studio, backend):
             # 1. log in; open the task from the Data Manager; Auto-Annotation on
-            log_in(page, label_studio)
-            open_first_task_from_data_manager(page, label_studio, project_id)
-            page.get_by_test_id("bottombar-auto-annotation-toggle").check(force=True)
-            page.get_by_text("Auto-Accept Suggestions").wait_for(timeout=UI_TIMEOUT_MS)
-            page.get_by_role("button", name="pan").click()  # the brush tool floats its size slider over the image
+            open_with_suggestions(page, label_studio, project_id)
             before = stage_pixels(page)
             calls_before = model_calls(backend.url)
 
@@ -343,12 +365,7 @@ def test_annotator_prompts_accepts_submits_and_clicks(label_studio, ls, chromium
             # 5. the next task: a smart keypoint click (label "dog") comes back as a dog mask
             page.goto(f"{label_studio.url}/projects/{project_id}/data?task={task_ids[1]}")
             wait_for_image(page)
-            page.get_by_test_id("bottombar-auto-annotation-toggle").check(force=True)
-            # the smart tools' group (its button has no label), then the KeyPointLabels' "dog": the
-            # first labels row, as the config lists KeyPointLabels before BrushLabels
-            page.locator("button.lsf-tool_smart:visible").first.click(timeout=UI_TIMEOUT_MS)
-            page.locator(".lsf-labels").first.locator(".lsf-label", has_text="dog").click()
-            page.locator("button.lsf-tool_active[aria-label=key-point-tool]").wait_for(state="attached", timeout=UI_TIMEOUT_MS)
+            pick_smart_keypoint(page, "dog")
             before = stage_pixels(page)
             box = page.locator(".konvajs-content").first.bounding_box()
             fx, fy = 0.33, 0.45

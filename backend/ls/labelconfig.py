@@ -2,9 +2,9 @@
 
 Parsing uses label-studio-sdk's ``LabelInterface``; this module only picks what the backend needs:
 the ``<Image>`` the regions belong to, the ``<TextArea>`` that holds the prompt, and the
-``<RectangleLabels>`` / ``<BrushLabels>`` / ``<PolygonLabels>`` controls (any one of them is enough) with
-their labels and ``predicted_values`` aliases, and the ``model_score_threshold`` of a control or of one
-``<Label>`` (applied by ``selection.py``).
+``<RectangleLabels>`` / ``<BrushLabels>`` / ``<PolygonLabels>`` / ``<BitmaskLabels>`` controls (any one of
+them is enough) with their labels and ``predicted_values`` aliases, and the ``model_score_threshold``
+of a control or of one ``<Label>`` (applied by ``selection.py``).
 
 Video projects (a config with a ``<Video>`` and no ``<Image>``): ``<Video name value frameRate>``,
 ``<VideoRectangle name toName>`` (LS 1.23's only spatial video control; it has no labels of its
@@ -98,6 +98,7 @@ class LabelConfig:
     aliases: dict[str, str] = field(default_factory=dict)  # normalized predicted_value -> label
     xml: str = field(default="", repr=False, compare=False)  # the config as LS sent it (for queue payloads)
     polygon: ControlSpec | None = None  # <PolygonLabels>: every mask also yields its outline polygons
+    bitmask: ControlSpec | None = None  # <BitmaskLabels>: every mask also as a PNG (backend.bitmask)
     video: VideoSpec | None = None  # set for a video project (image_name is then the <Video>'s name)
 
     @property
@@ -202,31 +203,33 @@ def parse_label_config(xml: str) -> LabelConfig:
         if videos:
             return _video_config(interface, videos, xml)
         raise LabelConfigError("the label config has no <Image> or <Video> tag: this backend labels images "
-                               "(<Image> with <RectangleLabels>/<BrushLabels>/<PolygonLabels>) and videos "
-                               "(<Video> with <VideoRectangle> and <Labels>)")
+                               "(<Image> with <RectangleLabels>/<BrushLabels>/<PolygonLabels>/<BitmaskLabels>) "
+                               "and videos (<Video> with <VideoRectangle> and <Labels>)")
     by_tag: dict[str, list] = {}
     for control in interface.controls:
         if control.to_name and control.to_name[0] in images:
             by_tag.setdefault(control.tag, []).append(control)
     rectangles, brushes = by_tag.get("RectangleLabels", []), by_tag.get("BrushLabels", [])
-    polygons = by_tag.get("PolygonLabels", [])
-    if not rectangles and not brushes and not polygons:
+    polygons, bitmasks = by_tag.get("PolygonLabels", []), by_tag.get("BitmaskLabels", [])
+    if not rectangles and not brushes and not polygons and not bitmasks:
         raise LabelConfigError(
-            "the label config has neither <RectangleLabels> nor <BrushLabels> nor <PolygonLabels> on an <Image>: "
-            "add at least one of them so the backend has somewhere to put its regions"
+            "the label config has neither <RectangleLabels> nor <BrushLabels> nor <PolygonLabels> nor "
+            "<BitmaskLabels> on an <Image>: add at least one of them so the backend has somewhere to put its regions"
         )
     rectangle = _control_spec(rectangles[0]) if rectangles else None
     brush = _control_spec(brushes[0]) if brushes else None
     polygon = _control_spec(polygons[0]) if polygons else None
-    image_name = (rectangle or brush or polygon).to_name
+    bitmask = _control_spec(bitmasks[0]) if bitmasks else None
+    image_name = (rectangle or brush or polygon or bitmask).to_name
     # regions of one prediction must belong to one image: the first control's
     brush = brush if brush and brush.to_name == image_name else None
     polygon = polygon if polygon and polygon.to_name == image_name else None
-    controls = [c for c in (rectangles[:1] + brushes[:1] + polygons[:1]) if c.to_name[0] == image_name]
+    bitmask = bitmask if bitmask and bitmask.to_name == image_name else None
+    controls = [c for c in (rectangles[:1] + brushes[:1] + polygons[:1] + bitmasks[:1]) if c.to_name[0] == image_name]
     labels = tuple(dict.fromkeys(label for control in controls for label in control.labels))
     if not labels:
-        raise LabelConfigError("the <RectangleLabels>/<BrushLabels>/<PolygonLabels> tags have no <Label> children: "
-                               "add labels")
+        raise LabelConfigError("the <RectangleLabels>/<BrushLabels>/<PolygonLabels>/<BitmaskLabels> tags have no "
+                               "<Label> children: add labels")
     prompts = [c for c in by_tag.get("TextArea", []) if c.to_name[0] == image_name]
     value = images[image_name].value or ""
     return LabelConfig(
@@ -239,6 +242,7 @@ def parse_label_config(xml: str) -> LabelConfig:
         aliases=_aliases(controls),
         xml=xml,
         polygon=polygon,
+        bitmask=bitmask,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from backend.settings import EngineKind
 
 #: Region kinds a project may ask for (``outputs``); the config's controls decide which exist at all.
-OUTPUT_KINDS = ("rectangle", "brush", "polygon")
+OUTPUT_KINDS = ("rectangle", "brush", "polygon", "bitmask")
 MAX_PROMPT_CHARS = 2000
 #: The engines a project may choose (``extra_params.engine``): :class:`backend.settings.EngineKind`'s values.
 ENGINE_NAMES = tuple(kind.value for kind in EngineKind)

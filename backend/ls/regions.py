@@ -2,13 +2,16 @@
 
 Input boxes and masks are in the pixel frame of the EXIF-transposed image; LS stores rectangles in
 percent of that same image (converted by ``geometry.py``), brush masks as RLE of exactly
-``original_height x original_width``, and polygons (``polygons.py``: the mask's outer contours, one
-region per connected component) as percent points of that image. Two inputs: :class:`ImageResult` (text prompt: which
-detections are kept, under which label and as which region kinds, is decided by ``selection.py``)
-and :class:`LabeledMasks` (smart tools: each mask already carries its label; no threshold applies).
+``original_height x original_width``, bitmasks as a PNG of exactly that size (``backend.bitmask``:
+black and opaque on the mask, transparent elsewhere, in a data URL), and polygons (``polygons.py``:
+the mask's outer contours, one region per connected component) as percent points of that image.
+Two inputs: :class:`ImageResult` (text prompt: which detections are kept, under which label and as
+which region kinds, is decided by ``selection.py``) and :class:`LabeledMasks` (smart tools: each
+mask already carries its label; no threshold applies).
 
 May import: ``labelconfig``, ``geometry``, ``options``, ``polygons`` and ``selection`` of this package, and the
-foundation modules ``backend.rle`` and ``backend.results`` (the engine's torch-free result types).
+foundation modules ``backend.rle``, ``backend.bitmask`` and ``backend.results`` (the engine's torch-free
+result types).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from backend.bitmask import crop_to_png, png_data_url
 from backend.ls.geometry import PercentRect, pixel_points_to_percent
 from backend.ls.labelconfig import LabelConfig
 from backend.ls.options import OUTPUT_KINDS, PredictOptions
@@ -72,6 +76,24 @@ def _brush(config: LabelConfig, label: str, rle: list[int], score: float, width:
     }
 
 
+def compact_mask_png(mask: CompactMask) -> bytes:
+    """LS bitmask PNG of a compact mask (the image's size), compressing only the rows of its crop."""
+    return crop_to_png(mask.crop, mask.top, mask.left, mask.height, mask.width)
+
+
+def _bitmask(config: LabelConfig, label: str, mask: CompactMask, score: float, width: int, height: int) -> list[dict]:
+    """One ``bitmasklabels`` region: the mask as a PNG data URL, as LS's own drawn bitmasks. An empty
+    mask yields none (LS would list a region with nothing to show)."""
+    if mask.is_empty:
+        return []
+    return [{
+        "id": region_id(), "from_name": config.bitmask.name, "to_name": config.bitmask.to_name,
+        "type": "bitmasklabels", "original_width": width, "original_height": height,
+        "image_rotation": 0, "score": score,
+        "value": {"imageDataURL": png_data_url(compact_mask_png(mask)), "bitmasklabels": [label]},
+    }]
+
+
 def _polygons(config: LabelConfig, label: str, mask: CompactMask, score: float, width: int, height: int,
               params: PolygonParams) -> list[dict]:
     """One ``polygonlabels`` region per connected component of the mask (LS's export shape)."""
@@ -87,8 +109,8 @@ def _polygons(config: LabelConfig, label: str, mask: CompactMask, score: float, 
 def _regions(config: LabelConfig, label: str, box: np.ndarray, mask: CompactMask, score: float, width: int,
              height: int, encode_mask: Callable[[CompactMask], list[int]], polygon: PolygonParams,
              kinds: tuple[str, ...] = OUTPUT_KINDS) -> list[dict]:
-    """The rectangle, brush and polygon regions of one labeled mask: for each control that has the
-    label, among ``kinds`` (the region kinds the detection was selected for)."""
+    """The rectangle, brush, polygon and bitmask regions of one labeled mask: for each control that
+    has the label, among ``kinds`` (the region kinds the detection was selected for)."""
     regions = []
     if config.rectangle and "rectangle" in kinds and label in config.rectangle.labels:
         regions.append(_rectangle(config, label, box, score, width, height))
@@ -96,6 +118,8 @@ def _regions(config: LabelConfig, label: str, box: np.ndarray, mask: CompactMask
         regions.append(_brush(config, label, encode_mask(mask), score, width, height))
     if config.polygon and "polygon" in kinds and label in config.polygon.labels:
         regions += _polygons(config, label, mask, score, width, height, polygon)
+    if config.bitmask and "bitmask" in kinds and label in config.bitmask.labels:
+        regions += _bitmask(config, label, mask, score, width, height)
     return regions
 
 
@@ -117,7 +141,8 @@ def build_prediction(result: ImageResult, config: LabelConfig, model_version: st
                      options: PredictOptions = PredictOptions(),
                      defaults: SelectDefaults = SelectDefaults(),
                      polygon: PolygonParams = PolygonParams()) -> tuple[dict, RegionStats]:
-    """One LS prediction for one image: a rectangle, a brush and polygon regions per selected detection.
+    """One LS prediction for one image: a rectangle, a brush, polygon and bitmask regions per selected
+    detection.
 
     ``encode_mask`` turns a mask into LS RLE (the benchmark's anchor path passes the SDK's).
     ``options``/``defaults``: the request's and the deployment's selection (thresholds, minimum
@@ -125,7 +150,7 @@ def build_prediction(result: ImageResult, config: LabelConfig, model_version: st
     ``polygon``: the deployment's polygon tolerance (the project's ``polygon_tolerance`` wins).
 
     A detection whose phrase maps to no config label is dropped (counted in the stats). A label
-    present in only one of the two controls yields only that control's region.
+    present in only some of the output controls yields only those controls' regions.
     """
     stats = RegionStats()
     regions, scores = [], []
@@ -143,7 +168,8 @@ def build_prediction(result: ImageResult, config: LabelConfig, model_version: st
 def build_mask_prediction(result: LabeledMasks, config: LabelConfig, model_version: str,
                           polygon: PolygonParams = PolygonParams(), kinds: tuple[str, ...] = OUTPUT_KINDS) -> dict:
     """One LS prediction for one image from its smart-tool masks: per mask, for each control with its
-    label, a brush region, the mask's bounding rectangle, and its polygons (no threshold applies)."""
+    label, a brush region, the mask's bounding rectangle, its polygons and its bitmask (no threshold
+    applies)."""
     regions, scores = [], []
     for item in result.masks:
         regions += _regions(config, item.label, item.box, item.mask, item.score, result.width, result.height,

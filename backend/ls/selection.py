@@ -13,7 +13,7 @@ Two halves, both pure (numpy only, no models):
   its config label and the region kinds it is written as. Steps, in order:
 
   1. phrase → config label (``LabelConfig.map_phrase``, once per detection); no label: dropped;
-  2. per output kind (rectangle / brush / polygon) whose control has the label and that the
+  2. per output kind (rectangle / brush / polygon / bitmask) whose control has the label and that the
      project's ``outputs`` allow: the score must EXCEED that control's threshold for the label.
      Precedence, most specific first: ``<Label model_score_threshold>`` → the control's
      ``model_score_threshold`` → ``options.box_threshold`` → ``BOX_THRESHOLD``. A detection that
@@ -107,8 +107,8 @@ class Selection:
 def output_controls(config: LabelConfig, options: PredictOptions) -> list[tuple[str, ControlSpec]]:
     """``(kind, control)`` of every output control the config has and ``options.outputs`` allows.
 
-    ``LabelConfig`` names its controls after the output kinds (``rectangle``, ``brush``, and
-    ``polygon`` where the config parser knows PolygonLabels), so one loop covers every kind.
+    ``LabelConfig`` names its controls after the output kinds (``rectangle``, ``brush``, ``polygon``,
+    ``bitmask``), so one loop covers every kind.
     """
     allowed = options.output_kinds()
     controls = [(kind, getattr(config, kind, None)) for kind in OUTPUT_KINDS if kind in allowed]

@@ -9,6 +9,10 @@ A rectangle keeps its LS fields, rotation included (:class:`PercentRect`); coord
 percent here, and only ``geometry.py`` turns them into pixels once the image's size is known (a
 rotated rectangle becomes the axis-aligned pixel box around it).
 
+Every other region type is skipped without being looked into: a mask (``brushlabels`` RLE, or the
+``bitmasklabels`` PNG data URL that a smart ``<BitmaskLabels>`` stroke sends) is not a prompt, so a
+context holding only masks asks for nothing (``tasks.asks_for_nothing``), for brush and bitmask alike.
+
 May import: ``labelconfig`` and ``geometry`` of this package.
 """
 

@@ -5,10 +5,13 @@
 - Text + clicks: the text prompt's detections, each refined by the clicks inside its box.
 Each region keeps the label of the smart region that made it (a click's or box's own label; with
 text, the detection's phrase), mapped to a config label. SAM's best of three candidate masks by
-predicted IoU is returned as ``brushlabels`` plus, when the config has ``RectangleLabels``, the
-mask's bounding rectangle and, when it has ``PolygonLabels``, the mask's outline polygons (one per
-connected component, simplified at ``polygon.tolerance`` pixels). Empty masks are dropped; no mask
-at all is an empty result, not an error.
+predicted IoU is returned as a region of each output control with its label: ``brushlabels``
+(``BrushLabels``), the mask's bounding rectangle (``RectangleLabels``), its outline polygons
+(``PolygonLabels``: one per connected component, simplified at ``polygon.tolerance`` pixels) and its
+PNG (``BitmaskLabels``). Empty masks are dropped; no mask at all is an empty result, not an error.
+Masks the context already holds (``brushlabels`` RLE, ``bitmasklabels`` PNG: the annotator's own or
+accepted regions) are not prompts: they are left alone, as is every region type other than
+``keypointlabels`` and ``rectanglelabels`` (``smartprompt.py``).
 Percent → pixels goes through ``backend.ls.geometry``; masks travel as :class:`LabeledMasks`.
 """
 
@@ -87,7 +90,7 @@ def refine_image(engine: "Engine", loaded: LoadedImage, config: LabelConfig, sma
     if phrases:
         detected = engine.detect([loaded.image], [phrases], [thresholds] if thresholds else None)[0]
         detections = above_own_threshold(detected, config, options, default_box, selection)
-    fallback = (config.brush or config.polygon or config.rectangle).labels[0]
+    fallback = (config.brush or config.bitmask or config.polygon or config.rectangle).labels[0]
     prompts, names = plan_prompts(smart, detections, width, height, fallback)
     # ``loaded.pixels``, not the image: a click on an image whose embedding is cached never decodes it
     outputs = engine.refine(loaded.pixels, loaded.sha256, prompts)
