@@ -6,7 +6,8 @@ detector + segmenter behind a lock; prepare, run, detect, refine, probe), ``dete
 BATCH_SIZE=auto), ``compiling`` (COMPILE=1 and shape buckets), ``preprocess``, ``embedcache``
 (the LRU of SAM image embeddings), ``tiny`` (random-weight models from configs), ``tracker``
 (SAM 2.1 video: a streaming session pruned to the model's memory window), ``video`` (its loading),
-``sam3_video`` (SAM 3's text → tracked instances).
+``sam3_video`` (SAM 3's text → tracked instances), ``msda`` (Grounding DINO's deformable attention
+as a fused Triton kernel on CUDA; Triton is imported only there, by ``msda_kernel``).
 
 Coordinates in and out are pixels of the EXIF-transposed image; results are the torch-free types
 of :mod:`backend.results`. May import only the foundation modules (settings, errors, results,

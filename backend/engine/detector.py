@@ -37,6 +37,7 @@ from transformers.models.grounding_dino.image_processing_pil_grounding_dino impo
 
 from backend.batching import chunks
 from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
+from backend.engine.msda import install_fused_msda
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
 from backend.results import Detections
 from backend.settings import DetectThresholds
@@ -127,6 +128,8 @@ class GroundingDinoDetector:
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         # Its multi-scale deformable attention has no SDPA form; the text/image attentions are eager.
         self.model = cls.from_pretrained(source, dtype=dtype).to(device).eval()
+        # its deformable attention as our fused Triton kernel (CUDA with triton only; 0 layers elsewhere)
+        self.fused_msda_layers = install_fused_msda(self.model)
         self.compiled = compile
         if compile:
             # The Swin backbone is most of DINO's arithmetic and sees only the two canvas shapes.
