@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+
+# Custom Triton kernels run in Triton's CPU interpreter in tests (tests/test_kernels.py): the flag is
+# read once, when triton is first imported, which torch may do while another module is collected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import shutil
 import signal
 import socket
