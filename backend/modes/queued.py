@@ -41,7 +41,6 @@ class QueueBackend:
     mode = Mode.QUEUE
 
     def __init__(self, settings: Settings):
-        self.settings = settings
         self.default_engine = settings.engine.value
         self.model_version = model_version(settings)
         self.limits = prompt_limits(settings)
@@ -93,9 +92,9 @@ class QueueBackend:
     def check_choice(self, options: PredictOptions) -> None:
         """Any engine may be chosen (its workers may start later; /predict answers 503 until one is
         live); a ``model_version`` must be one a live worker serves."""
-        check_choice(options, self._served(self._live()), None, "")
-        if options.engine is not None and options.model_version is None \
-                and options.engine not in self._served(self._live()):
+        served = self._served(self._live())  # one Redis read for both checks
+        check_choice(options, served, None, "")
+        if options.engine is not None and options.model_version is None and options.engine not in served:
             log.warning("setup: no live worker serves engine %r yet; its projects get 503 until one starts",
                         options.engine)
 

@@ -28,10 +28,9 @@ from backend.queue import keys
 from backend.queue.connection import connect
 from backend.queue.errors import JobFailed, QueueTimeout, QueueUnavailable
 from backend.queue.jobs import predict_job
-from backend.queue.liveness import decode_load_errors, live_worker_info
+from backend.queue.liveness import decode_load_errors, live_worker_info, shared_queues
 from backend.queue.affinity import route, task_key
-from backend.queue.transport import INTERACTIVE, QUEUES, drop_unstarted, engine_queue, queue
-from backend.settings import EngineKind
+from backend.queue.transport import INTERACTIVE, drop_unstarted, engine_queue, queue
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ class QueueClient:
         only this tells why none is live; ``reason`` then repeats the latest); never waits more than
         ~0.5 s per Redis call."""
         now = time.time()
-        names = [engine_queue(kind, engine.value) for engine in EngineKind for kind in QUEUES]
+        names = shared_queues()
         try:
             with self.health_connection.pipeline() as pipe:
                 for name in names:

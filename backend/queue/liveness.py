@@ -181,14 +181,19 @@ def decode_load_errors(entries) -> list[str]:
     return [e.decode(errors="replace") if isinstance(e, bytes) else str(e) for e in entries]
 
 
+def shared_queues() -> list[str]:
+    """Every engine's shared queues (``interactive.<engine>``, ``prelabel.<engine>``), engine by engine."""
+    from backend.settings import EngineKind
+
+    return [engine_queue(kind, engine.value) for engine in EngineKind for kind in QUEUES]
+
+
 def known_queues(connection: redis.Redis) -> list[str]:
     """The names of every queue of this backend: each engine's shared queues, and the per-worker
     queues RQ has registered (``rq:queues``)."""
     from rq import Queue
 
-    from backend.settings import EngineKind
-
-    names = [engine_queue(kind, engine.value) for engine in EngineKind for kind in QUEUES]
+    names = shared_queues()
     for registered in Queue.all(connection=connection, serializer=SERIALIZER):
         if parse_worker_queue(registered.name) is not None:
             names.append(registered.name)
@@ -264,4 +269,4 @@ def _hand_over(connection: redis.Redis, dead: str, target: str) -> None:
 __all__ = ["ALIVE_TTL_S", "LOAD_ERROR_TTL_S", "REGISTRY_TTL_S", "WORKERS_KEY_TTL_S", "claim_reaper_round",
            "decode_load_errors", "is_alive", "live_model_versions", "live_workers", "load_errors", "mark_alive",
            "mark_gone", "record_load_error", "register_worker", "requeue_abandoned", "WorkerInfo", "known_queues",
-           "live_engines", "live_worker_info"]
+           "live_engines", "live_worker_info", "shared_queues"]
