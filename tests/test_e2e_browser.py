@@ -154,6 +154,15 @@ def open_first_task_from_data_manager(page, label_studio, project_id: int) -> No
     wait_for_image(page)
 
 
+def click_on_stage(page, fx: float, fy: float):
+    """Click the stage at (``fx``, ``fy``) of its width and height with the tool in hand; LS's
+    interactive-annotating response to it."""
+    box = page.locator(".konvajs-content").first.bounding_box()
+    with page.expect_response(lambda r: "/interactive-annotating" in r.url, timeout=UI_TIMEOUT_MS) as answer:
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+    return answer.value
+
+
 def wait_for_image(page) -> None:
     """Until the labeling stage shows the task's image (decoded, laid out) and has settled."""
     page.wait_for_function("() => { const i = document.querySelector('img[alt=image]');"
@@ -369,13 +378,11 @@ def test_annotator_prompts_accepts_submits_and_clicks(label_studio, ls, chromium
             before = stage_pixels(page)
             box = page.locator(".konvajs-content").first.bounding_box()
             fx, fy = 0.33, 0.45
-            with page.expect_response(lambda r: "/interactive-annotating" in r.url,
-                                      timeout=UI_TIMEOUT_MS) as answer:
-                page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
-            request_body = answer.value.request.post_data_json
+            response = click_on_stage(page, fx, fy)
+            request_body = response.request.post_data_json
             clicks = [r for r in request_body["context"]["result"] if r.get("type") == "keypointlabels"]
             assert len(clicks) == 1 and clicks[0]["value"]["keypointlabels"] == ["dog"], request_body
-            data = answer.value.json().get("data") or {}
+            data = response.json().get("data") or {}
             masks = brush_masks(data.get("result") or [])
             assert len(masks) == 1 and masks[0][0] == "dog", f"smart click answer: {str(data)[:500]}"
             page.locator(".lsf-auto-accept__info").get_by_text("1 suggestions").wait_for(timeout=UI_TIMEOUT_MS)

@@ -20,7 +20,7 @@ import pytest
 from backend.bitmask import png_to_mask
 from tests.test_e2e_browser import (HEIGHT, UI_TIMEOUT_MS, WIDTH, check_drawn_where_rle_says, image_path,  # noqa: F401
                                     kept_on_failure, open_with_suggestions, pick_smart_keypoint, smart_config,
-                                    stage_pixels)
+                                    stage_pixels, click_on_stage, wait_for_image)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -88,18 +88,14 @@ def test_bitmask_suggestions_are_drawn_where_their_png_says(label_studio, ls, ch
         with kept_on_failure(page, "bitmask-keypoint", label_studio, backend):
             # the next task: a smart keypoint click (label "dog") comes back as one dog bitmask
             page.goto(f"{label_studio.url}/projects/{project_id}/data?task={task_ids[1]}")
-            page.wait_for_function("() => { const i = document.querySelector('img[alt=image]');"
-                                   " return i && i.complete && i.naturalWidth > 0; }", timeout=UI_TIMEOUT_MS)
-            page.wait_for_timeout(500)
+            wait_for_image(page)
             pick_smart_keypoint(page, "dog")
             before = stage_pixels(page)
             box = page.locator(".konvajs-content").first.bounding_box()
             fx, fy = 0.33, 0.45
-            with page.expect_response(lambda r: "/interactive-annotating" in r.url,
-                                      timeout=UI_TIMEOUT_MS) as answer:
-                page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
-            masks = bitmask_masks((answer.value.json().get("data") or {}).get("result") or [])
-            assert len(masks) == 1 and masks[0][0] == "dog", answer.value.text()[:500]
+            response = click_on_stage(page, fx, fy)
+            masks = bitmask_masks((response.json().get("data") or {}).get("result") or [])
+            assert len(masks) == 1 and masks[0][0] == "dog", response.text()[:500]
             page.locator(".lsf-auto-accept__info").get_by_text("1 suggestions").wait_for(timeout=UI_TIMEOUT_MS)
             page.mouse.move(box["x"] + box["width"] + 100, box["y"])  # no hover outline on the stage
             page.wait_for_timeout(1000)
