@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
@@ -16,6 +19,10 @@ _DTYPES = {
 }
 CPU_BATCH_SIZE = 8  # BATCH_SIZE=auto on the CPU: batching saves little there, memory is plentiful
 MAX_AUTO_BATCH_SIZE = 32  # past this, batches add latency and memory but no throughput on an H100
+AUTO_TOLERANCE = 0.03  # BATCH_SIZE=auto takes the smallest batch within 3 % of the fastest one's images/s
+AUTO_STOP_BELOW = 0.9  # ... and stops timing larger batches once one is 10 % slower than the best so far
+AUTO_TIMED_RUNS = 3  # timed runs per batch size, after one untimed warm-up run
+AUTO_BUDGET_S = 60.0  # no new batch size is timed after this many seconds of probing
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -83,18 +90,142 @@ def measure_peak_bytes(device: torch.device, forward: Callable[[int], None], bat
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def auto_batch_size(device: torch.device, forward: Callable[[int], None]) -> int:
-    """BATCH_SIZE=auto: probe ``forward`` at batch 1 and 2 and fit the batch into free memory.
+@dataclass(frozen=True)
+class BatchChoice:
+    """What BATCH_SIZE=auto decided: ``size``, the memory ``cap`` it was picked under, and the
+    measured throughput per tried size (images/s, ascending sizes; empty on the CPU)."""
+
+    size: int
+    cap: int
+    images_per_s: dict[int, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """``1: 5.1, 2: 8.0, ...`` images/s, for logs and bench output."""
+        return ", ".join(f"{size}: {rate:.1f}" for size, rate in self.images_per_s.items()) or "not timed"
+
+
+def candidate_sizes(cap: int) -> list[int]:
+    """The batch sizes BATCH_SIZE=auto times: powers of two up to ``cap``, plus ``cap`` itself.
+
+    Powers of two are the batch buckets COMPILE=1 pads to (``compiling.batch_bucket``), so the
+    timed sizes are the shapes a compiled model would really run; ascending, without repeats.
+    """
+    if cap < 1:
+        raise ValueError(f"batch size cap {cap}: it must be at least 1 (one image per batch)")
+    sizes = [1 << power for power in range(cap.bit_length()) if 1 << power <= cap]
+    return sizes if sizes[-1] == cap else [*sizes, cap]
+
+
+def fastest_batch_size(candidates: Sequence[int], measure: Callable[[int], float], *,
+                       tolerance: float = AUTO_TOLERANCE, stop_below: float = AUTO_STOP_BELOW,
+                       budget_s: float | None = None,
+                       clock: Callable[[], float] = time.perf_counter) -> tuple[int, dict[int, float]]:
+    """Time ``candidates`` in ascending order with ``measure(size) -> images/s``; pick the fastest.
+
+    The choice is the smallest size within ``tolerance`` (a fraction: 0.03 = 3 %) of the best
+    throughput, because a smaller batch means less latency per request and less memory for the same
+    speed. Probing stops growing (bounded start-up time) once a size reaches less than
+    ``stop_below`` of the best throughput so far (throughput rises with the batch, then flattens and
+    falls: larger sizes will not win), when ``measure`` returns 0 or less (the size does not run,
+    e.g. out of memory: larger ones will not either), or when ``budget_s`` seconds of ``clock`` have
+    passed since the start (checked before each size after the first).
+
+    Returns the choice and the throughput table {size: images/s} of the sizes measured.
+    """
+    sizes = sorted(set(candidates))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"batch size candidates {list(candidates)}: give at least one size, all >= 1")
+    if not 0 <= tolerance < 1 or not 0 < stop_below <= 1:
+        raise ValueError(f"tolerance {tolerance} must be in [0, 1) and stop_below {stop_below} in (0, 1]")
+    started = clock()
+    table: dict[int, float] = {}
+    for size in sizes:
+        if table and budget_s is not None and clock() - started >= budget_s:
+            log.info("BATCH_SIZE=auto: probing budget of %.0f s spent; not timing batch %d and above", budget_s, size)
+            break
+        rate = table[size] = measure(size)
+        if rate <= 0 or rate < stop_below * max(table.values()):
+            break
+    best = max(table.values())
+    if best <= 0:
+        return sizes[0], table  # nothing ran: the smallest size is the safest
+    return min(size for size, rate in table.items() if rate >= (1 - tolerance) * best), table
+
+
+def measure_throughput(device: torch.device, forward: Callable[[int], None], batch_size: int, *,
+                       runs: int = AUTO_TIMED_RUNS) -> float:
+    """Images/s of ``forward(batch_size)``: one untimed warm-up run, then ``runs`` timed runs.
+
+    The device is synchronized around the timed runs so queued CUDA work is counted (a no-op on the
+    CPU). On CUDA an out-of-memory error returns 0.0 (the size does not run) after freeing the cache.
+    """
+    if runs < 1:
+        raise ValueError(f"runs={runs}: time at least one run")
+    try:
+        forward(batch_size)  # warm-up: cuDNN/cuBLAS algorithm choice, allocator growth
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(runs):
+            forward(batch_size)
+        _sync(device)
+    except torch.cuda.OutOfMemoryError:
+        if device.type != "cuda":
+            raise
+        torch.cuda.empty_cache()
+        return 0.0
+    return batch_size * runs / max(time.perf_counter() - started, 1e-9)
+
+
+def time_batch_sizes(device: torch.device, forward: Callable[[int], None], cap: int, *,
+                     budget_s: float | None = AUTO_BUDGET_S, runs: int = AUTO_TIMED_RUNS) -> BatchChoice:
+    """The fastest of :func:`candidate_sizes` ``(cap)`` by :func:`measure_throughput` of ``forward``."""
+    size, table = fastest_batch_size(candidate_sizes(cap), lambda b: measure_throughput(device, forward, b, runs=runs),
+                                     budget_s=budget_s)
+    return BatchChoice(size, cap, table)
+
+
+def eager_probing():
+    """Context in which functions wrapped by ``torch.compile`` run eagerly (``force_eager`` stance).
+
+    With COMPILE=1 probing would otherwise compile a graph for every batch size it tries (minutes
+    each on real models), for sizes the server may never use. Eager throughput ranks batch sizes
+    nearly as compiled throughput does, and eager peak memory is an upper bound for the compiled
+    one. A no-op context where torch has no ``torch.compiler.set_stance`` (before 2.6).
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def probe_batch_size(device: torch.device, forward: Callable[[int], None], *,
+                     budget_s: float | None = AUTO_BUDGET_S) -> BatchChoice:
+    """BATCH_SIZE=auto: the fastest batch that fits the free device memory.
 
     ``forward(b)`` must run the largest per-batch work the engine does (DINO on its largest canvas,
-    SAM's encoder and decoder) on ``b`` dummy images. On the CPU, :data:`CPU_BATCH_SIZE`.
+    SAM's encoder and decoder) on ``b`` dummy images. On CUDA: peak memory at batch 1 and 2 gives
+    the memory cap (the largest batch, <= 32, in 80 % of free memory), then :func:`time_batch_sizes`
+    picks the fastest size up to the cap (about ``budget_s`` seconds at most). Everything runs under
+    :func:`eager_probing`. On the CPU, :data:`CPU_BATCH_SIZE` without probing: timing real models
+    there takes minutes per size and batching gains little.
     """
     if device.type != "cuda":
-        return CPU_BATCH_SIZE
-    one, two = measure_peak_bytes(device, forward, 1), measure_peak_bytes(device, forward, 2)
-    per_image = max(two - one, 1)
-    free, _total = torch.cuda.mem_get_info(device)
-    chosen = batch_size_for_memory(free, max(one - per_image, 0), per_image)
-    log.info("BATCH_SIZE=auto: %d (peak %.0f MiB at batch 1, +%.0f MiB per image, %.0f MiB free)",
-             chosen, one / 2**20, per_image / 2**20, free / 2**20)
-    return chosen
+        return BatchChoice(CPU_BATCH_SIZE, CPU_BATCH_SIZE)
+    with eager_probing():
+        one, two = measure_peak_bytes(device, forward, 1), measure_peak_bytes(device, forward, 2)
+        per_image = max(two - one, 1)
+        free, _total = torch.cuda.mem_get_info(device)
+        cap = batch_size_for_memory(free, max(one - per_image, 0), per_image)
+        choice = time_batch_sizes(device, forward, cap, budget_s=budget_s)
+    log.info("BATCH_SIZE=auto: %d, the fastest within %.0f %% (images/s by batch: %s; memory cap %d: peak %.0f MiB "
+             "at batch 1, +%.0f MiB per image, %.0f MiB free)", choice.size, 100 * AUTO_TOLERANCE, choice.table(),
+             cap, one / 2**20, per_image / 2**20, free / 2**20)
+    return choice
+
+
+def auto_batch_size(device: torch.device, forward: Callable[[int], None]) -> int:
+    """BATCH_SIZE=auto: the size :func:`probe_batch_size` picks (see there)."""
+    return probe_batch_size(device, forward).size
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
