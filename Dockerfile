@@ -27,7 +27,7 @@ RUN pip install -r requirements.txt
 COPY _wsgi.py model.py ./
 COPY backend ./backend
 
-RUN useradd --create-home --uid 1000 app && mkdir -p /data/hf && chown -R app /data
+RUN useradd --create-home --uid 1000 app && mkdir -p /data/hf /data/compile-cache && chown -R app /data
 USER app
 EXPOSE 9090
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \

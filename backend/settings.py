@@ -144,8 +144,9 @@ class Settings:
     min_mask_area: float = 0.0
     max_detections_per_label: int | None = None
     polygon_tolerance: float = 1.5  # pixels: Douglas–Peucker tolerance of polygon regions (backend.ls.polygons)
-    batch_size: int | None = DEFAULT_BATCH_SIZE  # None = auto: from free GPU memory (8 on the CPU)
-    compile: bool = False  # torch.compile the encoders, with shape buckets (slow first batches)
+    batch_size: int | None = DEFAULT_BATCH_SIZE  # None = auto: the fastest batch that fits free GPU memory (8 on the CPU)
+    compile: bool = False  # torch.compile the encoders' blocks at load, batch buckets 1 and BATCH_SIZE
+    compile_cache_dir: str | None = None  # COMPILE=1: Inductor's caches here, reused by the next start
     flush_denormals: bool = True  # CPU: subnormal floats as zero (see backend.engine.device.configure_device)
     label_studio_url: str | None = None
     label_studio_api_key: str | None = field(default=None, repr=False)
@@ -245,6 +246,7 @@ class Settings:
             polygon_tolerance=_number(env, "POLYGON_TOLERANCE", 1.5, float, 0.0, 100.0),
             batch_size=_batch_size(env),
             compile=_bool(env, "COMPILE", False),
+            compile_cache_dir=_text(env, "COMPILE_CACHE_DIR", None),
             flush_denormals=_bool(env, "FLUSH_DENORMALS", True),
             label_studio_url=ls_url.rstrip("/") if ls_url else None,
             label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY", None),

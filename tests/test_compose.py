@@ -53,6 +53,19 @@ def test_base_file_runs_one_worker_on_one_named_gpu():
     assert not gpu_devices(model["services"]["web"])
 
 
+def test_workers_keep_their_compile_cache_in_a_named_volume(tmp_path):
+    """COMPILE=1: a restarted worker reuses the compiled graphs (COMPILE_CACHE_DIR on a volume)."""
+    for files in ([BASE], [BASE, CPU], [BASE, gpu_override(tmp_path, "0,1")]):
+        model = compose.load(files, ENV)
+        assert "compile-cache" in model["volumes"]
+        workers = [s for name, s in started(model).items() if name.startswith("worker")]
+        assert workers, files
+        for worker in workers:
+            assert worker["environment"]["COMPILE_CACHE_DIR"] == "/data/compile-cache"
+            assert "compile-cache:/data/compile-cache" in worker["volumes"]
+            assert "hf-cache:/data/hf" in worker["volumes"]  # the anchor's volumes are still there
+
+
 def test_redis_password_is_required():
     with pytest.raises(ValueError, match="REDIS_PASSWORD"):
         compose.load([BASE], {})

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from backend.engine.embedcache import EmbeddingCache
 from backend.engine.families import SEGMENTER_FAMILIES, require_family, segmenter_class
+from backend.engine.masks import upsample_batch
 from backend.errors import ModelLoadError
 from backend.results import MaskPrompt
 
@@ -135,7 +136,7 @@ def test_masks_equal_the_reference_post_processing_on_the_same_logits(loaded, im
     segmenter = loaded(family)
     for image, boxes in zip(images, BOXES):
         logits, embedding = _box_logits(segmenter, image, boxes)
-        ours = full(segmenter._masks(logits, embedding))
+        ours = full(upsample_batch([segmenter._mask_job(logits, embedding)]).result()[0][0])
         assert_informative(ours)
         assert np.array_equal(ours, _reference_post_process(segmenter, family, logits, image))
         # and segment() is exactly this path

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from backend.engine.engine import Engine
-from backend.engine.compiling import batch_bucket, pad_rows
+from backend.engine.compiling import batch_bucket, batch_buckets, pad_rows
 from backend.engine.device import CPU_BATCH_SIZE, batch_size_for_memory
 from backend.engine.masks import chunk_size, upsample_masks
 from backend.ls.labelconfig import parse_label_config
@@ -146,11 +146,12 @@ def test_images_load_while_the_engine_runs_and_order_survives_failures(tiny_sett
 def test_compiled_engine_matches_eager_and_does_not_recompile_per_image_size(tiny_settings):
     from torch._dynamo.utils import counters
 
-    eager = Engine.from_settings(replace(tiny_settings, batch_size=2))
-    compiled = Engine.from_settings(replace(tiny_settings, batch_size=2, compile=True))
-    first = [jpeg_image(320, 240, 0)]
-    compiled.run(first, [PHRASES])
-    graphs = counters["stats"]["unique_graphs"]
+    # Batch size 1: one bucket (each bucket compiles ~10 graphs of the tiny models, ~5 s each on a CPU).
+    eager = Engine.from_settings(replace(tiny_settings, batch_size=1))
+    compiled = Engine.from_settings(replace(tiny_settings, batch_size=1, compile=True))
+    graphs = counters["stats"]["unique_graphs"]  # ready means compiled: both canvases, at load
+    assert graphs > 0
+    compiled.run([jpeg_image(320, 240, 0), jpeg_image(180, 300, 2)], [PHRASES, PHRASES])  # landscape, portrait
     other_size = [jpeg_image(300, 180, 1)]  # same orientation, other size: same canvas and batch bucket
     got = compiled.run(other_size, [PHRASES])[0]
     assert counters["stats"]["unique_graphs"] == graphs
@@ -167,8 +168,10 @@ def jpeg_image(width, height, seed):
 
 
 def test_batch_buckets_and_padding():
-    assert [batch_bucket(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
-    assert batch_bucket(5, 6) == 6  # the configured batch size is itself a bucket
+    # Two buckets: one item (a click, a single task) or the worker's batch size (a straggler pads up).
+    assert [batch_bucket(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 8, 8, 8, 8]
+    assert batch_bucket(5, 6) == 6 and batch_bucket(1, 6) == 1
+    assert batch_buckets(8) == [1, 8] and batch_buckets(1) == [1]
     padded = pad_rows(torch.arange(6).reshape(3, 2), 4)
     assert padded.tolist() == [[0, 1], [2, 3], [4, 5], [4, 5]]
     with pytest.raises(ValueError, match="at least one"):

@@ -36,9 +36,10 @@ from transformers.image_transforms import get_size_with_aspect_ratio
 from transformers.models.grounding_dino.image_processing_pil_grounding_dino import GroundingDinoImageProcessorPil
 
 from backend.batching import chunks
-from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
+from backend.engine.compiling import batch_bucket, compile_blocks, pad_rows
 from backend.engine.msda import install_fused_msda
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
+from backend.engine.transfer import HostCopy
 from backend.results import Detections
 from backend.settings import DetectThresholds
 
@@ -132,11 +133,10 @@ class GroundingDinoDetector:
         self.fused_msda_layers = install_fused_msda(self.model)
         self.compiled = compile
         if compile:
-            # The Swin backbone is most of DINO's arithmetic and sees only the two canvas shapes.
-            # The rest (deformable attention, text fusion, .item() calls) breaks graphs and takes
-            # minutes to compile for a few percent, so it stays eager.
-            swin = self.model.model.backbone.conv_encoder.model
-            swin.forward = maybe_compile(swin.forward, True, "grounding-dino backbone")
+            # The Swin backbone is most of DINO's arithmetic and sees only the two canvas shapes: its
+            # layers are compiled. The rest (deformable attention, text fusion, .item() calls) breaks
+            # graphs and takes minutes to compile for a few percent, so it stays eager.
+            compile_blocks(self.model.model.backbone.conv_encoder.model, "grounding-dino backbone")
         self.max_text_len = self.model.config.max_text_len
         self.separator_ids = separator_ids(self.model, self.tokenizer)
         # The separators' text ('.', '?'): inside one phrase (a label "st. bernard") it would split
@@ -156,38 +156,42 @@ class GroundingDinoDetector:
 
     def prepare(self, image: Image.Image) -> DinoInput:
         resized = get_size_with_aspect_ratio((image.height, image.width), self.short_edge, self.long_edge)
-        canvas = to_canvas(image, resized, self.canvas_for(image.width, image.height), self.image_processor.resample)
+        canvas = to_canvas(image, resized, self.canvas_for(image.width, image.height), self.image_processor.resample,
+                           pin=self.device.type == "cuda")
         return DinoInput(canvas, (image.height, image.width))
 
-    @torch.inference_mode()
     def detect(self, inputs: Sequence[DinoInput | Image.Image], phrases: Sequence[Sequence[str]],
                thresholds: Sequence[DetectThresholds | None] | None = None) -> list[Detections]:
         """Per image its detections: (N, 4) XYXY float32 pixels of that image, scores, phrases.
 
         ``thresholds``: one per image (None, or a None item: :attr:`thresholds`, the deployment's)."""
+        return self.launch(inputs, phrases, thresholds).result()
+
+    @torch.inference_mode()
+    def launch(self, inputs: Sequence[DinoInput | Image.Image], phrases: Sequence[Sequence[str]],
+               thresholds: Sequence[DetectThresholds | None] | None = None) -> "PendingDetections":
+        """:meth:`detect` without the wait: the forwards are queued and their outputs' copies to the
+        host issued; the caller may queue more device work (SAM's encoder) before it calls
+        :meth:`PendingDetections.result`, which waits once and post-processes on the host."""
         if len(inputs) != len(phrases):
             raise ValueError(f"got {len(inputs)} images but {len(phrases)} phrase lists: pass one per image")
         if thresholds is not None and len(thresholds) != len(inputs):
             raise ValueError(f"got {len(inputs)} images but {len(thresholds)} thresholds: pass one per image")
         limits = [self.thresholds if t is None else t for t in (thresholds or [None] * len(inputs))]
         prepared = [item if isinstance(item, DinoInput) else self.prepare(item) for item in inputs]
-        results: list[Detections | None] = [None] * len(prepared)
         by_canvas: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(prepared):
             if phrases[index]:
                 by_canvas.setdefault(item.canvas.shape, []).append(index)
-            else:
-                results[index] = Detections.empty()
+        batches = []
         for indices in by_canvas.values():
             for chunk in chunks(indices, self.batch_size):
-                batch = self._run([prepared[i] for i in chunk], [phrases[i] for i in chunk],
-                                  [limits[i] for i in chunk])
-                for index, detections in zip(chunk, batch):
-                    results[index] = detections
-        return results  # type: ignore[return-value]
+                batches.append((chunk, self._launch([prepared[i] for i in chunk], [phrases[i] for i in chunk])))
+        return PendingDetections(self, len(prepared), [i.size for i in prepared], list(phrases), limits, batches)
 
-    def _run(self, items: list[DinoInput], phrases: list[Sequence[str]],
-             limits: list[DetectThresholds]) -> list[Detections]:
+    def _launch(self, items: list[DinoInput], phrases: list[Sequence[str]]) -> tuple[HostCopy, np.ndarray]:
+        """Queue one forward; → the copy of its (B, Q, T) token probabilities and (B, Q, 4) cxcywh
+        boxes (T: the batch's prompt tokens, not the model's 256), and the (B, T) input ids."""
         prompts = [self.prompt_for(p) for p in phrases]
         text = self.tokenizer(prompts, return_tensors="pt", padding="longest", truncation=True,
                               max_length=self.max_text_len)
@@ -200,12 +204,11 @@ class GroundingDinoDetector:
         model_inputs = {k: to_device(v, self.device) for k, v in text.items()}
         pixels, valid = self.normalize(canvases, self.device, self.dtype)
         outputs = self.model(**model_inputs, pixel_values=pixels, pixel_mask=valid.long())
-        count = len(items)
-        probs = outputs.logits[:count].float().sigmoid().cpu().numpy()  # (B, Q, max_text_len)
-        boxes = outputs.pred_boxes[:count].float().cpu().numpy()  # (B, Q, 4) cxcywh in [0, 1] of the unpadded image
-        input_ids = text["input_ids"][:count].numpy()
-        return [self._postprocess(probs[b], boxes[b], input_ids[b], phrases[b], items[b].size, limits[b])
-                for b in range(count)]
+        count, tokens = len(items), text["input_ids"].shape[1]
+        # Only the prompt's tokens can score (the logits are -inf past them): ~10x less to copy.
+        probs = outputs.logits[:count, :, :tokens].float().sigmoid()  # (B, Q, T)
+        boxes = outputs.pred_boxes[:count].float()  # (B, Q, 4) cxcywh in [0, 1] of the unpadded image
+        return HostCopy([probs, boxes]), text["input_ids"][:count].numpy()
 
     def prompt_for(self, phrases: Sequence[str]) -> str:
         """The text DINO gets: the phrases joined by ' . ', a separator inside a phrase spaced out,
@@ -251,3 +254,23 @@ class GroundingDinoDetector:
         kept = kept[: limits.max_detections]
         return Detections(boxes=xyxy[kept], scores=scores[kept].astype(np.float32),
                           phrases=tuple(phrases[i] for i in phrase_index[kept]))
+
+
+class PendingDetections:
+    """Detections whose forwards are queued on the device (:meth:`GroundingDinoDetector.launch`)."""
+
+    def __init__(self, detector: GroundingDinoDetector, count: int, sizes: list[tuple[int, int]],
+                 phrases: list[Sequence[str]], limits: list[DetectThresholds],
+                 batches: list[tuple[list[int], tuple[HostCopy, np.ndarray]]]):
+        self._detector, self._count, self._sizes = detector, count, sizes
+        self._phrases, self._limits, self._batches = phrases, limits, batches
+
+    def result(self) -> list[Detections]:
+        """Per image its detections (an image without phrases: none); waits once per forward."""
+        results = [Detections.empty()] * self._count
+        for chunk, (copy, input_ids) in self._batches:
+            probs, boxes = copy.result()
+            for row, index in enumerate(chunk):
+                results[index] = self._detector._postprocess(probs[row], boxes[row], input_ids[row], self._phrases[index],
+                                                             self._sizes[index], self._limits[index])
+        return results

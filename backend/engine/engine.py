@@ -6,7 +6,7 @@ image (the image Label Studio displays): boxes are ``(N, 4)`` float32 XYXY pixel
 cxcywh, SAM's 1024-pixel padded square) never leave the engine. Modules:
 
 - ``detector``: Grounding DINO; ``segmenter``: SAM; ``masks``: mask upsampling on the device;
-- ``device``: device, dtype, TF32 and BATCH_SIZE=auto; ``compiling``: COMPILE=1 and shape buckets.
+- ``device``: device, dtype, TF32 and BATCH_SIZE=auto; ``compiling``: COMPILE=1 (regional, bucketed, at load).
 
 Every model has a CPU half, ``prepare(image)`` (resize, normalize, pad: thread-safe, run ahead of
 the GPU by the pipeline's thread pool), and a device half that runs batches of prepared images.
@@ -25,6 +25,7 @@ from PIL import Image
 from backend.engine.embedcache import EmbeddingCache, embedding_cache
 from backend.engine.families import DETECTOR_FAMILIES, SEGMENTER_FAMILIES, load_error, require_family, segmenter_class
 from backend.engine.detector import DinoInput, GroundingDinoDetector, nms
+from backend.engine.compiling import use_compile_cache, warm_buckets
 from backend.engine.device import auto_batch_size, configure_device, resolve_device, resolve_dtype
 from backend.engine.segmenter import ImageEmbedding, SamInput, SamSegmenter
 from backend.results import CompactMask, Detections, ImageResult, MaskPrompt
@@ -75,6 +76,16 @@ class PreparedImage:
         return self.sam if self.sam is not None else self.image
 
 
+@dataclass(frozen=True)
+class _Done:
+    """Detections already computed, with the ``result()`` of a pending detector launch."""
+
+    detections: list[Detections]
+
+    def result(self) -> list[Detections]:
+        return self.detections
+
+
 class Engine:
     """Detector + segmenter behind one lock: request threads share the models, one batch at a time.
 
@@ -99,6 +110,8 @@ class Engine:
         batch_size = settings.batch_size or 1  # auto: probed below once the models are loaded
         log.info("loading models on %s (%s%s): %s (%s), %s (%s)", device, dtype, ", compiled" if settings.compile else "",
                  settings.grounding_dino_model, detector_type, settings.sam_model, segmenter_type)
+        if settings.compile and settings.compile_cache_dir:
+            use_compile_cache(settings.compile_cache_dir, device)
         try:
             detector = GroundingDinoDetector(
                 settings.grounding_dino_model, device, dtype, box_threshold=settings.box_threshold,
@@ -115,6 +128,8 @@ class Engine:
         engine = cls(detector, segmenter)
         if settings.batch_size is None:
             engine.set_batch_size(auto_batch_size(device, engine.probe))
+        if settings.compile:  # ready means compiled: no request waits for a compile
+            warm_buckets(engine.probe_both_canvases, engine.batch_size, "grounded-sam")
         return engine
 
     @property
@@ -140,6 +155,20 @@ class Engine:
         finally:
             self.set_batch_size(saved)
 
+    def probe_both_canvases(self, batch_size: int) -> None:
+        """:meth:`probe`, then DINO alone on its portrait canvas: every input shape the encoders
+        take at this batch size (COMPILE=1 compiles them all at load with it)."""
+        self.probe(batch_size)
+        detector: GroundingDinoDetector = self.detector  # type: ignore[assignment]
+        height, width = detector.canvas_for(1, 2)
+        portrait = detector.prepare(Image.new("RGB", (width, height)))
+        saved = self.batch_size
+        self.set_batch_size(batch_size)
+        try:
+            detector.detect([portrait] * batch_size, [["object"]] * batch_size)
+        finally:
+            self.set_batch_size(saved)
+
     def prepare(self, image: Image.Image) -> PreparedImage:
         """The CPU half of both models for one image (thread-safe; no lock, no device work)."""
         dino = self.detector.prepare(image) if hasattr(self.detector, "prepare") else None
@@ -153,9 +182,15 @@ class Engine:
 
         ``thresholds``: per image, the detector thresholds of its request (None: the deployment's)."""
         prepared = [item if isinstance(item, PreparedImage) else self.prepare(item) for item in images]
+        sam_inputs = [p.for_segmenter() for p in prepared]
         with self._lock:
-            detections = self._detect([p.for_detector() for p in prepared], phrases, thresholds)
-            masks = self.segmenter.segment([p.for_segmenter() for p in prepared], [d.boxes for d in detections], keys)
+            pending = self._launch_detect([p.for_detector() for p in prepared], phrases, thresholds)
+            early = self._encode_ahead(sam_inputs, phrases, keys)
+            detections = pending.result()  # the host post-processes while the device encodes
+            if early is None:
+                masks = self.segmenter.segment(sam_inputs, [d.boxes for d in detections], keys)
+            else:
+                masks = self.segmenter.segment(sam_inputs, [d.boxes for d in detections], keys, embeddings=early)
         return [ImageResult(width=p.image.width, height=p.image.height, detections=d, masks=tuple(m))
                 for p, d, m in zip(prepared, detections, masks)]
 
@@ -163,6 +198,31 @@ class Engine:
                thresholds: Sequence[DetectThresholds | None] | None = None) -> list[Detections]:
         with self._lock:
             return self._detect(images, phrases, thresholds)
+
+    def _encode_ahead(self, inputs, phrases, keys) -> list[ImageEmbedding | None] | None:
+        """On CUDA, SAM's embeddings of the images that have phrases, queued right behind the
+        detector's forward: the device encodes while the host waits for and post-processes the
+        boxes. Elsewhere (or for a batch larger than the segmenter's) None: the CPU does one thing at
+        a time, so encoding an image in which nothing is found would only cost time."""
+        device = getattr(self.segmenter, "device", None)
+        if device is None or device.type != "cuda" or len(inputs) > self.segmenter.batch_size:
+            return None
+        wanted = [i for i, p in enumerate(phrases) if p]
+        if not wanted:
+            return None
+        encoded = self.segmenter.embed([inputs[i] for i in wanted], [keys[i] for i in wanted] if keys else None)
+        early: list[ImageEmbedding | None] = [None] * len(inputs)
+        for i, embedding in zip(wanted, encoded):
+            early[i] = embedding
+        return early
+
+    def _launch_detect(self, inputs, phrases, thresholds):
+        """The detector's forwards, queued (its ``launch``; a detector without one runs now)."""
+        if not hasattr(self.detector, "launch"):
+            return _Done(self._detect(inputs, phrases, thresholds))
+        if thresholds is None or all(t is None for t in thresholds):
+            return self.detector.launch(inputs, phrases)
+        return self.detector.launch(inputs, phrases, thresholds)
 
     def _detect(self, inputs, phrases, thresholds) -> list[Detections]:
         # Only images with thresholds of their own make a detector see the argument, so a detector

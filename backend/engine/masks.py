@@ -4,20 +4,30 @@ This is ``SamImageProcessor.post_process_masks`` (bilinear upsample to the padde
 the padding, bilinear upsample to the original size, threshold), or with ``square=None``
 ``Sam2ImageProcessor.post_process_masks`` (SAM 2 stretches the image to its square without
 padding: bilinear upsample straight to the original size, threshold), done where the logits already
-are, a bounded number of masks at a time, and returning each mask as the crop of its foreground's
-bounding box (:class:`CompactMask`), so only that crop crosses to the host.
+are, for a whole batch of images at once:
+
+- the masks of all images with the same sizes are upsampled together, a bounded number at a time;
+- each mask is bit-packed on the device (8 pixels a byte) next to its foreground's bounds;
+- everything crosses to the host in one :class:`~backend.engine.transfer.HostCopy` (one wait per
+  batch, none per image), where each mask becomes the crop of its foreground's bounding box
+  (:class:`CompactMask`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from backend.engine.transfer import HostCopy
 from backend.results import CompactMask
 
 # Upsampling buffers of one chunk stay under this: 41 masks at 1080p, 4 at 24 MP.
 DEFAULT_BUDGET_BYTES = 512 * 2**20
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # np.unpackbits' default (big-endian) bit order
 
 
 def chunk_size(height: int, width: int, square: int | None, budget_bytes: int) -> int:
@@ -25,6 +35,28 @@ def chunk_size(height: int, width: int, square: int | None, budget_bytes: int) -
     ``square=None``: no intermediate square stage (SAM 2)."""
     per_mask = 4 * (height * width + (square or 0) ** 2) + height * width  # float stage(s) + bool
     return max(1, budget_bytes // per_mask)
+
+
+@dataclass(frozen=True)
+class MaskJob:
+    """The masks of one image to upsample.
+
+    ``logits``: (N, h, w) decoder logits on the model's device; ``square``: side of SAM's padded
+    input (1024), or None when the input is the whole image stretched (SAM 2, SAM 3, trackers: the
+    logits go straight to the original size); ``reshaped_size``: (rh, rw) of the resized image inside
+    the square (unused without a square); ``original_size``: (H, W) of the EXIF-transposed image.
+    """
+
+    logits: torch.Tensor
+    square: int | None
+    reshaped_size: tuple[int, int] | None
+    original_size: tuple[int, int]
+
+    @property
+    def frame(self) -> tuple:
+        """What decides the upsampling: jobs with equal frames are upsampled in one call."""
+        reshaped = self.reshaped_size if self.square is not None else None
+        return self.square, reshaped, self.original_size, tuple(self.logits.shape[1:])
 
 
 def _bounds(masks: torch.Tensor) -> torch.Tensor:
@@ -39,44 +71,110 @@ def _bounds(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(rows.any(dim=1, keepdim=True), bounds, torch.zeros_like(bounds))
 
 
+def pack_bits(binary: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) bool → (C, H, ceil(W / 8)) uint8, 8 pixels a byte, the first the highest bit
+    (``np.unpackbits``' order); the last byte of a row is padded with zeros."""
+    width = binary.shape[-1]
+    padded = F.pad(binary.to(torch.uint8), (0, -width % 8))
+    bits = padded.view(*binary.shape[:-1], (width + 7) // 8, 8)
+    packed = bits[..., 0] * _BIT_WEIGHTS[0]
+    for bit in range(1, 8):  # a weighted sum in uint8: at most 255, no overflow
+        packed += bits[..., bit] * _BIT_WEIGHTS[bit]
+    return packed
+
+
+def _upsample(logits: torch.Tensor, job: MaskJob, threshold: float) -> torch.Tensor:
+    """(C, h, w) logits → (C, H, W) bool of the original image."""
+    chunk = logits[:, None].float()  # (C, 1, h, w)
+    if job.square is not None:
+        chunk = F.interpolate(chunk, (job.square, job.square), mode="bilinear", align_corners=False)
+        chunk = chunk[..., : job.reshaped_size[0], : job.reshaped_size[1]]
+    chunk = F.interpolate(chunk, job.original_size, mode="bilinear", align_corners=False)
+    return chunk[:, 0] > threshold
+
+
+class PendingMasks:
+    """Masks of a batch on their way to the host: :meth:`result` waits once and unpacks them.
+
+    ``extras``: further device tensors (e.g. scores) to carry in the same copy; :meth:`result`
+    returns them as host arrays after the masks."""
+
+    def __init__(self, sizes: list[tuple[int, int]], counts: list[int], packed: list[torch.Tensor],
+                 bounds: list[torch.Tensor], extras: Sequence[torch.Tensor] = ()):
+        self._sizes, self._counts = sizes, counts
+        self._parts = len(packed)
+        self._copy = HostCopy([*packed, *bounds, *extras])
+
+    def result(self) -> tuple[list[list[CompactMask]], list[np.ndarray]]:
+        """Per job its N compact masks (in job order), and the extras as host arrays."""
+        arrays = self._copy.result()
+        packed, bounds, extras = arrays[: self._parts], arrays[self._parts: 2 * self._parts], arrays[2 * self._parts:]
+        rows = [(p[i], b[i]) for p, b in zip(packed, bounds) for i in range(len(p))]
+        results, offset = [], 0
+        for (height, width), count in zip(self._sizes, self._counts):
+            results.append([_unpack(*rows[offset + i], height, width) for i in range(count)])
+            offset += count
+        return results, extras
+
+
+def _unpack(packed: np.ndarray, bounds: np.ndarray, height: int, width: int) -> CompactMask:
+    """(H, ceil(W/8)) packed rows and [top, bottom, left, right) → the compact mask."""
+    top, bottom, left, right = (int(v) for v in bounds)
+    if bottom <= top:
+        return CompactMask.empty(height, width)
+    first = left // 8
+    bits = np.unpackbits(packed[top:bottom, first:(right + 7) // 8], axis=1)
+    crop = bits[:, left - first * 8: right - first * 8].astype(bool)
+    return CompactMask(height, width, top, left, crop)
+
+
+def upsample_batch(jobs: Sequence[MaskJob], *, threshold: float = 0.0, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                   extras: Sequence[torch.Tensor] = ()) -> PendingMasks:
+    """Upsample, threshold and pack every job's masks on the device, and start their copy to the host.
+
+    Jobs of the same :attr:`MaskJob.frame` (a bulk batch of same-size images) are concatenated and
+    upsampled ``chunk_size`` masks at a time, whatever image they come from. Returns at once (no
+    wait on the device); :meth:`PendingMasks.result` gives per job its masks.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        if job.logits.shape[0]:
+            groups.setdefault(job.frame, []).append(index)
+    packed_of: dict[int, torch.Tensor] = {}
+    bounds_of: dict[int, torch.Tensor] = {}
+    for members in groups.values():
+        first = jobs[members[0]]
+        height, width = first.original_size
+        logits = torch.cat([jobs[i].logits for i in members]) if len(members) > 1 else first.logits
+        step = chunk_size(height, width, first.square, budget_bytes)
+        packed, bounds = [], []
+        for start in range(0, logits.shape[0], step):
+            binary = _upsample(logits[start:start + step], first, threshold)
+            packed.append(pack_bits(binary))
+            bounds.append(_bounds(binary))
+            del binary
+        packed_all, bounds_all = torch.cat(packed), torch.cat(bounds)
+        offset = 0
+        for i in members:
+            count = jobs[i].logits.shape[0]
+            packed_of[i], bounds_of[i] = packed_all[offset:offset + count], bounds_all[offset:offset + count]
+            offset += count
+    order = sorted(packed_of)
+    return PendingMasks([jobs[i].original_size for i in range(len(jobs))],
+                        [jobs[i].logits.shape[0] for i in range(len(jobs))],
+                        [packed_of[i] for i in order], [bounds_of[i] for i in order], extras)
+
+
 def upsample_masks(logits: torch.Tensor, square: int | None, reshaped_size: tuple[int, int] | None,
                    original_size: tuple[int, int], *, threshold: float = 0.0,
                    budget_bytes: int = DEFAULT_BUDGET_BYTES) -> list[CompactMask]:
-    """(N, h, w) decoder logits of one image → N compact (H, W) masks of the original image.
-
-    ``square``: side of SAM's padded input (1024); ``reshaped_size``: (rh, rw) of the resized image
-    inside it; ``original_size``: (H, W) of the EXIF-transposed image. Runs on ``logits.device``.
-    ``square=None`` (SAM 2: the input is the whole image stretched, no padding to crop): the
-    logits go straight to the original size and ``reshaped_size`` is not used.
-    """
-    height, width = original_size
-    step = chunk_size(height, width, square, budget_bytes)
-    masks: list[CompactMask] = []
-    for start in range(0, logits.shape[0], step):
-        chunk = logits[start:start + step, None].float()  # (C, 1, h, w)
-        if square is not None:
-            chunk = F.interpolate(chunk, (square, square), mode="bilinear", align_corners=False)
-            chunk = chunk[..., : reshaped_size[0], : reshaped_size[1]]
-        chunk = F.interpolate(chunk, (height, width), mode="bilinear", align_corners=False)
-        binary = chunk[:, 0] > threshold  # (C, H, W) bool
-        del chunk
-        masks.extend(_to_host(binary))
-    return masks
+    """(N, h, w) decoder logits of one image → N compact (H, W) masks (see :class:`MaskJob`)."""
+    job = MaskJob(logits, square, reshaped_size, original_size)
+    return upsample_batch([job], threshold=threshold, budget_bytes=budget_bytes).result()[0][0]
 
 
-def _to_host(binary: torch.Tensor) -> list[CompactMask]:
-    """(C, H, W) bool on the device → C compact masks; two device→host copies for the whole chunk."""
+def binary_to_masks(binary: torch.Tensor) -> list[CompactMask]:
+    """(C, H, W) bool on the device → C compact masks, with one wait."""
     height, width = binary.shape[1:]
-    bounds = _bounds(binary).cpu().tolist()
-    crops = [binary[i, top:bottom, left:right].reshape(-1) for i, (top, bottom, left, right) in enumerate(bounds)]
-    flat = torch.cat(crops).cpu().numpy() if crops else np.zeros(0, bool)
-    masks, offset = [], 0
-    for top, bottom, left, right in bounds:
-        size = (bottom - top) * (right - left)
-        if size == 0:
-            masks.append(CompactMask.empty(height, width))
-        else:
-            crop = flat[offset:offset + size].reshape(bottom - top, right - left)
-            masks.append(CompactMask(height, width, top, left, crop))
-        offset += size
-    return masks
+    pending = PendingMasks([(height, width)], [binary.shape[0]], [pack_bits(binary)], [_bounds(binary)])
+    return pending.result()[0][0]

@@ -19,10 +19,9 @@ from transformers import Sam2Model
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
-from backend.engine.masks import upsample_masks
+from backend.engine.masks import MaskJob
 from backend.engine.preprocess import Normalizer
 from backend.engine.segmenter import ImageEmbedding, SamSegmenter
-from backend.results import CompactMask
 
 # Sam2ImageProcessor's class defaults, for keys a preprocessor_config.json leaves out.
 PROCESSOR_DEFAULTS = {"size": {"height": 1024, "width": 1024}, "image_mean": IMAGENET_DEFAULT_MEAN,
@@ -73,5 +72,6 @@ class Sam2Segmenter(SamSegmenter):
         scale = np.array([self.square / width, self.square / height] * (2 if is_box else 1))
         return np.asarray(coords, np.float64) * scale
 
-    def _masks(self, logits: torch.Tensor, embedding: ImageEmbedding) -> list[CompactMask]:
-        return upsample_masks(logits, None, None, embedding.original_size, budget_bytes=self.mask_budget_bytes)
+    def _mask_job(self, logits: torch.Tensor, embedding: ImageEmbedding) -> MaskJob:
+        """The square holds the whole image, stretched: the logits go straight to the original size."""
+        return MaskJob(logits, None, None, embedding.original_size)

@@ -37,7 +37,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from backend.batching import chunks
-from backend.engine.compiling import batch_bucket, maybe_compile, pad_rows
+from backend.engine.compiling import batch_bucket, compile_blocks, pad_rows, use_compile_cache, warm_buckets
 from backend.engine.detector import nms
 from backend.engine.device import auto_batch_size, configure_device, resolve_device, resolve_dtype
 from backend.engine.embedcache import EmbeddingCache, embedding_cache
@@ -128,8 +128,11 @@ class Sam3Engine:
         self.mask_budget_bytes = mask_budget_bytes
         self.compiled = compile
         self._lock = threading.Lock()
-        # The backbone is most of SAM 3's arithmetic and only ever sees (B, 3, S, S).
-        self._backbone = maybe_compile(self.model.vision_encoder.backbone, compile, "sam3 backbone")
+        # The backbone is most of SAM 3's arithmetic and only ever sees (B, 3, S, S): its ViT layers
+        # are compiled (backend.engine.compiling); the tracker shares it but reads cached features.
+        self._backbone = self.model.vision_encoder.backbone
+        if compile:
+            compile_blocks(self._backbone, "sam3 backbone")
 
     def _load_tracker(self, source: str) -> Sam3TrackerModel:
         tracker, info = Sam3TrackerModel.from_pretrained(source, dtype=self.dtype, key_mapping=TRACKER_KEY_MAPPING,
@@ -150,6 +153,8 @@ class Sam3Engine:
         dtype = resolve_dtype(settings.dtype, device)
         configure_device(device, settings.flush_denormals)
         log.info("loading SAM 3 on %s (%s%s): %s", device, dtype, ", compiled" if settings.compile else "", source)
+        if settings.compile and settings.compile_cache_dir:
+            use_compile_cache(settings.compile_cache_dir, device)
         try:
             engine = cls(source, device, dtype, thresholds=settings.detect_thresholds(),
                          batch_size=settings.batch_size or 1, cache=embedding_cache(settings, metrics),
@@ -158,6 +163,8 @@ class Sam3Engine:
             raise load_error("SAM3_MODEL", source, exc) from exc
         if settings.batch_size is None:
             engine.set_batch_size(auto_batch_size(device, engine.probe))
+        if settings.compile:  # ready means compiled: no request waits for a compile
+            warm_buckets(engine.probe, engine.batch_size, "sam3")
         return engine
 
     @property
@@ -235,7 +242,7 @@ class Sam3Engine:
 
     @torch.inference_mode()
     def _vision(self, pixels: torch.Tensor) -> Sam3VisionEncoderOutput:
-        """``Sam3Model.get_vision_features`` with the (possibly compiled) backbone."""
+        """``Sam3Model.get_vision_features`` with the backbone (whose layers may be compiled)."""
         count = pixels.shape[0]
         if self.compiled:  # round the batch up to a bucket so the compiled backbone is reused
             pixels = pad_rows(pixels, batch_bucket(count, self._batch_size))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.engine.masks import DEFAULT_BUDGET_BYTES, _to_host, chunk_size
+from backend.engine.masks import DEFAULT_BUDGET_BYTES, binary_to_masks, chunk_size
 from backend.results import CompactMask, MaskPrompt
 
 MASK_THRESHOLD = 0.5  # on mask probabilities, as Sam3ImageProcessor.post_process_instance_segmentation
@@ -87,5 +87,5 @@ def upsample_probabilities(probabilities: torch.Tensor, size: tuple[int, int], *
     for start in range(0, probabilities.shape[0], step):
         chunk = F.interpolate(probabilities[start:start + step, None].float(), (height, width), mode="bilinear",
                               align_corners=False)
-        masks.extend(_to_host(chunk[:, 0] > threshold))
+        masks.extend(binary_to_masks(chunk[:, 0] > threshold))
     return masks

@@ -54,7 +54,7 @@ from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenc
 from backend.engine import sam3_cvutils
 from backend.engine.device import configure_device, resolve_device, resolve_dtype
 from backend.engine.families import load_error, require_family
-from backend.engine.masks import DEFAULT_BUDGET_BYTES, _to_host, chunk_size
+from backend.engine.masks import DEFAULT_BUDGET_BYTES, binary_to_masks, chunk_size
 from backend.engine.preprocess import Normalizer, to_canvas
 from backend.engine.sam3 import image_processor_config
 from backend.errors import ModelLoadError
@@ -296,7 +296,7 @@ def instances(output, frame: int, size: tuple[int, int], prompt_of: Mapping[int,
             _claim_pixels(binary, members, tracker_scores)
     scores = np.array([output.obj_id_to_score[i] for i in ids], np.float32)
     return FrameInstances(frame, tuple(ids), tuple(prompts[prompt_of[i]] for i in ids), scores,
-                          tuple(_to_host(binary)) if ids else ())
+                          tuple(binary_to_masks(binary)) if ids else ())
 
 
 def _claim_pixels(binary: torch.Tensor, members: list[int], scores: list[float]) -> None:

@@ -13,9 +13,9 @@ from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPi
 
 from backend.batching import chunks
 from backend.engine.embedcache import EmbeddingCache
-from backend.engine.compiling import batch_bucket, maybe_compile
+from backend.engine.compiling import batch_bucket, compile_blocks
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
-from backend.engine.masks import DEFAULT_BUDGET_BYTES, upsample_masks
+from backend.engine.masks import DEFAULT_BUDGET_BYTES, MaskJob, PendingMasks, upsample_batch
 from backend.results import CompactMask, MaskPrompt
 
 
@@ -65,7 +65,10 @@ class SamSegmenter:
     ``refine(image, key, prompts)`` runs the decoder on click/box prompts (see :class:`MaskPrompt`).
 
     Other SAM families subclass it and override the hooks: ``model_class``, ``_load_processor``,
-    ``_resized_shape``, ``_encode_pixels``, ``_decoder_inputs``, ``_to_sam_frame`` and ``_masks``.
+    ``_resized_shape``, ``_encode_pixels``, ``_decoder_inputs``, ``_to_sam_frame`` and ``_mask_job``.
+
+    The host waits for the device once per batch (``segment``) or per call (``refine``): masks and
+    scores come back together in one :class:`~backend.engine.masks.PendingMasks`.
     """
 
     model_class = SamModel
@@ -78,7 +81,9 @@ class SamSegmenter:
         self.model = self.model_class.from_pretrained(source, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         self.cache = cache if cache is not None else EmbeddingCache(0)
         self.compiled = compile
-        self._encode = maybe_compile(self._encode_pixels, compile, f"{self.model.config.model_type}-encoder")
+        if compile:  # its ViT layers (SAM 2: Hiera blocks), see backend.engine.compiling
+            compile_blocks(self.model.vision_encoder, f"{self.model.config.model_type} image encoder")
+        self._encode = self._encode_pixels
         self.mask_budget_bytes = mask_budget_bytes
 
     def _load_processor(self, source: str) -> None:
@@ -106,7 +111,7 @@ class SamSegmenter:
 
     def prepare(self, image: Image.Image) -> SamInput:
         resized = self._resized_shape(image.height, image.width)
-        canvas = to_canvas(image, resized, (self.square, self.square), self.resample)
+        canvas = to_canvas(image, resized, (self.square, self.square), self.resample, pin=self.device.type == "cuda")
         return SamInput(canvas, (image.height, image.width))
 
     def _prepared(self, items: Sequence[SamInput | Image.Image | Callable[[], Image.Image]]) -> list[SamInput]:
@@ -148,15 +153,29 @@ class SamSegmenter:
 
     @torch.inference_mode()
     def segment(self, inputs: Sequence[SamInput | Image.Image], boxes: Sequence[np.ndarray],
-                keys: Sequence[str | None] | None = None) -> list[list[CompactMask]]:
+                keys: Sequence[str | None] | None = None,
+                embeddings: Sequence[ImageEmbedding | None] | None = None) -> list[list[CompactMask]]:
+        """Per image, one mask per row of its (N, 4) XYXY pixel ``boxes``.
+
+        ``embeddings``: per image one already computed by :meth:`embed` (or None), e.g. encoded
+        while the host was busy with the detector's output; the others are encoded here."""
         if len(inputs) != len(boxes):
             raise ValueError(f"got {len(inputs)} images but {len(boxes)} box arrays: pass one per image")
+        if embeddings is not None and len(embeddings) != len(inputs):
+            raise ValueError(f"got {len(inputs)} images but {len(embeddings)} embeddings: pass one (or None) per image")
         results: list[list[CompactMask]] = [[] for _ in inputs]
         todo = [i for i, b in enumerate(boxes) if len(b)]
+        pending: list[tuple[list[int], PendingMasks]] = []
         for chunk in chunks(todo, self.batch_size):
-            embeddings = self.embed([inputs[i] for i in chunk], [keys[i] for i in chunk] if keys else None)
-            for index, masks in zip(chunk, self._decode_boxes(embeddings, [boxes[i] for i in chunk])):
-                results[index] = masks
+            given = {i: embeddings[i] for i in chunk if embeddings is not None and embeddings[i] is not None}
+            missing = [i for i in chunk if i not in given]
+            if missing:
+                encoded = self.embed([inputs[i] for i in missing], [keys[i] for i in missing] if keys else None)
+                given.update(zip(missing, encoded))
+            pending.append((chunk, self._decode_boxes([given[i] for i in chunk], [boxes[i] for i in chunk])))
+        for chunk, masks in pending:  # the copies of every chunk were issued: one wait each, in order
+            for index, image_masks in zip(chunk, masks.result()[0]):
+                results[index] = image_masks
         return results
 
     def _to_sam_frame(self, coords: np.ndarray, embedding: ImageEmbedding, is_box: bool) -> np.ndarray:
@@ -164,12 +183,11 @@ class SamSegmenter:
         return self.processor._normalize_coordinates(self.processor.target_size, coords, embedding.original_size,
                                                      is_bounding_box=is_box)
 
-    def _masks(self, logits: torch.Tensor, embedding: ImageEmbedding) -> list[CompactMask]:
-        """(N, h, w) decoder logits → N compact masks of the original image, upsampled on the device."""
-        return upsample_masks(logits, self.square, embedding.reshaped_size, embedding.original_size,
-                              budget_bytes=self.mask_budget_bytes)
+    def _mask_job(self, logits: torch.Tensor, embedding: ImageEmbedding) -> MaskJob:
+        """How (N, h, w) decoder logits of ``embedding``'s image become its masks: SAM's padded square."""
+        return MaskJob(logits, self.square, embedding.reshaped_size, embedding.original_size)
 
-    def _decode_boxes(self, embeddings: list[ImageEmbedding], boxes: list[np.ndarray]) -> list[list[CompactMask]]:
+    def _decode_boxes(self, embeddings: list[ImageEmbedding], boxes: list[np.ndarray]) -> PendingMasks:
         # The decoder takes the same box count per image: pad with copies of the first box and
         # drop their masks afterwards (each box is decoded independently, so padding is inert).
         most = max(len(b) for b in boxes)
@@ -177,9 +195,9 @@ class SamSegmenter:
                            for b, e in zip(boxes, embeddings)])
         outputs = self.model(**self._batched(embeddings), multimask_output=False,
                              input_boxes=to_device(torch.from_numpy(padded), self.device, self.dtype))
-        # pred_masks: (B, most, 1, h, w) logits
-        return [self._masks(outputs.pred_masks[b, : len(image_boxes), 0], embeddings[b])
-                for b, image_boxes in enumerate(boxes)]
+        # pred_masks: (B, most, 1, h, w) logits; all images' masks are upsampled and copied together
+        return upsample_batch([self._mask_job(outputs.pred_masks[b, : len(image_boxes), 0], embeddings[b])
+                               for b, image_boxes in enumerate(boxes)], budget_bytes=self.mask_budget_bytes)
 
     @torch.inference_mode()
     def refine(self, image: SamInput | Image.Image, key: str | None,
@@ -188,20 +206,23 @@ class SamSegmenter:
         if not prompts:
             return []
         embedding = self.embed([image], [key])[0]
-        results = []
+        best_logits, best_scores = [], []
         for prompt in prompts:
             kwargs = {}
             if len(prompt.points):
                 points = self._to_sam_frame(np.asarray(prompt.points, np.float64), embedding, False)
-                kwargs["input_points"] = torch.tensor(points[None, None], device=self.device, dtype=self.dtype)
-                kwargs["input_labels"] = torch.tensor(np.asarray(prompt.point_labels)[None, None], device=self.device,
-                                                      dtype=torch.long)
+                kwargs["input_points"] = to_device(torch.from_numpy(points[None, None]), self.device, self.dtype)
+                kwargs["input_labels"] = to_device(torch.from_numpy(np.asarray(prompt.point_labels, np.int64)[None, None]),
+                                                   self.device)
             if prompt.box is not None:
                 box = self._to_sam_frame(np.asarray(prompt.box, np.float64)[None], embedding, True)
-                kwargs["input_boxes"] = torch.tensor(box[None], device=self.device, dtype=self.dtype)
+                kwargs["input_boxes"] = to_device(torch.from_numpy(box[None]), self.device, self.dtype)
             outputs = self.model(**self._decoder_inputs(embedding.tensors), multimask_output=True, **kwargs)
             scores = outputs.iou_scores[0, 0].float()  # (3,)
-            best = int(scores.argmax())
-            mask = self._masks(outputs.pred_masks[0, 0, best:best + 1], embedding)[0]
-            results.append((mask, float(scores[best])))
-        return results
+            best = scores.argmax().reshape(1)  # stays on the device: no wait per prompt
+            best_logits.append(outputs.pred_masks[0, 0].index_select(0, best))  # (1, h, w)
+            best_scores.append(scores.index_select(0, best))
+        pending = upsample_batch([self._mask_job(torch.cat(best_logits), embedding)],
+                                 budget_bytes=self.mask_budget_bytes, extras=[torch.cat(best_scores)])
+        (masks,), (scores,) = pending.result()
+        return [(mask, float(score)) for mask, score in zip(masks, scores)]

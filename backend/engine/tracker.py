@@ -33,7 +33,7 @@ from PIL import Image
 from transformers import Sam2VideoModel
 from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
-from backend.engine.masks import upsample_masks
+from backend.engine.masks import MaskJob, upsample_batch, upsample_masks
 from backend.engine.preprocess import Normalizer, to_canvas
 from backend.engine.sam2 import read_processor_config
 from backend.results import CompactMask
@@ -163,8 +163,10 @@ class TrackingSession:
         # pointers whatever the session holds, as it does on a whole clip of that many frames.
         output = self.tracker.model(inference_session=self.state, frame_idx=index, frame=self._pixels[index])
         logits = output.pred_masks[:, 0]  # (N, s, s)
-        masks = upsample_masks(logits, None, None, (self.height, self.width))
-        scores = torch.sigmoid(output.object_score_logits.float().reshape(-1)).cpu().numpy()
+        scores = torch.sigmoid(output.object_score_logits.float().reshape(-1))
+        # masks and scores reach the host in one copy, one wait per frame
+        (masks,), (scores,) = upsample_batch([MaskJob(logits, None, None, (self.height, self.width))],
+                                             extras=[scores]).result()
         self._since_prune += 1
         if self._since_prune >= self.tracker.chunk:
             self.prune(index)
