@@ -24,6 +24,7 @@ class EngineKind(str, enum.Enum):
     SAM3 = "sam3"  # SAM 3 alone (SAM3_MODEL): concept prompts → instances, its tracker for clicks
 #: Images per engine batch when BATCH_SIZE is unset, and while BATCH_SIZE=auto is not resolved yet.
 DEFAULT_BATCH_SIZE = 8
+SAM_ATTENTIONS = ("sdpa", "flex")  # SAM_ATTENTION: backend.engine.relpos.RELPOS_ATTENTIONS
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -83,6 +84,13 @@ def _optional_count(env: Mapping[str, str], name: str, high: int) -> int | None:
     if (env.get(name) or "").strip() == "":
         return None
     return _number(env, name, 1, int, 1, high)
+
+
+def _sam_attention(env) -> str:
+    value = _text(env, "SAM_ATTENTION", "sdpa").lower()
+    if value not in SAM_ATTENTIONS:
+        raise SettingsError(f"SAM_ATTENTION={value!r} is not supported: use {' or '.join(SAM_ATTENTIONS)}")
+    return value
 
 
 def _batch_size(env: Mapping[str, str]) -> int | None:
@@ -147,6 +155,7 @@ class Settings:
     batch_size: int | None = DEFAULT_BATCH_SIZE  # None = auto: the fastest batch that fits free GPU memory (8 on the CPU)
     compile: bool = False  # torch.compile the encoders' blocks at load, batch buckets 1 and BATCH_SIZE
     compile_cache_dir: str | None = None  # COMPILE=1: Inductor's caches here, reused by the next start
+    sam_attention: str = "sdpa"  # SAM/SAM-HQ rel-pos attention: sdpa (dense bias) or flex (backend.engine.relpos)
     flush_denormals: bool = True  # CPU: subnormal floats as zero (see backend.engine.device.configure_device)
     label_studio_url: str | None = None
     label_studio_api_key: str | None = field(default=None, repr=False)
@@ -247,6 +256,7 @@ class Settings:
             batch_size=_batch_size(env),
             compile=_bool(env, "COMPILE", False),
             compile_cache_dir=_text(env, "COMPILE_CACHE_DIR", None),
+            sam_attention=_sam_attention(env),
             flush_denormals=_bool(env, "FLUSH_DENORMALS", True),
             label_studio_url=ls_url.rstrip("/") if ls_url else None,
             label_studio_api_key=_text(env, "LABEL_STUDIO_API_KEY", None),

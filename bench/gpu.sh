@@ -11,8 +11,14 @@
 #   kernels   bench/kernels.py: every custom kernel against the PyTorch reference (+ timings on CUDA)
 #   pipeline  bench/pipeline.py: DINO-T + SAM-H and DINO-T + SAM 2.1-L fast paths, LS's example path
 #             (the anchor) in the same run, per-stage ms per image
+#   syncs     bench/syncs.py: host waits per batch (1 vs 8 images) and synchronizing CUDA calls by origin
 #   click     bench/click_bench.py: first vs second smart-tool click (ViT-H), server path included
+#   compile   bench/compile_start.py: COMPILE=1 worker start, cold then warm (same COMPILE_CACHE_DIR),
+#             DINO-T + SAM-H at batch 8
+#   attention bench/attention.py: SAM ViT-H rel-pos attention, SDPA (each backend) vs FlexAttention
 #   video     bench/video.py: streaming tracker vs transformers' whole-clip session, 1-20 objects
+# The last three run in what is left of the 7 minutes (compile at most 4 min, skipped under 1 min;
+# attention and video skipped when under 40 / 60 s are left).
 set -uo pipefail
 OUT="${1:?usage: bench/gpu.sh OUT_DIR}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,9 +32,11 @@ cd "$REPO"
 if [ "${GPU_SH_SMOKE:-0}" = "1" ]; then
   DEVICE=cpu; MODELS_FLAG=(--models tiny); IMAGES=2; ANCHOR=1; CLICK=(--size vit-b --repeat 1 --second-clicks 2)
   VIDEO=(--lengths 20 --objects 1); KERNEL=(--encoder-queries 64 --batches 1 --dtypes fp32 --no-compile)
+  COMPILE=(--engine sam3 --batch-size 1 --models-dir "$MODELS/compile"); COMPILE_LIMIT=150
 else
   DEVICE=cuda; MODELS_FLAG=(); IMAGES=128; ANCHOR=8; CLICK=(--size vit-h --repeat 3 --second-clicks 20 --pipeline)
   VIDEO=(--lengths 250 --objects 1,5,10,20 --anchor-max-frames 50); KERNEL=()
+  COMPILE=(--models-dir "$MODELS/pipeline" --batch-size 8); COMPILE_LIMIT=""  # set before its step
 fi
 
 card="$("$PY" - <<'EOF' 2>/dev/null
@@ -55,7 +63,25 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run it, keep its log, record its exi
 step kernels 90 "$PY" bench/kernels.py --device "$DEVICE" "${KERNEL[@]}" --json "$OUT/kernels.json"
 step pipeline 180 "$PY" bench/pipeline.py --device "$DEVICE" "${MODELS_FLAG[@]}" --images "$IMAGES" \
   --anchor-images "$ANCHOR" --engine grounded-sam,sam2 --models-dir "$MODELS/pipeline" --json "$OUT/pipeline.json"
+step syncs 45 "$PY" bench/syncs.py --device "$DEVICE" --json "$OUT/syncs.json"
 step click 60 "$PY" bench/click_bench.py --device "$DEVICE" "${CLICK[@]}" --json "$OUT/click.json"
-step video 60 "$PY" bench/video.py --device "$DEVICE" "${VIDEO[@]}" --models-dir "$MODELS/video" \
-  --out "$OUT/video.json"
+# The compile step gets what is left of the 7 minutes but 40 s (at most 4 min), the pipeline step's models.
+[ -z "$COMPILE_LIMIT" ] && COMPILE_LIMIT=$(( 380 - SECONDS < 240 ? 380 - SECONDS : 240 ))
+if [ "$COMPILE_LIMIT" -ge 60 ]; then
+  step compile "$COMPILE_LIMIT" "$PY" bench/compile_start.py --device "$DEVICE" "${COMPILE[@]}" \
+    --budget $((COMPILE_LIMIT - 20)) --json "$OUT/compile.json"
+else
+  echo "compile: skipped, $COMPILE_LIMIT s left of the 7 min budget" | tee -a "$SUMMARY"
+fi
+if [ $(( 420 - SECONDS )) -ge 40 ] || [ "${GPU_SH_SMOKE:-0}" = "1" ]; then
+  step attention 40 "$PY" bench/attention.py --device "$DEVICE" --json "$OUT/attention.json"
+else
+  echo "attention: skipped, $(( 420 - SECONDS )) s left of the 7 min budget" | tee -a "$SUMMARY"
+fi
+if [ $(( 420 - SECONDS )) -ge 60 ] || [ "${GPU_SH_SMOKE:-0}" = "1" ]; then
+  step video 60 "$PY" bench/video.py --device "$DEVICE" "${VIDEO[@]}" --models-dir "$MODELS/video" \
+    --out "$OUT/video.json"
+else
+  echo "video: skipped, $(( 420 - SECONDS )) s left of the 7 min budget" | tee -a "$SUMMARY"
+fi
 echo "done: $SUMMARY"

@@ -122,7 +122,7 @@ class Engine:
         try:
             segmenter = segmenter_class(segmenter_type)(
                 settings.sam_model, device, dtype, batch_size=batch_size, cache=embedding_cache(settings, metrics),
-                compile=settings.compile)
+                compile=settings.compile, attention=settings.sam_attention)
         except Exception as exc:  # noqa: BLE001
             raise load_error("SAM_MODEL", settings.sam_model, exc) from exc
         engine = cls(detector, segmenter)

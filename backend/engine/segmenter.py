@@ -14,6 +14,7 @@ from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPi
 from backend.batching import chunks
 from backend.engine.embedcache import EmbeddingCache
 from backend.engine.compiling import batch_bucket, compile_blocks
+from backend.engine.relpos import install_relpos_attention
 from backend.engine.preprocess import Canvas, Normalizer, to_canvas, to_device
 from backend.engine.masks import DEFAULT_BUDGET_BYTES, MaskJob, PendingMasks, upsample_batch
 from backend.results import CompactMask, MaskPrompt
@@ -74,13 +75,15 @@ class SamSegmenter:
     model_class = SamModel
 
     def __init__(self, source: str, device: torch.device, dtype: torch.dtype, *, batch_size: int,
-                 cache: EmbeddingCache | None = None, compile: bool = False,
+                 cache: EmbeddingCache | None = None, compile: bool = False, attention: str = "sdpa",
                  mask_budget_bytes: int = DEFAULT_BUDGET_BYTES):
         self.device, self.dtype, self.batch_size = device, dtype, batch_size
         self._load_processor(source)
         self.model = self.model_class.from_pretrained(source, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         self.cache = cache if cache is not None else EmbeddingCache(0)
         self.compiled = compile
+        # SAM_ATTENTION: SAM / SAM-HQ's rel-pos attention without a dense bias (flex); before compiling
+        self.relpos_layers = install_relpos_attention(self.model.vision_encoder, attention)
         if compile:  # its ViT layers (SAM 2: Hiera blocks), see backend.engine.compiling
             compile_blocks(self.model.vision_encoder, f"{self.model.config.model_type} image encoder")
         self._encode = self._encode_pixels
