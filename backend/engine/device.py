@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -51,9 +52,10 @@ def enable_tf32(device: torch.device) -> None:
 def configure_device(device: torch.device, flush_denormals: bool = True) -> None:
     """Process-wide torch flags for ``device``, set once when the engine loads, before its models.
 
-    CUDA: TF32 (:func:`enable_tf32`). CPU, with ``flush_denormals`` (``FLUSH_DENORMALS``, default
-    on): subnormal floats (below ~1.2e-38) are treated and returned as zero. On x86 every operation
-    on a subnormal takes a microcode assist, and SAM's image encoder makes many of them (softmax
+    CUDA: TF32 (:func:`enable_tf32`), and no transformers shape checks that make the host wait.
+    CPU, with ``flush_denormals`` (``FLUSH_DENORMALS``, default on): subnormal floats (below
+    ~1.2e-38) are treated and returned as zero. On x86 every operation on a subnormal takes a
+    microcode assist, and SAM's image encoder makes many of them (softmax
     tails in its global attention, the padding below a landscape image): a 1920x1080 image took
     117 s instead of 8.7 s for the ViT-B encoder on 2 cores (``bench/denormal_bench.py``). The flag
     lives in each thread's MXCSR register and threads inherit it when they are created, so it must be
@@ -62,6 +64,12 @@ def configure_device(device: torch.device, flush_denormals: bool = True) -> None
     reaches only the calling thread (harmless, just less effective).
     """
     enable_tf32(device)
+    if device.type == "cuda":
+        # transformers' torch_compilable_check: in Grounding DINO a `(shapes).sum() == length` test
+        # on a device tensor in each of its 12 deformable-attention layers, i.e. 12 host syncs per
+        # forward. Our own preprocessing builds those shapes, so the check can never fail here.
+        # An operator's explicit TRANSFORMERS_DISABLE_TORCH_CHECK=0 keeps the checks.
+        os.environ.setdefault("TRANSFORMERS_DISABLE_TORCH_CHECK", "1")
     if device.type == "cpu" and flush_denormals and not torch.set_flush_denormal(True):
         log.info("this CPU cannot flush subnormal floats to zero (no SSE3): encoders may be slower")
 
