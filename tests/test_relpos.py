@@ -58,7 +58,8 @@ def test_install_switches_every_rel_pos_layer_of_a_sam_encoder(tiny_settings):
         # the last layer's tokens (the tiny model's neck scales its output to ~1e-21)
         reference = model.vision_encoder(pixels, output_hidden_states=True).hidden_states[-1]
         layers = sum(isinstance(m, SamVisionSdpaAttention) for m in model.modules())
-        assert install_relpos_attention(model, "sdpa") == 0
+        assert install_relpos_attention(model, "sdpa") == 0  # its rel-pos coordinates built on the device
+        assert torch.equal(model.vision_encoder(pixels, output_hidden_states=True).hidden_states[-1], reference)
         assert install_relpos_attention(model, "flex") == layers > 0
         output = model.vision_encoder(pixels, output_hidden_states=True).hidden_states[-1]
     assert reference.abs().max() > 1e-3  # a real signal, not an all-zero encoder

@@ -8,7 +8,8 @@ sum of two small factors, ``rel_h`` (B, heads, HW, H) and ``rel_w`` (B, heads, H
 ``score + rel_h[b, h, q, k // W] + rel_w[b, h, q, k % W]`` for key k = (k // W, k % W).
 
 ``install_relpos_attention(model, "flex")`` replaces the forward of every rel-pos attention of a
-SAM / SAM-HQ vision encoder with :func:`flex_forward`; ``"sdpa"`` leaves transformers' path. On
+SAM / SAM-HQ vision encoder with :func:`flex_forward`; ``"sdpa"`` leaves transformers' path. Both
+give the layers :func:`rel_pos_on_device`, which builds the position indices where the table is. On
 CUDA FlexAttention runs compiled (a Triton kernel, compiled at the first batch of each shape);
 elsewhere it runs eagerly (correct, not fast: for tests and the CPU). ``bench/attention.py``
 measures both paths on ViT-H's real shapes; ``tests/test_relpos.py`` checks they agree.
@@ -21,6 +22,7 @@ import logging
 import types
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 from backend.settings import SAM_ATTENTIONS
@@ -28,6 +30,22 @@ from backend.settings import SAM_ATTENTIONS
 log = logging.getLogger(__name__)
 
 RELPOS_ATTENTIONS = SAM_ATTENTIONS  # "sdpa": transformers' path; "flex": flex_forward
+
+
+def rel_pos_on_device(attn, q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """``SamVisionAttention.get_rel_pos`` with its coordinates built on ``rel_pos``'s device.
+
+    transformers builds them on the CPU and indexes the device tensor with them: a blocking
+    host→device copy, one host wait per layer and forward (32 for ViT-H). Same arithmetic, so the
+    same (q_size, k_size, C) result."""
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).transpose(1, 2), size=max_rel_dist,
+                            mode="linear")
+    resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return resized[relative_coords.long()]
 
 
 @functools.cache
@@ -72,16 +90,19 @@ def flex_forward(attn, hidden_states: torch.Tensor, output_attentions: bool = Fa
 
 
 def install_relpos_attention(model: torch.nn.Module, kind: str) -> int:
-    """Route ``model``'s rel-pos vision attentions through ``kind`` ("sdpa": transformers' own,
-    nothing to do; "flex": :func:`flex_forward`). Returns the number of layers switched."""
+    """Route ``model``'s rel-pos vision attentions through ``kind`` ("sdpa": transformers' own
+    forward; "flex": :func:`flex_forward`). Either way their ``get_rel_pos`` becomes
+    :func:`rel_pos_on_device`. Returns the number of layers whose forward was switched (0 for sdpa)."""
     if kind not in RELPOS_ATTENTIONS:
         raise ValueError(f"SAM_ATTENTION={kind!r}: use one of {', '.join(RELPOS_ATTENTIONS)}")
+    layers = [module for module in model.modules()
+              if getattr(module, "use_rel_pos", False) and hasattr(module, "get_rel_pos") and hasattr(module, "qkv")]
+    for module in layers:
+        module.get_rel_pos = types.MethodType(rel_pos_on_device, module)
     if kind == "sdpa":
         return 0
-    switched = 0
-    for module in model.modules():
-        if getattr(module, "use_rel_pos", False) and hasattr(module, "get_rel_pos") and hasattr(module, "qkv"):
-            module.forward = types.MethodType(flex_forward, module)
-            switched += 1
+    for module in layers:
+        module.forward = types.MethodType(flex_forward, module)
+    switched = len(layers)
     log.info("SAM_ATTENTION=flex: %d attention layers add their relative positions inside FlexAttention", switched)
     return switched
