@@ -5,6 +5,7 @@ per call:
 
 - ``waits``: our own waits, :class:`backend.engine.transfer.HostCopy` results (the engine's only
   sanctioned way to bring device values to the host); the figure should not grow with the batch;
+- ``uploads_intact``: input canvases copied ahead by preparing threads arrive byte for byte;
 - on CUDA, ``syncs``: every synchronizing CUDA operation ``torch.cuda.set_sync_debug_mode`` flags
   (a blocking copy, ``.item()``, ``nonzero``, ...), by the file of the Python line that made it:
   ``ours`` (backend/) must stay 0, ``library`` (transformers' models) is what is left to remove.
@@ -89,6 +90,23 @@ def count_run(engine: Engine, batch: int) -> dict:
     return {"images": batch, "masks": sum(len(r.masks) for r in results), **counts}
 
 
+def uploads_intact(device: str, count: int = 4) -> bool:
+    """Canvases whose copies started in preparing threads (and one made without the device, copied
+    by the engine) reach the device byte for byte (``preprocess.upload``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backend.engine.preprocess import to_canvas, upload
+
+    target = torch.device(device)
+    pictures = images(count)
+    with ThreadPoolExecutor(2) as pool:  # as the pipeline does: other threads prepare
+        ahead = list(pool.map(lambda p: to_canvas(p, (300, 400), (320, 416), Image.BILINEAR, device=target), pictures))
+    plain = [to_canvas(p, (300, 400), (320, 416), Image.BILINEAR) for p in pictures]
+    expected = torch.stack([c.pixels for c in plain])
+    return all(torch.equal(upload(batch, target).cpu(), expected[: len(batch)])
+               for batch in (ahead, plain, ahead[:1] + plain[1:]))
+
+
 def measure(device: str, batch: int, models_dir: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         root = models_dir or Path(scratch)
@@ -98,7 +116,8 @@ def measure(device: str, batch: int, models_dir: Path | None = None) -> dict:
                            embedding_cache_mb=0.0)
         engine = Engine.from_settings(settings)
         rows = [count_run(engine, 1), count_run(engine, batch)]
-    return {"device": device, "card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "runs": rows}
+    return {"device": device, "card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "runs": rows,
+            "uploads_intact": uploads_intact(device)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(text)
     one, many = figures["runs"]
     grows = many["waits"] > one["waits"] or many.get("ours", 0) > 0 or one.get("ours", 0) > 0
+    grows = grows or not figures["uploads_intact"]
     print(f"waits per batch: {one['waits']} at batch 1, {many['waits']} at batch {many['images']}; "
-          f"device syncs from backend/: {many.get('ours', 0)}, from libraries: {many.get('library', 0)}")
+          f"device syncs from backend/: {many.get('ours', 0)}, from libraries: {many.get('library', 0)}; "
+          f"uploads intact: {figures['uploads_intact']}")
     return 1 if grows else 0
 
 

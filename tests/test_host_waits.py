@@ -80,7 +80,9 @@ def test_host_copy_takes_tensors_of_one_device():
 def test_a_batch_waits_as_often_as_a_single_image():
     """Two waits per ``Engine.run`` whatever the batch: the detector's outputs (on CUDA the device
     encodes SAM meanwhile), and all masks together."""
-    one, many = measure("cpu", 6)["runs"]
+    figures = measure("cpu", 6)
+    assert figures["uploads_intact"]
+    one, many = figures["runs"]
     assert many["images"] == 6 and many["masks"] > one["masks"] > 0
     assert one["waits"] == many["waits"] == 2
 
@@ -122,6 +124,7 @@ def test_the_hot_path_has_no_blocking_reads():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs bench/syncs.py there)")
 def test_no_synchronizing_cuda_operation_comes_from_our_code():
-    one, many = measure("cuda", 6)["runs"]
+    figures = measure("cuda", 6)
+    one, many = figures["runs"]
     assert one.get("ours", 0) == many.get("ours", 0) == 0, many
-    assert one["waits"] == many["waits"]
+    assert one["waits"] == many["waits"] and figures["uploads_intact"]

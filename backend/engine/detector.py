@@ -157,7 +157,7 @@ class GroundingDinoDetector:
     def prepare(self, image: Image.Image) -> DinoInput:
         resized = get_size_with_aspect_ratio((image.height, image.width), self.short_edge, self.long_edge)
         canvas = to_canvas(image, resized, self.canvas_for(image.width, image.height), self.image_processor.resample,
-                           pin=self.device.type == "cuda")
+                           device=self.device)
         return DinoInput(canvas, (image.height, image.width))
 
     def detect(self, inputs: Sequence[DinoInput | Image.Image], phrases: Sequence[Sequence[str]],

@@ -7,9 +7,10 @@ zeroes the padding on the GPU. So the host handles 3 bytes per pixel instead of 
 arrays (the processors' float math was ~2/3 of their time), and 4x fewer bytes cross to the GPU.
 Results match the processors' up to float rounding (they normalize in float64).
 
-On CUDA the canvases are allocated in pinned memory by the threads that fill them, and the engine
-thread only issues their non-blocking copies, on a side stream: the copy of one model's batch runs
-while the device computes the previous model's, and the engine thread never waits for a copy.
+On CUDA the threads that fill the canvases (pinned memory) also start their copies to the device,
+on a side stream: the pipeline prepares images up to two batches ahead, so the next batch's pixels
+cross while the device computes the current one, and the engine thread only makes its stream wait
+for them (on the device, never on the host).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from backend.errors import ImageError
 @dataclass(frozen=True)
 class Canvas:
     """pixels: (H, W, 3) uint8, the resized image in rows [0, h) and columns [0, w), zeros elsewhere;
-    resized: (h, w)."""
+    resized: (h, w). For a CUDA model also ``on_device``, the same pixels on the device, copied on
+    :func:`copy_stream` and complete once ``copied`` (an event on that stream) has passed."""
 
     pixels: torch.Tensor
     resized: tuple[int, int]
+    on_device: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -38,19 +42,28 @@ class Canvas:
 
 
 def to_canvas(image: Image.Image, resized: tuple[int, int], canvas: tuple[int, int], resample, *,
-              pin: bool = False) -> Canvas:
+              device: torch.device | None = None) -> Canvas:
     """Resize an RGB image to ``resized`` (h, w) with PIL's ``resample`` and paste it into a zero
-    (H, W) canvas. ``resized`` must fit the canvas. ``pin``: allocate the canvas in pinned memory
-    (for a CUDA model: its copy to the device is then asynchronous and needs no staging copy)."""
+    (H, W) canvas. ``resized`` must fit the canvas. ``device``: the model's; a CUDA one gets the
+    canvas in pinned memory and its copy started now, on :func:`copy_stream` (thread-safe: the
+    pipeline's preparing threads call this ahead of the engine)."""
     (height, width), (canvas_h, canvas_w) = resized, canvas
     if not (1 <= height <= canvas_h and 1 <= width <= canvas_w):
         # A sliver (4000x1) rounds to 0 pixels on its short side, or (extreme ratios) overflows the
         # canvas: the models cannot take it. An ImageError fails this image's task alone.
         raise ImageError(f"the image is {image.width}x{image.height} pixels, too thin for the models (resized for "
                          f"their {canvas_w}x{canvas_h} input it would be {width}x{height}): crop or pad it")
-    tensor = torch.zeros((canvas_h, canvas_w, 3), dtype=torch.uint8, pin_memory=pin)
+    cuda = device is not None and device.type == "cuda"
+    tensor = torch.zeros((canvas_h, canvas_w, 3), dtype=torch.uint8, pin_memory=cuda)
     tensor.numpy()[:height, :width] = np.asarray(image.resize((width, height), resample))
-    return Canvas(tensor, resized)
+    if not cuda:
+        return Canvas(tensor, resized)
+    side = copy_stream(device)
+    with torch.cuda.stream(side):  # the current stream is per thread: this thread's copies go there
+        on_device = tensor.to(device, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(side)
+    return Canvas(tensor, resized, on_device, copied)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -69,12 +82,18 @@ def copy_stream(device: torch.device) -> torch.cuda.Stream:
 def upload(canvases: list[Canvas], device: torch.device) -> torch.Tensor:
     """The canvases' pixels as one (B, H, W, 3) uint8 batch on ``device``.
 
-    CUDA: one non-blocking copy per canvas (pinned ones need no staging) on :func:`copy_stream`,
-    into a batch allocated on that stream; the current stream waits for the copies (on the device,
-    not the host), so they overlap whatever the device is still computing."""
+    CUDA: canvases whose copies :func:`to_canvas` started are only waited for by the current
+    stream (on the device) and stacked there. Others (made without the device) are copied now, one
+    non-blocking copy each on :func:`copy_stream`, into a batch allocated on that stream, which the
+    current stream then waits for: either way the host never waits for an upload."""
     if device.type != "cuda":
         return torch.stack([c.pixels for c in canvases]).to(device)
     main, side = torch.cuda.current_stream(device), copy_stream(device)
+    if all(c.on_device is not None for c in canvases):
+        for canvas in canvases:
+            main.wait_event(canvas.copied)
+            canvas.on_device.record_stream(main)  # allocated on the side stream, read on this one
+        return torch.stack([c.on_device for c in canvases])
     with torch.cuda.stream(side):
         batch = torch.empty((len(canvases), *canvases[0].pixels.shape), dtype=torch.uint8, device=device)
         for row, canvas in zip(batch, canvases):

@@ -114,7 +114,7 @@ class SamSegmenter:
 
     def prepare(self, image: Image.Image) -> SamInput:
         resized = self._resized_shape(image.height, image.width)
-        canvas = to_canvas(image, resized, (self.square, self.square), self.resample, pin=self.device.type == "cuda")
+        canvas = to_canvas(image, resized, (self.square, self.square), self.resample, device=self.device)
         return SamInput(canvas, (image.height, image.width))
 
     def _prepared(self, items: Sequence[SamInput | Image.Image | Callable[[], Image.Image]]) -> list[SamInput]:
