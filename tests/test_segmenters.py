@@ -95,8 +95,8 @@ def test_one_full_size_mask_per_box_and_batch_equals_one_by_one(segmenter, image
 def test_refine_click_then_box_encodes_the_image_once(segmenter, images, monkeypatch):
     hits, encoded = [], []
     monkeypatch.setattr(segmenter, "cache", EmbeddingCache(2**30, on_hit=lambda: hits.append(1)))
-    encode = segmenter._encode
-    monkeypatch.setattr(segmenter, "_encode", lambda pixels: encoded.append(len(pixels)) or encode(pixels))
+    encode = segmenter._encode_pixels
+    monkeypatch.setattr(segmenter, "_encode_pixels", lambda pixels: encoded.append(len(pixels)) or encode(pixels))
     image = images[0]
     click = MaskPrompt(None, np.array([[60.0, 40.0]]), np.array([1]))
     box = MaskPrompt(np.array([10.0, 10.0, 110.0, 90.0]), np.zeros((0, 2)), np.zeros(0, np.int64))

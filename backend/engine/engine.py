@@ -14,6 +14,7 @@ the GPU by the pipeline's thread pool), and a device half that runs batches of p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -146,14 +147,10 @@ class Engine:
         height, width = detector.canvas_for(2, 1)
         image = Image.new("RGB", (width, height))
         prepared = [self.prepare(image)] * batch_size
-        saved = self.batch_size
-        self.set_batch_size(batch_size)
-        try:
+        with self._batch_size_of(batch_size):
             self.detector.detect([p.for_detector() for p in prepared], [["object"]] * batch_size)
             boxes = np.tile(np.array([[0, 0, width / 2, height / 2]], np.float32), (5, 1))
             self.segmenter.segment([p.for_segmenter() for p in prepared], [boxes] * batch_size)
-        finally:
-            self.set_batch_size(saved)
 
     def probe_both_canvases(self, batch_size: int) -> None:
         """:meth:`probe`, then DINO alone on its portrait canvas: every input shape the encoders
@@ -162,10 +159,16 @@ class Engine:
         detector: GroundingDinoDetector = self.detector  # type: ignore[assignment]
         height, width = detector.canvas_for(1, 2)
         portrait = detector.prepare(Image.new("RGB", (width, height)))
+        with self._batch_size_of(batch_size):
+            detector.detect([portrait] * batch_size, [["object"]] * batch_size)
+
+    @contextlib.contextmanager
+    def _batch_size_of(self, batch_size: int):
+        """Both models at ``batch_size`` for the block (a probe's batch is one chunk), then back."""
         saved = self.batch_size
         self.set_batch_size(batch_size)
         try:
-            detector.detect([portrait] * batch_size, [["object"]] * batch_size)
+            yield
         finally:
             self.set_batch_size(saved)
 
@@ -217,19 +220,20 @@ class Engine:
         return early
 
     def _launch_detect(self, inputs, phrases, thresholds):
-        """The detector's forwards, queued (its ``launch``; a detector without one runs now)."""
-        if not hasattr(self.detector, "launch"):
-            return _Done(self._detect(inputs, phrases, thresholds))
-        if thresholds is None or all(t is None for t in thresholds):
-            return self.detector.launch(inputs, phrases)
-        return self.detector.launch(inputs, phrases, thresholds)
-
-    def _detect(self, inputs, phrases, thresholds) -> list[Detections]:
+        """The detector's forwards, queued (its ``launch``; a detector without one, such as a test
+        stub, runs ``detect`` now): something whose ``result()`` is the detections."""
+        launch = getattr(self.detector, "launch", None)
+        call = launch if launch is not None else self.detector.detect
         # Only images with thresholds of their own make a detector see the argument, so a detector
         # without per-image thresholds (a test stub) keeps serving requests that set none.
         if thresholds is None or all(t is None for t in thresholds):
-            return self.detector.detect(inputs, phrases)
-        return self.detector.detect(inputs, phrases, thresholds)
+            outcome = call(inputs, phrases)
+        else:
+            outcome = call(inputs, phrases, thresholds)
+        return outcome if launch is not None else _Done(outcome)
+
+    def _detect(self, inputs, phrases, thresholds) -> list[Detections]:
+        return self._launch_detect(inputs, phrases, thresholds).result()
 
     def warm(self, image: Image.Image | PreparedImage | Callable[[], Image.Image], key: str) -> bool:
         """Encode ``image`` into the embedding cache under ``key`` unless it is there already (one

@@ -96,25 +96,30 @@ def _upsample(logits: torch.Tensor, job: MaskJob, threshold: float) -> torch.Ten
 class PendingMasks:
     """Masks of a batch on their way to the host: :meth:`result` waits once and unpacks them.
 
-    ``extras``: further device tensors (e.g. scores) to carry in the same copy; :meth:`result`
-    returns them as host arrays after the masks."""
+    ``sizes`` and ``counts``: per job the (H, W) of its image and its number of masks. ``groups``:
+    (member jobs, packed (M, H, ceil(W/8)) uint8, bounds (M, 4)), the M masks of the members one
+    after the other, in member order. ``extras``: further device tensors (e.g. scores) to carry in
+    the same copy; :meth:`result` returns them as host arrays after the masks."""
 
-    def __init__(self, sizes: list[tuple[int, int]], counts: list[int], packed: list[torch.Tensor],
-                 bounds: list[torch.Tensor], extras: Sequence[torch.Tensor] = ()):
+    def __init__(self, sizes: list[tuple[int, int]], counts: list[int],
+                 groups: list[tuple[list[int], torch.Tensor, torch.Tensor]], extras: Sequence[torch.Tensor] = ()):
         self._sizes, self._counts = sizes, counts
-        self._parts = len(packed)
-        self._copy = HostCopy([*packed, *bounds, *extras])
+        self._members = [members for members, _, _ in groups]
+        self._copy = HostCopy([*(t for _, packed, bounds in groups for t in (packed, bounds)), *extras])
 
     def result(self) -> tuple[list[list[CompactMask]], list[np.ndarray]]:
-        """Per job its N compact masks (in job order), and the extras as host arrays."""
+        """Per job its N compact masks (in job order; none for a job without masks), and the extras."""
         arrays = self._copy.result()
-        packed, bounds, extras = arrays[: self._parts], arrays[self._parts: 2 * self._parts], arrays[2 * self._parts:]
-        rows = [(p[i], b[i]) for p, b in zip(packed, bounds) for i in range(len(p))]
-        results, offset = [], 0
-        for (height, width), count in zip(self._sizes, self._counts):
-            results.append([_unpack(*rows[offset + i], height, width) for i in range(count)])
-            offset += count
-        return results, extras
+        results: list[list[CompactMask]] = [[] for _ in self._sizes]
+        for group, members in enumerate(self._members):
+            packed, bounds = arrays[2 * group], arrays[2 * group + 1]
+            offset = 0
+            for job in members:
+                height, width = self._sizes[job]
+                results[job] = [_unpack(packed[row], bounds[row], height, width)
+                                for row in range(offset, offset + self._counts[job])]
+                offset += self._counts[job]
+        return results, arrays[2 * len(self._members):]
 
 
 def _unpack(packed: np.ndarray, bounds: np.ndarray, height: int, width: int) -> CompactMask:
@@ -140,8 +145,7 @@ def upsample_batch(jobs: Sequence[MaskJob], *, threshold: float = 0.0, budget_by
     for index, job in enumerate(jobs):
         if job.logits.shape[0]:
             groups.setdefault(job.frame, []).append(index)
-    packed_of: dict[int, torch.Tensor] = {}
-    bounds_of: dict[int, torch.Tensor] = {}
+    parts = []
     for members in groups.values():
         first = jobs[members[0]]
         height, width = first.original_size
@@ -153,16 +157,8 @@ def upsample_batch(jobs: Sequence[MaskJob], *, threshold: float = 0.0, budget_by
             packed.append(pack_bits(binary))
             bounds.append(_bounds(binary))
             del binary
-        packed_all, bounds_all = torch.cat(packed), torch.cat(bounds)
-        offset = 0
-        for i in members:
-            count = jobs[i].logits.shape[0]
-            packed_of[i], bounds_of[i] = packed_all[offset:offset + count], bounds_all[offset:offset + count]
-            offset += count
-    order = sorted(packed_of)
-    return PendingMasks([jobs[i].original_size for i in range(len(jobs))],
-                        [jobs[i].logits.shape[0] for i in range(len(jobs))],
-                        [packed_of[i] for i in order], [bounds_of[i] for i in order], extras)
+        parts.append((members, torch.cat(packed), torch.cat(bounds)))  # one copy per group, not per image
+    return PendingMasks([job.original_size for job in jobs], [job.logits.shape[0] for job in jobs], parts, extras)
 
 
 def upsample_masks(logits: torch.Tensor, square: int | None, reshaped_size: tuple[int, int] | None,
@@ -176,5 +172,5 @@ def upsample_masks(logits: torch.Tensor, square: int | None, reshaped_size: tupl
 def binary_to_masks(binary: torch.Tensor) -> list[CompactMask]:
     """(C, H, W) bool on the device → C compact masks, with one wait."""
     height, width = binary.shape[1:]
-    pending = PendingMasks([(height, width)], [binary.shape[0]], [pack_bits(binary)], [_bounds(binary)])
+    pending = PendingMasks([(height, width)], [binary.shape[0]], [([0], pack_bits(binary), _bounds(binary))])
     return pending.result()[0][0]

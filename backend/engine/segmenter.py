@@ -86,7 +86,6 @@ class SamSegmenter:
         self.relpos_layers = install_relpos_attention(self.model.vision_encoder, attention)
         if compile:  # its ViT layers (SAM 2: Hiera blocks), see backend.engine.compiling
             compile_blocks(self.model.vision_encoder, f"{self.model.config.model_type} image encoder")
-        self._encode = self._encode_pixels
         self.mask_budget_bytes = mask_budget_bytes
 
     def _load_processor(self, source: str) -> None:
@@ -144,7 +143,7 @@ class SamSegmenter:
             canvases = [p.canvas for p in prepared]
             if self.compiled:  # round the batch up to a bucket so the compiled encoder is reused
                 canvases += [canvases[-1]] * (batch_bucket(len(canvases), self.batch_size) - len(canvases))
-            encoded = self._encode(self.normalize(canvases, self.device, self.dtype)[0])
+            encoded = self._encode_pixels(self.normalize(canvases, self.device, self.dtype)[0])
             for row, (i, item) in enumerate(zip(missing, prepared)):
                 # A cached row view would keep the whole batch's embeddings alive: copy it out.
                 rows = tuple(t[row:row + 1].clone() if keys[i] is not None else t[row:row + 1] for t in encoded)
