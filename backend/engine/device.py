@@ -115,8 +115,8 @@ class BatchChoice:
 def candidate_sizes(cap: int) -> list[int]:
     """The batch sizes BATCH_SIZE=auto times: powers of two up to ``cap``, plus ``cap`` itself.
 
-    Powers of two are the batch buckets COMPILE=1 pads to (``compiling.batch_bucket``), so the
-    timed sizes are the shapes a compiled model would really run; ascending, without repeats.
+    Powers of two because throughput changes slowly with the batch: a doubling is the smallest step
+    worth a timed run. Ascending, without repeats. (COMPILE=1 then compiles 1 and the chosen size.)
     """
     if cap < 1:
         raise ValueError(f"batch size cap {cap}: it must be at least 1 (one image per batch)")
